@@ -1,0 +1,136 @@
+//! Backfill benchmark: generates a mainnet-like chain (blocks of ~2,500 txs), measures decode-only tx/s
+//! (the ceiling: read + deserialize + txids, one thread) and full backfill tx/s per worker (a real cluster:
+//! coordinator + worker processes over loopback gRPC, RocksDB, every input resolved).
+//!
+//! Run: `cargo bench --profile dev --bench backfill` (env: CHAINIDX_BENCH_BLOCKS, default 60;
+//! CHAINIDX_BENCH_WORKERS, default "1,2"). Prints figures and writes target/bench-backfill.json.
+
+use bitcoin::Block;
+use bitcoin::consensus::deserialize;
+use chainidx::sandbox::SandboxBuilder;
+use chainidx_core::generator::{GenConfig, generate};
+use chainidx_core::source::{BlkDirSource, BlockSource};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> anyhow::Result<()> {
+    let blocks: u32 = env_or("CHAINIDX_BENCH_BLOCKS", 60);
+    let worker_counts: Vec<usize> = std::env::var("CHAINIDX_BENCH_WORKERS")
+        .unwrap_or_else(|_| "1,2".into())
+        .split(',')
+        .filter_map(|w| w.trim().parse().ok())
+        .collect();
+    let dir = tempfile::tempdir()?;
+    let chain = dir.path().join("chain");
+    let started = Instant::now();
+    let summary = generate(
+        &GenConfig {
+            blocks,
+            seed: 42,
+            txs_per_block: 2500,
+            hot_address_share: 0.05,
+        },
+        &chain,
+        &mut |_| {},
+    )?;
+    println!(
+        "generated {} blocks, {} txs, {} inputs, {} outputs in {:.1}s",
+        summary.blocks,
+        summary.txs,
+        summary.inputs,
+        summary.outputs,
+        started.elapsed().as_secs_f64()
+    );
+
+    // Decode only: what one thread can read and deserialize; no rows, no RocksDB.
+    let source = BlkDirSource::open(&chain)?;
+    let started = Instant::now();
+    let mut txs = 0u64;
+    for height in 0..=source.tip_height()? {
+        let block: Block = deserialize(&source.block_bytes(height)?)?;
+        for tx in &block.txdata {
+            std::hint::black_box(tx.compute_txid());
+        }
+        txs += block.txdata.len() as u64;
+    }
+    let decode_tx_s = txs as f64 / started.elapsed().as_secs_f64();
+    println!("decode-only: {decode_tx_s:.0} tx/s (one thread)");
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut runs = Vec::new();
+    for workers in worker_counts {
+        let cluster_dir = dir.path().join(format!("cluster-{workers}"));
+        let shard_blocks = (blocks / (workers as u32 * 4)).max(1);
+        let (elapsed, cross) = runtime.block_on(async {
+            let sandbox = SandboxBuilder::new(
+                env!("CARGO_BIN_EXE_chainidx"),
+                format!("blk:{}", chain.display()),
+                &cluster_dir,
+            )
+            .workers(workers)
+            .shard_blocks(shard_blocks)
+            .start()
+            .await?;
+            let started = Instant::now();
+            let status = sandbox
+                .wait_for_backfill(Duration::from_secs(3600), |_| {})
+                .await?;
+            let elapsed = started.elapsed().as_secs_f64();
+            sandbox.shutdown().await;
+            let cross: u64 = status.shards.iter().map(|s| s.cross_shard_inputs).sum();
+            anyhow::Ok((elapsed, cross))
+        })?;
+        let disk = dir_size(&cluster_dir);
+        let tx_s = summary.txs as f64 / elapsed;
+        let per_worker = tx_s / workers as f64;
+        println!(
+            "backfill, {workers} worker(s), shards of {shard_blocks} blocks: {elapsed:.1}s, {tx_s:.0} tx/s total, \
+             {per_worker:.0} tx/s per worker ({:.2} of decode-only), {cross} cross-shard inputs, {:.0} bytes on disk per tx",
+            per_worker / decode_tx_s,
+            disk as f64 / summary.txs as f64
+        );
+        runs.push(json!({
+            "workers": workers, "shard_blocks": shard_blocks, "seconds": elapsed, "tx_per_s": tx_s,
+            "tx_per_s_per_worker": per_worker, "ratio_to_decode_only": per_worker / decode_tx_s,
+            "cross_shard_inputs": cross, "disk_bytes_per_tx": disk as f64 / summary.txs as f64,
+        }));
+    }
+    let report = json!({
+        "chain": {"blocks": summary.blocks, "txs": summary.txs, "inputs": summary.inputs, "outputs": summary.outputs},
+        "decode_only_tx_per_s": decode_tx_s,
+        "backfill": runs,
+    });
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let path = std::path::Path::new(&target).join("bench-backfill.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    println!("report: {}", path.display());
+    Ok(())
+}
+
+fn dir_size(path: &std::path::Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            let meta = match entry.metadata() {
+                Ok(meta) => meta,
+                Err(_) => continue,
+            };
+            total += if meta.is_dir() {
+                dir_size(&entry.path())
+            } else {
+                meta.len()
+            };
+        }
+    }
+    total
+}

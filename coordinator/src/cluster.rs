@@ -1,0 +1,96 @@
+//! The coordinator's view of the cluster: workers, the shard map and each shard's progress.
+//!
+//! Held in memory for now; everything here is small and rebuilt from worker status polls.
+
+use chainidx_proto as pb;
+use chainidx_proto::worker_client::WorkerClient;
+use std::sync::RwLock;
+use tonic::transport::Channel;
+
+#[derive(Clone)]
+pub struct WorkerEntry {
+    pub id: u32,
+    pub addr: String,
+    pub client: WorkerClient<Channel>,
+}
+
+#[derive(Clone)]
+pub struct ShardEntry {
+    pub status: pb::ShardStatus,
+    /// Index into `workers`.
+    pub owner: usize,
+    pub resolve_sent: bool,
+}
+
+#[derive(Default)]
+pub struct ClusterView {
+    pub tip: Option<u32>,
+    pub workers: Vec<WorkerEntry>,
+    pub shards: Vec<ShardEntry>,
+    pub backfill_complete: bool,
+}
+
+pub struct Cluster {
+    pub network: bitcoin::Network,
+    pub view: RwLock<ClusterView>,
+}
+
+impl Cluster {
+    pub fn new(network: bitcoin::Network) -> Cluster {
+        Cluster {
+            network,
+            view: RwLock::new(ClusterView::default()),
+        }
+    }
+
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, ClusterView> {
+        self.view.read().expect("cluster lock")
+    }
+
+    pub fn write(&self) -> std::sync::RwLockWriteGuard<'_, ClusterView> {
+        self.view.write().expect("cluster lock")
+    }
+
+    /// Shards with their owner's client, in height order.
+    pub fn routes(&self) -> Vec<(pb::ShardStatus, WorkerClient<Channel>)> {
+        let view = self.read();
+        view.shards
+            .iter()
+            .map(|s| (s.status.clone(), view.workers[s.owner].client.clone()))
+            .collect()
+    }
+
+    /// The highest height below which every block is indexed (phase 1 at least).
+    pub fn indexed_tip(&self) -> Option<u32> {
+        let view = self.read();
+        let mut tip = None;
+        for shard in &view.shards {
+            let s = &shard.status;
+            if s.next_height > s.start_height {
+                tip = Some(s.next_height - 1);
+            }
+            if s.next_height < s.end_height {
+                break;
+            }
+        }
+        tip
+    }
+
+    pub fn status(&self) -> pb::ClusterStatusReply {
+        let view = self.read();
+        pb::ClusterStatusReply {
+            tip_height: view.tip.unwrap_or(0),
+            backfill_complete: view.backfill_complete,
+            shards: view
+                .shards
+                .iter()
+                .map(|s| pb::ShardStatus {
+                    owner: view.workers[s.owner].addr.clone(),
+                    ..s.status.clone()
+                })
+                .collect(),
+            workers: view.workers.iter().map(|w| w.addr.clone()).collect(),
+            network: self.network.to_string(),
+        }
+    }
+}

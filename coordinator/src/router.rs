@@ -1,0 +1,278 @@
+//! Query fan-out: asks the shards that can hold the answer, concurrently where order does not matter,
+//! and merges their answers. Shards are disjoint height ranges, so "newest first" across shards is simply
+//! "later shards first".
+
+use crate::cluster::Cluster;
+use crate::error::ApiError;
+use chainidx_core::chain::ScriptHash;
+use chainidx_core::schema::Hash32;
+use chainidx_proto as pb;
+use chainidx_proto::worker_client::WorkerClient;
+use futures::future::join_all;
+use std::sync::Arc;
+use tonic::transport::Channel;
+
+type Route = (pb::ShardStatus, WorkerClient<Channel>);
+
+/// A history position: (height, position in block). Pages continue strictly below it.
+pub type Cursor = (u32, u32);
+
+#[derive(Clone)]
+pub struct QueryRouter {
+    cluster: Arc<Cluster>,
+}
+
+impl QueryRouter {
+    pub fn new(cluster: Arc<Cluster>) -> QueryRouter {
+        QueryRouter { cluster }
+    }
+
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
+    fn routes(&self) -> Result<Vec<Route>, ApiError> {
+        let routes = self.cluster.routes();
+        if routes.is_empty() {
+            return Err(ApiError::Unavailable(
+                "no shards assigned yet: the cluster is starting".into(),
+            ));
+        }
+        Ok(routes)
+    }
+
+    /// Per-shard stats of every shard, in height order.
+    async fn shard_stats(
+        &self,
+        sh: &ScriptHash,
+    ) -> Result<Vec<(Route, pb::AddressStats)>, ApiError> {
+        let routes = self.routes()?;
+        let calls = routes.iter().map(|(status, client)| {
+            let mut client = client.clone();
+            let request = pb::ShardAddressRequest {
+                shard_id: status.shard_id,
+                scripthash: sh.to_vec(),
+            };
+            async move {
+                client
+                    .address_summary(request)
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        });
+        let replies = join_all(calls).await;
+        routes
+            .into_iter()
+            .zip(replies)
+            .map(|(route, reply)| Ok((route, reply?)))
+            .collect()
+    }
+
+    pub async fn address_stats(&self, sh: &ScriptHash) -> Result<pb::AddressStats, ApiError> {
+        let mut total = pb::AddressStats::default();
+        for (_, stats) in self.shard_stats(sh).await? {
+            total.funded_txo_count += stats.funded_txo_count;
+            total.funded_sum += stats.funded_sum;
+            total.spent_txo_count += stats.spent_txo_count;
+            total.spent_sum += stats.spent_sum;
+            total.tx_count += stats.tx_count;
+        }
+        Ok(total)
+    }
+
+    /// Up to `limit` txs touching `sh`, newest first, strictly older than `before`. Shards whose stats say
+    /// the address never appears there are skipped. Returns the page and the cursor of its last tx if more
+    /// may follow.
+    pub async fn history(
+        &self,
+        sh: &ScriptHash,
+        before: Option<Cursor>,
+        limit: usize,
+    ) -> Result<(Vec<pb::TxDetail>, Option<Cursor>), ApiError> {
+        let mut candidates: Vec<Route> = self
+            .shard_stats(sh)
+            .await?
+            .into_iter()
+            .filter(|((status, _), stats)| {
+                stats.tx_count > 0 && before.is_none_or(|(h, _)| status.start_height <= h)
+            })
+            .map(|(route, _)| route)
+            .collect();
+        candidates.reverse();
+        let mut page = Vec::new();
+        for (status, mut client) in candidates {
+            if page.len() >= limit {
+                break;
+            }
+            let request = pb::ShardHistoryRequest {
+                shard_id: status.shard_id,
+                scripthash: sh.to_vec(),
+                has_cursor: before.is_some(),
+                before_height: before.map_or(0, |c| c.0),
+                before_position: before.map_or(0, |c| c.1),
+                limit: (limit - page.len()) as u32,
+            };
+            page.extend(client.address_history(request).await?.into_inner().txs);
+        }
+        let next = if page.len() == limit {
+            page.last()
+                .and_then(|tx| tx.status.as_ref())
+                .map(|s| (s.height, s.position))
+        } else {
+            None
+        };
+        Ok((page, next))
+    }
+
+    pub async fn utxos(&self, sh: &ScriptHash) -> Result<Vec<pb::Utxo>, ApiError> {
+        let candidates: Vec<Route> = self
+            .shard_stats(sh)
+            .await?
+            .into_iter()
+            .filter(|(_, stats)| stats.funded_txo_count > 0)
+            .map(|(route, _)| route)
+            .collect();
+        let calls = candidates.into_iter().map(|(status, mut client)| {
+            let request = pb::ShardAddressRequest {
+                shard_id: status.shard_id,
+                scripthash: sh.to_vec(),
+            };
+            async move {
+                client
+                    .address_utxos(request)
+                    .await
+                    .map(|r| r.into_inner().utxos)
+            }
+        });
+        let mut utxos = Vec::new();
+        for reply in join_all(calls).await {
+            utxos.extend(reply?);
+        }
+        // Newest first, like the history.
+        utxos.sort_by_key(|u| {
+            let s = u.status.clone().unwrap_or_default();
+            std::cmp::Reverse((s.height, s.position, u.vout))
+        });
+        Ok(utxos)
+    }
+
+    /// Asks every shard; a txid lives in exactly one (for BIP30 duplicates, the newest wins).
+    pub async fn tx(&self, txid: &Hash32) -> Result<pb::TxDetail, ApiError> {
+        let routes = self.routes()?;
+        let calls = routes.iter().map(|(status, client)| {
+            let mut client = client.clone();
+            let request = pb::ShardTxRequest {
+                shard_id: status.shard_id,
+                txid: txid.to_vec(),
+            };
+            async move { client.get_tx(request).await.map(|r| r.into_inner()) }
+        });
+        let mut found = None;
+        for reply in join_all(calls).await {
+            let reply = reply?;
+            if reply.found {
+                found = reply.tx;
+            }
+        }
+        found.ok_or_else(|| ApiError::NotFound(format!("transaction {} not found", display(txid))))
+    }
+
+    pub async fn outspends(&self, txid: &Hash32) -> Result<Vec<pb::Outspend>, ApiError> {
+        let routes = self.routes()?;
+        let calls = routes.iter().map(|(status, client)| {
+            let mut client = client.clone();
+            let request = pb::ShardTxRequest {
+                shard_id: status.shard_id,
+                txid: txid.to_vec(),
+            };
+            async move { client.outspends(request).await.map(|r| r.into_inner()) }
+        });
+        let mut found = None;
+        for reply in join_all(calls).await {
+            let reply = reply?;
+            if reply.found {
+                found = Some(reply.outspends);
+            }
+        }
+        found.ok_or_else(|| ApiError::NotFound(format!("transaction {} not found", display(txid))))
+    }
+
+    pub async fn block_at(
+        &self,
+        height: u32,
+        with_txids: bool,
+    ) -> Result<pb::BlockLookup, ApiError> {
+        let route = self
+            .routes()?
+            .into_iter()
+            .find(|(s, _)| s.start_height <= height && height < s.end_height)
+            .ok_or_else(|| ApiError::NotFound(format!("block height {height} not found")))?;
+        let (status, mut client) = route;
+        let request = pb::ShardBlockRequest {
+            shard_id: status.shard_id,
+            key: Some(pb::shard_block_request::Key::Height(height)),
+            with_txids,
+        };
+        let reply = client.get_block(request).await?.into_inner();
+        if !reply.found {
+            return Err(ApiError::NotFound(format!(
+                "block height {height} not indexed yet"
+            )));
+        }
+        Ok(reply)
+    }
+
+    pub async fn block_by_hash(
+        &self,
+        hash: &Hash32,
+        with_txids: bool,
+    ) -> Result<pb::BlockLookup, ApiError> {
+        let routes = self.routes()?;
+        let calls = routes.iter().map(|(status, client)| {
+            let mut client = client.clone();
+            let request = pb::ShardBlockRequest {
+                shard_id: status.shard_id,
+                key: Some(pb::shard_block_request::Key::Hash(hash.to_vec())),
+                with_txids,
+            };
+            async move { client.get_block(request).await.map(|r| r.into_inner()) }
+        });
+        for reply in join_all(calls).await {
+            let reply = reply?;
+            if reply.found {
+                return Ok(reply);
+            }
+        }
+        Err(ApiError::NotFound(format!(
+            "block {} not found",
+            display(hash)
+        )))
+    }
+
+    /// The tip that queries can see: the highest height with every block below it indexed.
+    pub async fn tip(&self) -> Result<pb::BlockLookup, ApiError> {
+        let height = self
+            .cluster
+            .indexed_tip()
+            .ok_or_else(|| ApiError::Unavailable("no block indexed yet".into()))?;
+        self.block_at(height, false).await
+    }
+}
+
+/// Display order (byte-reversed hex) of a txid or block hash.
+pub fn display(hash: &Hash32) -> String {
+    let mut reversed = *hash;
+    reversed.reverse();
+    hex::encode(reversed)
+}
+
+/// Parses a displayed txid/block hash into internal byte order.
+pub fn parse_hash(text: &str, what: &str) -> Result<Hash32, ApiError> {
+    let bad = || ApiError::BadRequest(format!("'{text}' is not a valid {what} (64 hex digits)"));
+    let mut bytes: Hash32 = hex::decode(text)
+        .map_err(|_| bad())?
+        .try_into()
+        .map_err(|_| bad())?;
+    bytes.reverse();
+    Ok(bytes)
+}

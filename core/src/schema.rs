@@ -1,0 +1,238 @@
+//! Column families and row keys of a shard database. `doc/schema.md` is the prose version of this file;
+//! change both together and bump [`FORMAT_VERSION`] when an existing database could be misread.
+//!
+//! Keys are fixed-width and big-endian so that RocksDB's byte order is height order. Txids and block hashes
+//! are stored in rust-bitcoin's internal byte order (the reverse of how they are displayed).
+
+/// Bumped whenever a row layout changes; a database of another version is refused, never misread.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cf {
+    /// `b"shard"` → `ShardState` (format version, range, checkpoint).
+    Meta,
+    /// height → `BlockMeta`.
+    Headers,
+    /// block hash → height.
+    BlockHashes,
+    /// height ‖ position → txid.
+    TxPositions,
+    /// txid → `StoredTx` (height, position, raw bytes).
+    Txs,
+    /// txid ‖ vout → `TxOut`; every output but OP_RETURN.
+    Outputs,
+    /// txid ‖ vout → spender txid ‖ vin ‖ height; in the shard that *created* the output.
+    Outspends,
+    /// spender txid ‖ vin → `TxOut` it spends; in the shard of the spending tx.
+    Prevouts,
+    /// height ‖ position ‖ vin → prev txid ‖ prev vout ‖ spender txid; inputs awaiting cross-shard resolution.
+    Pending,
+    /// scripthash ‖ height ‖ position ‖ kind ‖ index → value (u64).
+    History,
+    /// scripthash → `AddressStats` for this shard.
+    Stats,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 11] = [
+        Cf::Meta,
+        Cf::Headers,
+        Cf::BlockHashes,
+        Cf::TxPositions,
+        Cf::Txs,
+        Cf::Outputs,
+        Cf::Outspends,
+        Cf::Prevouts,
+        Cf::Pending,
+        Cf::History,
+        Cf::Stats,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Meta => "meta",
+            Cf::Headers => "headers",
+            Cf::BlockHashes => "block_hashes",
+            Cf::TxPositions => "tx_positions",
+            Cf::Txs => "txs",
+            Cf::Outputs => "outputs",
+            Cf::Outspends => "outspends",
+            Cf::Prevouts => "prevouts",
+            Cf::Pending => "pending",
+            Cf::History => "history",
+            Cf::Stats => "stats",
+        }
+    }
+}
+
+pub const SHARD_STATE_KEY: &[u8] = b"shard";
+
+/// History row kinds: a row either funds the script (an output) or spends from it (an input).
+pub const KIND_FUNDING: u8 = 0;
+pub const KIND_SPENDING: u8 = 1;
+
+pub type Hash32 = [u8; 32];
+
+pub fn height_key(height: u32) -> [u8; 4] {
+    height.to_be_bytes()
+}
+
+pub fn position_key(height: u32, position: u32) -> [u8; 8] {
+    let mut key = [0u8; 8];
+    key[..4].copy_from_slice(&height.to_be_bytes());
+    key[4..].copy_from_slice(&position.to_be_bytes());
+    key
+}
+
+/// txid ‖ index: an outpoint (index = vout) or an input (index = vin).
+pub fn txid_index_key(txid: &Hash32, index: u32) -> [u8; 36] {
+    let mut key = [0u8; 36];
+    key[..32].copy_from_slice(txid);
+    key[32..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+pub fn pending_key(height: u32, position: u32, vin: u32) -> [u8; 12] {
+    let mut key = [0u8; 12];
+    key[..8].copy_from_slice(&position_key(height, position));
+    key[8..].copy_from_slice(&vin.to_be_bytes());
+    key
+}
+
+pub const HISTORY_KEY_LEN: usize = 45;
+
+pub fn history_key(
+    scripthash: &Hash32,
+    height: u32,
+    position: u32,
+    kind: u8,
+    index: u32,
+) -> [u8; HISTORY_KEY_LEN] {
+    let mut key = [0u8; HISTORY_KEY_LEN];
+    key[..32].copy_from_slice(scripthash);
+    key[32..36].copy_from_slice(&height.to_be_bytes());
+    key[36..40].copy_from_slice(&position.to_be_bytes());
+    key[40] = kind;
+    key[41..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+/// The parts of a history key after the scripthash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistoryRow {
+    pub height: u32,
+    pub position: u32,
+    pub kind: u8,
+    pub index: u32,
+}
+
+pub fn parse_history_key(key: &[u8]) -> Option<HistoryRow> {
+    if key.len() != HISTORY_KEY_LEN {
+        return None;
+    }
+    Some(HistoryRow {
+        height: be_u32(&key[32..36]),
+        position: be_u32(&key[36..40]),
+        kind: key[40],
+        index: be_u32(&key[41..45]),
+    })
+}
+
+/// Value of an `outspends` row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpentBy {
+    pub txid: Hash32,
+    pub vin: u32,
+    pub height: u32,
+}
+
+impl SpentBy {
+    pub fn encode(&self) -> [u8; 40] {
+        let mut value = [0u8; 40];
+        value[..32].copy_from_slice(&self.txid);
+        value[32..36].copy_from_slice(&self.vin.to_be_bytes());
+        value[36..].copy_from_slice(&self.height.to_be_bytes());
+        value
+    }
+
+    pub fn decode(value: &[u8]) -> Option<SpentBy> {
+        (value.len() == 40).then(|| SpentBy {
+            txid: value[..32].try_into().expect("32 bytes"),
+            vin: be_u32(&value[32..36]),
+            height: be_u32(&value[36..40]),
+        })
+    }
+}
+
+/// Value of a `pending` row: the outpoint an input spends and the spending txid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingInput {
+    pub prev_txid: Hash32,
+    pub prev_vout: u32,
+    pub spender_txid: Hash32,
+}
+
+impl PendingInput {
+    pub fn encode(&self) -> [u8; 68] {
+        let mut value = [0u8; 68];
+        value[..32].copy_from_slice(&self.prev_txid);
+        value[32..36].copy_from_slice(&self.prev_vout.to_be_bytes());
+        value[36..].copy_from_slice(&self.spender_txid);
+        value
+    }
+
+    pub fn decode(value: &[u8]) -> Option<PendingInput> {
+        (value.len() == 68).then(|| PendingInput {
+            prev_txid: value[..32].try_into().expect("32 bytes"),
+            prev_vout: be_u32(&value[32..36]),
+            spender_txid: value[36..].try_into().expect("32 bytes"),
+        })
+    }
+}
+
+pub fn be_u32(bytes: &[u8]) -> u32 {
+    u32::from_be_bytes(bytes[..4].try_into().expect("4 bytes"))
+}
+
+pub fn be_u64(bytes: &[u8]) -> u64 {
+    u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_keys_sort_by_height_then_position() {
+        let sh = [7u8; 32];
+        let a = history_key(&sh, 9, 300, KIND_SPENDING, 1);
+        let b = history_key(&sh, 10, 0, KIND_FUNDING, 0);
+        assert!(a < b);
+        assert_eq!(
+            parse_history_key(&a),
+            Some(HistoryRow {
+                height: 9,
+                position: 300,
+                kind: KIND_SPENDING,
+                index: 1
+            })
+        );
+    }
+
+    #[test]
+    fn values_round_trip() {
+        let spent = SpentBy {
+            txid: [1; 32],
+            vin: 3,
+            height: 77,
+        };
+        assert_eq!(SpentBy::decode(&spent.encode()), Some(spent));
+        let pending = PendingInput {
+            prev_txid: [2; 32],
+            prev_vout: 5,
+            spender_txid: [3; 32],
+        };
+        assert_eq!(PendingInput::decode(&pending.encode()), Some(pending));
+        assert_eq!(SpentBy::decode(&[0u8; 3]), None);
+    }
+}

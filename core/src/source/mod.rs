@@ -1,0 +1,54 @@
+//! Where blocks come from. One trait, several implementations, chosen by a `--source` spec:
+//! - `blk:DIR`: a directory of Bitcoin Core blk-framed files (also what `chainidx gen` writes);
+//! - `rpc:http://user:pass@host:port`: a bitcoind over JSON-RPC, blocks over REST.
+//!
+//! Sources are blocking: workers call them from a blocking thread, one shard at a time.
+
+mod blk;
+mod rpc;
+
+pub use blk::BlkDirSource;
+pub use rpc::RpcSource;
+
+use bitcoin::BlockHash;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("bad source spec '{0}': use blk:DIR or rpc:http://user:pass@host:port")]
+    BadSpec(String),
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {detail}")]
+    BadFile { path: PathBuf, detail: String },
+    #[error("height {height} is beyond the source's tip {tip}")]
+    BeyondTip { height: u32, tip: u32 },
+    #[error("block at height {height}: {detail}")]
+    BadBlock { height: u32, detail: String },
+    #[error("node RPC {method}: {detail}")]
+    Rpc { method: String, detail: String },
+}
+
+pub trait BlockSource: Send + Sync {
+    /// For logs and errors: where the blocks come from.
+    fn describe(&self) -> String;
+    fn tip_height(&self) -> Result<u32, SourceError>;
+    fn block_hash(&self, height: u32) -> Result<BlockHash, SourceError>;
+    /// The consensus-serialized block at `height` of the source's best chain.
+    fn block_bytes(&self, height: u32) -> Result<Vec<u8>, SourceError>;
+}
+
+/// Opens the source a `--source` spec names.
+pub fn open(spec: &str) -> Result<Arc<dyn BlockSource>, SourceError> {
+    if let Some(dir) = spec.strip_prefix("blk:") {
+        Ok(Arc::new(BlkDirSource::open(dir)?))
+    } else if let Some(url) = spec.strip_prefix("rpc:") {
+        Ok(Arc::new(RpcSource::new(url)?))
+    } else {
+        Err(SourceError::BadSpec(spec.into()))
+    }
+}

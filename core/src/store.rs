@@ -1,0 +1,69 @@
+//! The storage trait the indexer writes through. Free of RocksDB types (as TiKV's engine traits are), so the
+//! indexing and query logic can be read and tested without knowing the engine.
+
+use crate::schema::Cf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage engine: {0}")]
+    Engine(String),
+    #[error("corrupt row in {cf}: {detail}")]
+    Corrupt { cf: &'static str, detail: String },
+    #[error("{0}")]
+    Incompatible(String),
+}
+
+pub enum Op {
+    Put(Cf, Vec<u8>, Vec<u8>),
+    Delete(Cf, Vec<u8>),
+}
+
+/// Writes applied atomically: a block's rows and its checkpoint land together or not at all.
+#[derive(Default)]
+pub struct Batch {
+    pub ops: Vec<Op>,
+}
+
+impl Batch {
+    pub fn put(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Put(cf, key.into(), value.into()));
+    }
+
+    pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Delete(cf, key.into()));
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// Where a scan starts and which way it goes. Keys outside `prefix` end the scan.
+pub enum ScanFrom<'a> {
+    /// Ascending from the first key with the prefix.
+    First,
+    /// Descending from the last key with the prefix.
+    Last,
+    /// Descending from the last key `<= key`.
+    AtOrBefore(&'a [u8]),
+}
+
+pub trait Store: Send + Sync + 'static {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Atomically applies `batch`. `sync` forces it to stable storage before returning.
+    fn write(&self, batch: Batch, sync: bool) -> Result<(), StoreError>;
+
+    /// Calls `visit(key, value)` for keys starting with `prefix`, in the order `from` says, until it returns false.
+    fn scan(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        from: ScanFrom<'_>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError>;
+}

@@ -1,0 +1,15 @@
+//! chainidx-node: the worker. It owns block-range shards, each in its own RocksDB, indexes them from a block
+//! source, resolves cross-shard spends with its peers, and answers per-shard queries.
+//!
+//! # Layout
+//! - [`rocks`]: the RocksDB engine behind `chainidx_core::store::Store`.
+//! - [`shard`]: one shard's rows: phase-1 indexing, phase-2 attribution, lookups for peers, queries.
+//! - [`worker`]: the shards a worker holds and the background tasks that backfill them.
+//! - [`service`]: the gRPC `Worker` service and `run(listener, shutdown)`.
+
+pub mod rocks;
+pub mod service;
+pub mod shard;
+pub mod worker;
+
+pub use worker::{WorkerNode, connect_worker};

@@ -1,0 +1,109 @@
+//! The RocksDB engine behind [`chainidx_core::store::Store`]: one database per shard, one column family per
+//! row kind (see `doc/schema.md`).
+
+use chainidx_core::schema::Cf;
+use chainidx_core::store::{Batch, Op, ScanFrom, Store, StoreError};
+use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DB, Options, WriteOptions};
+use std::path::Path;
+
+pub struct RocksStore {
+    db: DB,
+}
+
+fn engine(e: rocksdb::Error) -> StoreError {
+    StoreError::Engine(e.to_string())
+}
+
+fn cf_options(cf: Cf) -> Options {
+    let mut options = Options::default();
+    options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    let mut table = BlockBasedOptions::default();
+    // Point lookups (outputs, txs, outspends) mostly miss in shards that do not hold the row.
+    if matches!(
+        cf,
+        Cf::Outputs | Cf::Txs | Cf::Outspends | Cf::Prevouts | Cf::Stats
+    ) {
+        table.set_bloom_filter(10.0, false);
+    }
+    options.set_block_based_table_factory(&table);
+    options.set_write_buffer_size(32 << 20);
+    options
+}
+
+impl RocksStore {
+    pub fn open(path: &Path) -> Result<RocksStore, StoreError> {
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        options.set_max_background_jobs(2);
+        options.set_max_open_files(256);
+        let descriptors = Cf::ALL
+            .iter()
+            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf)));
+        let db = DB::open_cf_descriptors(&options, path, descriptors).map_err(engine)?;
+        Ok(RocksStore { db })
+    }
+
+    fn handle(&self, cf: Cf) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(cf.name())
+            .expect("every column family is created at open")
+    }
+}
+
+impl Store for RocksStore {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db.get_cf(self.handle(cf), key).map_err(engine)
+    }
+
+    fn write(&self, batch: Batch, sync: bool) -> Result<(), StoreError> {
+        let mut rocks_batch = rocksdb::WriteBatch::default();
+        for op in batch.ops {
+            match op {
+                Op::Put(cf, key, value) => rocks_batch.put_cf(self.handle(cf), key, value),
+                Op::Delete(cf, key) => rocks_batch.delete_cf(self.handle(cf), key),
+            }
+        }
+        let mut options = WriteOptions::default();
+        options.set_sync(sync);
+        self.db.write_opt(rocks_batch, &options).map_err(engine)
+    }
+
+    fn scan(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        from: ScanFrom<'_>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut iter = self.db.raw_iterator_cf(self.handle(cf));
+        let reverse = match from {
+            ScanFrom::First => {
+                iter.seek(prefix);
+                false
+            }
+            ScanFrom::Last => {
+                // Larger than every key with this prefix (our keys are at most 45 bytes).
+                let mut upper = prefix.to_vec();
+                upper.extend_from_slice(&[0xff; 64]);
+                iter.seek_for_prev(&upper);
+                true
+            }
+            ScanFrom::AtOrBefore(key) => {
+                iter.seek_for_prev(key);
+                true
+            }
+        };
+        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+            if !key.starts_with(prefix) || !visit(key, value) {
+                break;
+            }
+            if reverse {
+                iter.prev();
+            } else {
+                iter.next();
+            }
+        }
+        iter.status().map_err(engine)
+    }
+}

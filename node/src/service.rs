@@ -1,0 +1,202 @@
+//! The worker's gRPC service: backfill control from the coordinator, spent-output lookups from peers, and
+//! per-shard queries fanned out by the coordinator.
+
+use crate::shard::ShardError;
+use crate::worker::{MAX_MESSAGE_BYTES, WorkerError, WorkerNode};
+use chainidx_core::chain::ScriptHash;
+use chainidx_core::schema::Hash32;
+use chainidx_proto as pb;
+use chainidx_proto::worker_server::{Worker, WorkerServer};
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+impl From<WorkerError> for Status {
+    fn from(error: WorkerError) -> Status {
+        match error {
+            WorkerError::UnknownShard(_) => Status::not_found(error.to_string()),
+            WorkerError::Shard(ShardError::OutOfRange { .. }) => {
+                Status::invalid_argument(error.to_string())
+            }
+            _ => Status::internal(error.to_string()),
+        }
+    }
+}
+
+fn hash32(bytes: &[u8], what: &str) -> Result<Hash32, Status> {
+    bytes
+        .try_into()
+        .map_err(|_| Status::invalid_argument(format!("{what} must be 32 bytes")))
+}
+
+/// Runs blocking shard work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, WorkerError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::from)
+}
+
+pub struct WorkerService {
+    node: Arc<WorkerNode>,
+}
+
+impl WorkerService {
+    pub fn new(node: Arc<WorkerNode>) -> WorkerService {
+        WorkerService { node }
+    }
+
+    fn shard(&self, id: u32) -> Result<Arc<crate::shard::Shard>, Status> {
+        Ok(self.node.slot(id)?.shard.clone())
+    }
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    async fn assign_shard(
+        &self,
+        request: Request<pb::AssignShardRequest>,
+    ) -> Result<Response<pb::AssignShardReply>, Status> {
+        let r = request.into_inner();
+        if r.end_height <= r.start_height {
+            return Err(Status::invalid_argument("empty shard range"));
+        }
+        let node = self.node.clone();
+        // Opening RocksDB does file I/O; keep it off the async threads.
+        let handle = tokio::runtime::Handle::current();
+        blocking(move || {
+            let _guard = handle.enter();
+            node.assign(r.shard_id, r.start_height, r.end_height)
+        })
+        .await?;
+        Ok(Response::new(pb::AssignShardReply {}))
+    }
+
+    async fn resolve_shard(
+        &self,
+        request: Request<pb::ResolveShardRequest>,
+    ) -> Result<Response<pb::ResolveShardReply>, Status> {
+        let r = request.into_inner();
+        self.node.resolve(r.shard_id, r.peers)?;
+        Ok(Response::new(pb::ResolveShardReply {}))
+    }
+
+    async fn status(
+        &self,
+        _: Request<pb::WorkerStatusRequest>,
+    ) -> Result<Response<pb::WorkerStatusReply>, Status> {
+        Ok(Response::new(pb::WorkerStatusReply {
+            shards: self.node.statuses(),
+        }))
+    }
+
+    async fn spend_outputs(
+        &self,
+        request: Request<pb::SpendOutputsRequest>,
+    ) -> Result<Response<pb::SpendOutputsReply>, Status> {
+        let r = request.into_inner();
+        let shard = self.shard(r.shard_id)?;
+        let found = blocking(move || Ok(shard.spend_outputs(&r.spends)?)).await?;
+        Ok(Response::new(pb::SpendOutputsReply { found }))
+    }
+
+    async fn address_summary(
+        &self,
+        request: Request<pb::ShardAddressRequest>,
+    ) -> Result<Response<pb::AddressStats>, Status> {
+        let r = request.into_inner();
+        let shard = self.shard(r.shard_id)?;
+        let sh: ScriptHash = hash32(&r.scripthash, "scripthash")?;
+        Ok(Response::new(
+            blocking(move || Ok(shard.address_stats(&sh)?)).await?,
+        ))
+    }
+
+    async fn address_history(
+        &self,
+        request: Request<pb::ShardHistoryRequest>,
+    ) -> Result<Response<pb::TxPage>, Status> {
+        let r = request.into_inner();
+        let shard = self.shard(r.shard_id)?;
+        let sh: ScriptHash = hash32(&r.scripthash, "scripthash")?;
+        let before = r.has_cursor.then_some((r.before_height, r.before_position));
+        let limit = r.limit.clamp(1, 1000) as usize;
+        let txs = blocking(move || Ok(shard.history(&sh, before, limit)?)).await?;
+        Ok(Response::new(pb::TxPage { txs }))
+    }
+
+    async fn address_utxos(
+        &self,
+        request: Request<pb::ShardAddressRequest>,
+    ) -> Result<Response<pb::UtxoList>, Status> {
+        let r = request.into_inner();
+        let shard = self.shard(r.shard_id)?;
+        let sh: ScriptHash = hash32(&r.scripthash, "scripthash")?;
+        let utxos = blocking(move || Ok(shard.utxos(&sh)?)).await?;
+        Ok(Response::new(pb::UtxoList { utxos }))
+    }
+
+    async fn get_tx(
+        &self,
+        request: Request<pb::ShardTxRequest>,
+    ) -> Result<Response<pb::TxLookup>, Status> {
+        let r = request.into_inner();
+        let shard = self.shard(r.shard_id)?;
+        let txid = hash32(&r.txid, "txid")?;
+        let tx = blocking(move || Ok(shard.tx(&txid)?)).await?;
+        Ok(Response::new(pb::TxLookup {
+            found: tx.is_some(),
+            tx,
+        }))
+    }
+
+    async fn get_block(
+        &self,
+        request: Request<pb::ShardBlockRequest>,
+    ) -> Result<Response<pb::BlockLookup>, Status> {
+        let r = request.into_inner();
+        let shard = self.shard(r.shard_id)?;
+        let key = r
+            .key
+            .ok_or_else(|| Status::invalid_argument("block key missing"))?;
+        let with_txids = r.with_txids;
+        Ok(Response::new(
+            blocking(move || Ok(shard.block(&key, with_txids)?)).await?,
+        ))
+    }
+
+    async fn outspends(
+        &self,
+        request: Request<pb::ShardTxRequest>,
+    ) -> Result<Response<pb::OutspendList>, Status> {
+        let r = request.into_inner();
+        let shard = self.shard(r.shard_id)?;
+        let txid = hash32(&r.txid, "txid")?;
+        let outspends = blocking(move || Ok(shard.outspends(&txid)?)).await?;
+        Ok(Response::new(pb::OutspendList {
+            found: outspends.is_some(),
+            outspends: outspends.unwrap_or_default(),
+        }))
+    }
+}
+
+/// Serves the worker's gRPC API on `listener` until `shutdown` completes (mini-redis style).
+pub async fn run(
+    node: Arc<WorkerNode>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let service = WorkerServer::new(WorkerService::new(node))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+}

@@ -1,0 +1,624 @@
+//! One shard: a block range [start, end) in its own database. Phase 1 ([`Shard::index_block`]) writes each
+//! block's rows in one atomic batch with the checkpoint; inputs spending outputs of earlier shards are parked
+//! in `pending`. Phase 2 ([`Shard::next_pending`], [`Shard::apply_resolved`]) attributes them once the owning
+//! shards have answered. [`Shard::spend_outputs`] answers those questions for other shards.
+
+use bitcoin::consensus::{deserialize, serialize};
+use bitcoin::hashes::Hash;
+use bitcoin::{Block, Transaction};
+use chainidx_core::chain::{ScriptHash, scripthash};
+use chainidx_core::schema::{
+    self, Cf, FORMAT_VERSION, Hash32, KIND_FUNDING, KIND_SPENDING, PendingInput, SHARD_STATE_KEY,
+    SpentBy, be_u64, history_key, parse_history_key, pending_key, position_key, txid_index_key,
+};
+use chainidx_core::store::{Batch, ScanFrom, Store, StoreError};
+use chainidx_proto as pb;
+use prost::Message;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("shard {shard}: {detail}")]
+    Incompatible { shard: u32, detail: String },
+    #[error("height {height} is outside shard {shard} [{start}, {end})")]
+    OutOfRange {
+        shard: u32,
+        height: u32,
+        start: u32,
+        end: u32,
+    },
+    #[error("corrupt {what}: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+}
+
+fn corrupt(what: &'static str, detail: impl ToString) -> ShardError {
+    ShardError::Corrupt {
+        what,
+        detail: detail.to_string(),
+    }
+}
+
+/// An input waiting for another shard to say what it spends.
+#[derive(Clone, Debug)]
+pub struct PendingSpend {
+    pub height: u32,
+    pub position: u32,
+    pub vin: u32,
+    pub input: PendingInput,
+}
+
+pub struct Shard {
+    pub id: u32,
+    pub start: u32,
+    pub end: u32,
+    store: Arc<dyn Store>,
+    state: Mutex<pb::ShardState>,
+}
+
+impl Shard {
+    /// Opens the shard's database, creating its state on first use. A database written by another format
+    /// version, or for another shard or range, is refused.
+    pub fn open(store: Arc<dyn Store>, id: u32, start: u32, end: u32) -> Result<Shard, ShardError> {
+        let state = match store.get(Cf::Meta, SHARD_STATE_KEY)? {
+            Some(bytes) => {
+                let state = pb::ShardState::decode(bytes.as_slice())
+                    .map_err(|e| corrupt("shard state", e))?;
+                if state.format_version != FORMAT_VERSION {
+                    return Err(ShardError::Incompatible {
+                        shard: id,
+                        detail: format!(
+                            "database has format version {} but this build reads version {FORMAT_VERSION}; \
+                             delete the shard directory to re-index it",
+                            state.format_version
+                        ),
+                    });
+                }
+                if (state.shard_id, state.start_height, state.end_height) != (id, start, end) {
+                    return Err(ShardError::Incompatible {
+                        shard: id,
+                        detail: format!(
+                            "database holds shard {} [{}, {}), not shard {id} [{start}, {end})",
+                            state.shard_id, state.start_height, state.end_height
+                        ),
+                    });
+                }
+                state
+            }
+            None => {
+                let state = pb::ShardState {
+                    format_version: FORMAT_VERSION,
+                    shard_id: id,
+                    start_height: start,
+                    end_height: end,
+                    next_height: start,
+                    phase: pb::ShardPhase::Indexing as i32,
+                    pending_inputs: 0,
+                    cross_shard_inputs: 0,
+                };
+                let mut batch = Batch::default();
+                batch.put(Cf::Meta, SHARD_STATE_KEY, state.encode_to_vec());
+                store.write(batch, true)?;
+                state
+            }
+        };
+        Ok(Shard {
+            id,
+            start,
+            end,
+            store,
+            state: Mutex::new(state),
+        })
+    }
+
+    pub fn state(&self) -> pb::ShardState {
+        self.state.lock().expect("state lock").clone()
+    }
+
+    /// Persists a phase change (with the rest of the state) durably.
+    pub fn set_phase(&self, phase: pb::ShardPhase) -> Result<(), ShardError> {
+        let mut state = self.state();
+        state.phase = phase as i32;
+        let mut batch = Batch::default();
+        batch.put(Cf::Meta, SHARD_STATE_KEY, state.encode_to_vec());
+        self.store.write(batch, true)?;
+        *self.state.lock().expect("state lock") = state;
+        Ok(())
+    }
+
+    fn load_stats(&self, sh: &ScriptHash) -> Result<pb::AddressStats, ShardError> {
+        match self.store.get(Cf::Stats, sh)? {
+            Some(bytes) => {
+                pb::AddressStats::decode(bytes.as_slice()).map_err(|e| corrupt("address stats", e))
+            }
+            None => Ok(pb::AddressStats::default()),
+        }
+    }
+
+    /// Adds this batch's per-address deltas to the stored totals.
+    fn merge_stats(
+        &self,
+        batch: &mut Batch,
+        deltas: HashMap<ScriptHash, pb::AddressStats>,
+    ) -> Result<(), ShardError> {
+        for (sh, delta) in deltas {
+            let mut stats = self.load_stats(&sh)?;
+            stats.funded_txo_count += delta.funded_txo_count;
+            stats.funded_sum += delta.funded_sum;
+            stats.spent_txo_count += delta.spent_txo_count;
+            stats.spent_sum += delta.spent_sum;
+            stats.tx_count += delta.tx_count;
+            batch.put(Cf::Stats, sh, stats.encode_to_vec());
+        }
+        Ok(())
+    }
+
+    /// Phase 1 for one block: every row of the block plus the checkpoint, in one atomic write. Inputs whose
+    /// spent output is in this shard are attributed now; the others are parked in `pending`.
+    pub fn index_block(&self, height: u32, block: &Block) -> Result<(), ShardError> {
+        if height < self.start || height >= self.end {
+            return Err(ShardError::OutOfRange {
+                shard: self.id,
+                height,
+                start: self.start,
+                end: self.end,
+            });
+        }
+        let mut batch = Batch::default();
+        let mut deltas: HashMap<ScriptHash, pb::AddressStats> = HashMap::new();
+        // Outputs created earlier in this block, for same-block spends (not yet in the store).
+        let mut block_outputs: HashMap<[u8; 36], pb::TxOut> = HashMap::new();
+        let mut pending = 0u64;
+        let block_hash = block.block_hash().to_byte_array();
+
+        let meta = pb::BlockMeta {
+            hash: block_hash.to_vec(),
+            header: serialize(&block.header),
+            size: block.total_size() as u32,
+            weight: block.weight().to_wu() as u32,
+            tx_count: block.txdata.len() as u32,
+        };
+        batch.put(
+            Cf::Headers,
+            schema::height_key(height),
+            meta.encode_to_vec(),
+        );
+        batch.put(Cf::BlockHashes, block_hash, schema::height_key(height));
+
+        for (position, tx) in block.txdata.iter().enumerate() {
+            let position = position as u32;
+            let txid = tx.compute_txid().to_byte_array();
+            batch.put(Cf::TxPositions, position_key(height, position), txid);
+            let stored = pb::StoredTx {
+                height,
+                position,
+                raw: serialize(tx),
+            };
+            batch.put(Cf::Txs, txid, stored.encode_to_vec());
+            let mut touched: Vec<ScriptHash> = Vec::new();
+
+            if !tx.is_coinbase() {
+                for (vin, input) in tx.input.iter().enumerate() {
+                    let vin = vin as u32;
+                    let prev_txid = input.previous_output.txid.to_byte_array();
+                    let prev_key = txid_index_key(&prev_txid, input.previous_output.vout);
+                    let spent = match block_outputs.get(&prev_key) {
+                        Some(out) => Some(out.clone()),
+                        None => match self.store.get(Cf::Outputs, &prev_key)? {
+                            Some(bytes) => Some(
+                                pb::TxOut::decode(bytes.as_slice())
+                                    .map_err(|e| corrupt("output", e))?,
+                            ),
+                            None => None,
+                        },
+                    };
+                    match spent {
+                        Some(out) => {
+                            let sh = scripthash(bitcoin::Script::from_bytes(&out.script));
+                            batch.put(
+                                Cf::History,
+                                history_key(&sh, height, position, KIND_SPENDING, vin),
+                                out.value.to_be_bytes(),
+                            );
+                            let delta = deltas.entry(sh).or_default();
+                            delta.spent_txo_count += 1;
+                            delta.spent_sum += out.value;
+                            touched.push(sh);
+                            batch.put(
+                                Cf::Outspends,
+                                prev_key,
+                                SpentBy { txid, vin, height }.encode(),
+                            );
+                            batch.put(
+                                Cf::Prevouts,
+                                txid_index_key(&txid, vin),
+                                out.encode_to_vec(),
+                            );
+                        }
+                        None => {
+                            let parked = PendingInput {
+                                prev_txid,
+                                prev_vout: input.previous_output.vout,
+                                spender_txid: txid,
+                            };
+                            batch.put(
+                                Cf::Pending,
+                                pending_key(height, position, vin),
+                                parked.encode(),
+                            );
+                            pending += 1;
+                        }
+                    }
+                }
+            }
+
+            for (vout, output) in tx.output.iter().enumerate() {
+                if output.script_pubkey.is_op_return() {
+                    continue; // provably unspendable: never funds an address, never spent
+                }
+                let vout = vout as u32;
+                let value = output.value.to_sat();
+                let sh = scripthash(&output.script_pubkey);
+                let out = pb::TxOut {
+                    value,
+                    script: output.script_pubkey.to_bytes(),
+                };
+                let key = txid_index_key(&txid, vout);
+                batch.put(Cf::Outputs, key, out.encode_to_vec());
+                block_outputs.insert(key, out);
+                batch.put(
+                    Cf::History,
+                    history_key(&sh, height, position, KIND_FUNDING, vout),
+                    value.to_be_bytes(),
+                );
+                let delta = deltas.entry(sh).or_default();
+                delta.funded_txo_count += 1;
+                delta.funded_sum += value;
+                touched.push(sh);
+            }
+            touched.sort_unstable();
+            touched.dedup();
+            for sh in touched {
+                deltas.entry(sh).or_default().tx_count += 1;
+            }
+        }
+        self.merge_stats(&mut batch, deltas)?;
+
+        let mut state = self.state();
+        state.next_height = height + 1;
+        state.pending_inputs += pending;
+        state.cross_shard_inputs += pending;
+        batch.put(Cf::Meta, SHARD_STATE_KEY, state.encode_to_vec());
+        self.store.write(batch, false)?;
+        *self.state.lock().expect("state lock") = state;
+        Ok(())
+    }
+
+    /// Up to `limit` inputs still waiting for cross-shard resolution, oldest first.
+    pub fn next_pending(&self, limit: usize) -> Result<Vec<PendingSpend>, ShardError> {
+        let mut out = Vec::new();
+        let mut bad = None;
+        self.store
+            .scan(Cf::Pending, &[], ScanFrom::First, &mut |key, value| {
+                match (key.len() == 12, PendingInput::decode(value)) {
+                    (true, Some(input)) => out.push(PendingSpend {
+                        height: schema::be_u32(&key[0..4]),
+                        position: schema::be_u32(&key[4..8]),
+                        vin: schema::be_u32(&key[8..12]),
+                        input,
+                    }),
+                    _ => bad = Some(hex::encode(key)),
+                }
+                out.len() < limit && bad.is_none()
+            })?;
+        match bad {
+            Some(key) => Err(corrupt("pending input", key)),
+            None => Ok(out),
+        }
+    }
+
+    /// Phase 2: writes the attribution of resolved inputs and drops them from `pending`, atomically.
+    pub fn apply_resolved(&self, resolved: &[(PendingSpend, pb::TxOut)]) -> Result<(), ShardError> {
+        let mut batch = Batch::default();
+        let mut deltas: HashMap<ScriptHash, pb::AddressStats> = HashMap::new();
+        // (scripthash, height, position) already counted in tx_count by this batch.
+        let mut counted: HashSet<(ScriptHash, u32, u32)> = HashSet::new();
+        for (spend, out) in resolved {
+            let sh = scripthash(bitcoin::Script::from_bytes(&out.script));
+            let txid = spend.input.spender_txid;
+            // The tx counts once per address: only if neither phase 1 nor this batch already has a row for it.
+            if !counted.contains(&(sh, spend.height, spend.position)) {
+                let mut prefix = sh.to_vec();
+                prefix.extend_from_slice(&position_key(spend.height, spend.position));
+                let mut exists = false;
+                self.store
+                    .scan(Cf::History, &prefix, ScanFrom::First, &mut |_, _| {
+                        exists = true;
+                        false
+                    })?;
+                if !exists {
+                    deltas.entry(sh).or_default().tx_count += 1;
+                }
+                counted.insert((sh, spend.height, spend.position));
+            }
+            batch.put(
+                Cf::History,
+                history_key(&sh, spend.height, spend.position, KIND_SPENDING, spend.vin),
+                out.value.to_be_bytes(),
+            );
+            let delta = deltas.entry(sh).or_default();
+            delta.spent_txo_count += 1;
+            delta.spent_sum += out.value;
+            batch.put(
+                Cf::Prevouts,
+                txid_index_key(&txid, spend.vin),
+                out.encode_to_vec(),
+            );
+            batch.delete(
+                Cf::Pending,
+                pending_key(spend.height, spend.position, spend.vin),
+            );
+        }
+        self.merge_stats(&mut batch, deltas)?;
+        let mut state = self.state();
+        state.pending_inputs = state.pending_inputs.saturating_sub(resolved.len() as u64);
+        batch.put(Cf::Meta, SHARD_STATE_KEY, state.encode_to_vec());
+        self.store.write(batch, false)?;
+        *self.state.lock().expect("state lock") = state;
+        Ok(())
+    }
+
+    /// Another shard's inputs spend these outpoints: return the outputs this shard holds and record who
+    /// spends them. Outpoints this shard does not hold are left out of the answer.
+    pub fn spend_outputs(
+        &self,
+        spends: &[pb::SpendRef],
+    ) -> Result<Vec<pb::SpentOutput>, ShardError> {
+        let mut found = Vec::new();
+        let mut batch = Batch::default();
+        for (index, spend) in spends.iter().enumerate() {
+            let prev_txid: Hash32 = spend
+                .prev_txid
+                .as_slice()
+                .try_into()
+                .map_err(|_| corrupt("spend request", "txid is not 32 bytes"))?;
+            let spender: Hash32 = spend
+                .spender_txid
+                .as_slice()
+                .try_into()
+                .map_err(|_| corrupt("spend request", "txid is not 32 bytes"))?;
+            let key = txid_index_key(&prev_txid, spend.prev_vout);
+            if let Some(bytes) = self.store.get(Cf::Outputs, &key)? {
+                let out = pb::TxOut::decode(bytes.as_slice()).map_err(|e| corrupt("output", e))?;
+                batch.put(
+                    Cf::Outspends,
+                    key,
+                    SpentBy {
+                        txid: spender,
+                        vin: spend.spender_vin,
+                        height: spend.spender_height,
+                    }
+                    .encode(),
+                );
+                found.push(pb::SpentOutput {
+                    index: index as u32,
+                    value: out.value,
+                    script: out.script,
+                });
+            }
+        }
+        if !batch.is_empty() {
+            self.store.write(batch, false)?;
+        }
+        Ok(found)
+    }
+
+    // ------------------------------------------------------------------ queries
+
+    pub fn address_stats(&self, sh: &ScriptHash) -> Result<pb::AddressStats, ShardError> {
+        self.load_stats(sh)
+    }
+
+    fn block_meta(&self, height: u32) -> Result<Option<pb::BlockMeta>, ShardError> {
+        self.store
+            .get(Cf::Headers, &schema::height_key(height))?
+            .map(|bytes| {
+                pb::BlockMeta::decode(bytes.as_slice()).map_err(|e| corrupt("block meta", e))
+            })
+            .transpose()
+    }
+
+    fn tx_status(&self, height: u32, position: u32) -> Result<pb::TxStatus, ShardError> {
+        let meta = self
+            .block_meta(height)?
+            .ok_or_else(|| corrupt("tx status", format!("no header at height {height}")))?;
+        Ok(pb::TxStatus {
+            height,
+            position,
+            block_hash: meta.hash,
+            block_time: header_time(&meta.header),
+        })
+    }
+
+    fn txid_at(&self, height: u32, position: u32) -> Result<Hash32, ShardError> {
+        let bytes = self
+            .store
+            .get(Cf::TxPositions, &position_key(height, position))?
+            .ok_or_else(|| corrupt("tx position", format!("no tx at {height}:{position}")))?;
+        bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| corrupt("tx position", "txid is not 32 bytes"))
+    }
+
+    pub fn tx(&self, txid: &Hash32) -> Result<Option<pb::TxDetail>, ShardError> {
+        let Some(bytes) = self.store.get(Cf::Txs, txid)? else {
+            return Ok(None);
+        };
+        let stored = pb::StoredTx::decode(bytes.as_slice()).map_err(|e| corrupt("tx", e))?;
+        let tx: Transaction = deserialize(&stored.raw).map_err(|e| corrupt("tx", e))?;
+        let mut prevouts = Vec::with_capacity(tx.input.len());
+        if !tx.is_coinbase() {
+            for vin in 0..tx.input.len() as u32 {
+                let prevout = match self.store.get(Cf::Prevouts, &txid_index_key(txid, vin))? {
+                    Some(bytes) => {
+                        pb::TxOut::decode(bytes.as_slice()).map_err(|e| corrupt("prevout", e))?
+                    }
+                    None => pb::TxOut::default(), // not yet resolved (shard still in phase 1 or 2)
+                };
+                prevouts.push(prevout);
+            }
+        } else {
+            prevouts.push(pb::TxOut::default());
+        }
+        let status = self.tx_status(stored.height, stored.position)?;
+        Ok(Some(pb::TxDetail {
+            raw: stored.raw,
+            prevouts,
+            status: Some(status),
+        }))
+    }
+
+    /// Distinct txs touching `sh`, newest first, strictly before `before` (height, position) if given.
+    pub fn history(
+        &self,
+        sh: &ScriptHash,
+        before: Option<(u32, u32)>,
+        limit: usize,
+    ) -> Result<Vec<pb::TxDetail>, ShardError> {
+        let mut positions: Vec<(u32, u32)> = Vec::new();
+        let start = before.map(|(h, p)| history_key(sh, h, p, 0, 0));
+        let from = match &start {
+            Some(key) => ScanFrom::AtOrBefore(key),
+            None => ScanFrom::Last,
+        };
+        self.store.scan(Cf::History, sh, from, &mut |key, _| {
+            if let Some(row) = parse_history_key(key) {
+                let at = (row.height, row.position);
+                if before.is_none_or(|b| at < b) && positions.last() != Some(&at) {
+                    if positions.len() == limit {
+                        return false;
+                    }
+                    positions.push(at);
+                }
+            }
+            true
+        })?;
+        let mut txs = Vec::with_capacity(positions.len());
+        for (height, position) in positions {
+            let txid = self.txid_at(height, position)?;
+            let tx = self
+                .tx(&txid)?
+                .ok_or_else(|| corrupt("history", format!("tx {height}:{position} missing")))?;
+            txs.push(tx);
+        }
+        Ok(txs)
+    }
+
+    /// Outputs paying `sh` that nobody has spent (as far as resolution has got).
+    pub fn utxos(&self, sh: &ScriptHash) -> Result<Vec<pb::Utxo>, ShardError> {
+        let mut funding = Vec::new();
+        self.store
+            .scan(Cf::History, sh, ScanFrom::First, &mut |key, value| {
+                if let Some(row) = parse_history_key(key)
+                    && row.kind == KIND_FUNDING
+                {
+                    funding.push((row, be_u64(value)));
+                }
+                true
+            })?;
+        let mut utxos = Vec::new();
+        for (row, value) in funding {
+            let txid = self.txid_at(row.height, row.position)?;
+            if self
+                .store
+                .get(Cf::Outspends, &txid_index_key(&txid, row.index))?
+                .is_none()
+            {
+                let status = self.tx_status(row.height, row.position)?;
+                utxos.push(pb::Utxo {
+                    txid: txid.to_vec(),
+                    vout: row.index,
+                    value,
+                    status: Some(status),
+                });
+            }
+        }
+        Ok(utxos)
+    }
+
+    pub fn block(
+        &self,
+        key: &pb::shard_block_request::Key,
+        with_txids: bool,
+    ) -> Result<pb::BlockLookup, ShardError> {
+        let height = match key {
+            pb::shard_block_request::Key::Height(h) => Some(*h),
+            pb::shard_block_request::Key::Hash(hash) => self
+                .store
+                .get(Cf::BlockHashes, hash)?
+                .map(|v| schema::be_u32(&v)),
+        };
+        let Some(height) = height else {
+            return Ok(pb::BlockLookup::default());
+        };
+        let Some(meta) = self.block_meta(height)? else {
+            return Ok(pb::BlockLookup::default());
+        };
+        let mut txids = Vec::new();
+        if with_txids {
+            self.store.scan(
+                Cf::TxPositions,
+                &schema::height_key(height),
+                ScanFrom::First,
+                &mut |_, value| {
+                    txids.push(value.to_vec());
+                    true
+                },
+            )?;
+        }
+        Ok(pb::BlockLookup {
+            found: true,
+            height,
+            meta: Some(meta),
+            txids,
+            median_time: 0,
+        })
+    }
+
+    pub fn outspends(&self, txid: &Hash32) -> Result<Option<Vec<pb::Outspend>>, ShardError> {
+        let Some(bytes) = self.store.get(Cf::Txs, txid)? else {
+            return Ok(None);
+        };
+        let stored = pb::StoredTx::decode(bytes.as_slice()).map_err(|e| corrupt("tx", e))?;
+        let tx: Transaction = deserialize(&stored.raw).map_err(|e| corrupt("tx", e))?;
+        let mut outspends = Vec::with_capacity(tx.output.len());
+        for vout in 0..tx.output.len() as u32 {
+            let spend = match self.store.get(Cf::Outspends, &txid_index_key(txid, vout))? {
+                Some(value) => {
+                    let by =
+                        SpentBy::decode(&value).ok_or_else(|| corrupt("outspend", "bad length"))?;
+                    pb::Outspend {
+                        spent: true,
+                        txid: by.txid.to_vec(),
+                        vin: by.vin,
+                        height: by.height,
+                    }
+                }
+                None => pb::Outspend::default(),
+            };
+            outspends.push(spend);
+        }
+        Ok(Some(outspends))
+    }
+}
+
+/// The block time field of an 80-byte header.
+pub fn header_time(header: &[u8]) -> u32 {
+    header
+        .get(68..72)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .unwrap_or(0)
+}

@@ -1,0 +1,374 @@
+//! A worker's shards and the two backfill phases that run on them.
+//!
+//! Phase 1 (index) runs one shard at a time per worker, with block fetch + decode on one thread and row
+//! writing on another. Phase 2 (resolve) sends a shard's pending inputs to earlier shards, nearest first
+//! (most coins are spent young), in batches, until each is found.
+
+use crate::rocks::RocksStore;
+use crate::shard::{PendingSpend, Shard, ShardError};
+use bitcoin::Block;
+use bitcoin::consensus::deserialize;
+use chainidx_core::source::{BlockSource, SourceError};
+use chainidx_proto as pb;
+use chainidx_proto::worker_client::WorkerClient;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::Semaphore;
+use tonic::transport::Channel;
+
+/// Inputs resolved per round trip to a peer shard.
+pub const RESOLVE_BATCH: usize = 20_000;
+/// Generous: a history page can carry 1 MB transactions.
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("block at height {height} does not decode: {detail}")]
+    Decode { height: u32, detail: String },
+    #[error("shard {0} is not on this worker")]
+    UnknownShard(u32),
+    #[error("peer {addr}: {detail}")]
+    Peer { addr: String, detail: String },
+    #[error("input {txid}:{vin} at height {height} spends {prev}, which no earlier shard holds")]
+    Unresolved {
+        txid: String,
+        vin: u32,
+        height: u32,
+        prev: String,
+    },
+    #[error("worker task failed: {0}")]
+    Task(String),
+}
+
+pub struct ShardSlot {
+    pub shard: Arc<Shard>,
+    error: Mutex<Option<String>>,
+    /// Set while a phase-2 task runs, so a repeated request does not start a second one.
+    resolving: AtomicBool,
+}
+
+impl ShardSlot {
+    pub fn status(&self) -> pb::ShardStatus {
+        let state = self.shard.state();
+        let error = self.error.lock().expect("error lock").clone();
+        let phase = if error.is_some() {
+            pb::ShardPhase::Failed as i32
+        } else {
+            state.phase
+        };
+        pb::ShardStatus {
+            shard_id: state.shard_id,
+            start_height: state.start_height,
+            end_height: state.end_height,
+            owner: String::new(),
+            phase,
+            next_height: state.next_height,
+            pending_inputs: state.pending_inputs,
+            error: error.unwrap_or_default(),
+            cross_shard_inputs: state.cross_shard_inputs,
+        }
+    }
+
+    fn fail(&self, error: &WorkerError) {
+        tracing::error!(shard = self.shard.id, %error, "shard failed");
+        *self.error.lock().expect("error lock") = Some(error.to_string());
+    }
+}
+
+pub struct WorkerNode {
+    source: Arc<dyn BlockSource>,
+    data_dir: PathBuf,
+    shards: RwLock<HashMap<u32, Arc<ShardSlot>>>,
+    index_permits: Semaphore,
+    peers: Mutex<HashMap<String, WorkerClient<Channel>>>,
+}
+
+impl WorkerNode {
+    pub fn new(source: Arc<dyn BlockSource>, data_dir: PathBuf) -> Arc<WorkerNode> {
+        Arc::new(WorkerNode {
+            source,
+            data_dir,
+            shards: RwLock::new(HashMap::new()),
+            index_permits: Semaphore::new(1),
+            peers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn slot(&self, shard_id: u32) -> Result<Arc<ShardSlot>, WorkerError> {
+        self.shards
+            .read()
+            .expect("shards lock")
+            .get(&shard_id)
+            .cloned()
+            .ok_or(WorkerError::UnknownShard(shard_id))
+    }
+
+    pub fn statuses(&self) -> Vec<pb::ShardStatus> {
+        let mut statuses: Vec<_> = self
+            .shards
+            .read()
+            .expect("shards lock")
+            .values()
+            .map(|s| s.status())
+            .collect();
+        statuses.sort_by_key(|s| s.shard_id);
+        statuses
+    }
+
+    /// Opens (or reopens) the shard's database and starts phase 1 in the background. Idempotent: a shard
+    /// already here is left alone; a reopened one resumes from its checkpoint.
+    pub fn assign(
+        self: &Arc<Self>,
+        shard_id: u32,
+        start: u32,
+        end: u32,
+    ) -> Result<(), WorkerError> {
+        let mut shards = self.shards.write().expect("shards lock");
+        if shards.contains_key(&shard_id) {
+            return Ok(());
+        }
+        let path = self.data_dir.join(format!("shard-{shard_id:05}"));
+        std::fs::create_dir_all(&path).map_err(|e| {
+            ShardError::Store(chainidx_core::store::StoreError::Engine(format!(
+                "{}: {e}",
+                path.display()
+            )))
+        })?;
+        let store = Arc::new(RocksStore::open(&path).map_err(ShardError::from)?);
+        let shard = Arc::new(Shard::open(store, shard_id, start, end)?);
+        let slot = Arc::new(ShardSlot {
+            shard,
+            error: Mutex::new(None),
+            resolving: AtomicBool::new(false),
+        });
+        shards.insert(shard_id, slot.clone());
+        drop(shards);
+        let node = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = node.index_phase(&slot).await {
+                slot.fail(&error);
+            }
+        });
+        Ok(())
+    }
+
+    async fn index_phase(&self, slot: &Arc<ShardSlot>) -> Result<(), WorkerError> {
+        let _permit = self
+            .index_permits
+            .acquire()
+            .await
+            .map_err(|e| WorkerError::Task(e.to_string()))?;
+        let shard = slot.shard.clone();
+        if shard.state().phase != pb::ShardPhase::Indexing as i32 {
+            return Ok(());
+        }
+        let source = self.source.clone();
+        let span = tracing::info_span!("index", shard = shard.id);
+        tokio::task::spawn_blocking(move || span.in_scope(|| index_range(source.as_ref(), &shard)))
+            .await
+            .map_err(|e| WorkerError::Task(e.to_string()))??;
+        slot.shard.set_phase(pb::ShardPhase::Indexed)?;
+        tracing::info!(
+            shard = slot.shard.id,
+            pending = slot.shard.state().pending_inputs,
+            "shard indexed"
+        );
+        Ok(())
+    }
+
+    /// Starts phase 2 for a shard in the background.
+    pub fn resolve(
+        self: &Arc<Self>,
+        shard_id: u32,
+        peers: Vec<pb::ShardPeer>,
+    ) -> Result<(), WorkerError> {
+        let slot = self.slot(shard_id)?;
+        let phase = slot.shard.state().phase;
+        if phase != pb::ShardPhase::Indexed as i32 && phase != pb::ShardPhase::Resolving as i32 {
+            return Ok(()); // still indexing (the coordinator asks again) or already ready
+        }
+        if slot.resolving.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        slot.shard.set_phase(pb::ShardPhase::Resolving)?;
+        let node = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = node.resolve_phase(&slot, peers).await {
+                slot.fail(&error);
+            }
+            slot.resolving.store(false, Ordering::SeqCst);
+        });
+        Ok(())
+    }
+
+    async fn resolve_phase(
+        &self,
+        slot: &Arc<ShardSlot>,
+        peers: Vec<pb::ShardPeer>,
+    ) -> Result<(), WorkerError> {
+        let shard = slot.shard.clone();
+        let mut earlier: Vec<pb::ShardPeer> = peers
+            .into_iter()
+            .filter(|p| p.end_height <= shard.start)
+            .collect();
+        earlier.sort_by_key(|p| std::cmp::Reverse(p.start_height));
+        loop {
+            let reader = shard.clone();
+            let batch = tokio::task::spawn_blocking(move || reader.next_pending(RESOLVE_BATCH))
+                .await
+                .map_err(|e| WorkerError::Task(e.to_string()))??;
+            if batch.is_empty() {
+                break;
+            }
+            let outputs = self.lookup_spent(&batch, &earlier).await?;
+            let resolved: Vec<(PendingSpend, pb::TxOut)> = batch.into_iter().zip(outputs).collect();
+            let writer = shard.clone();
+            tokio::task::spawn_blocking(move || writer.apply_resolved(&resolved))
+                .await
+                .map_err(|e| WorkerError::Task(e.to_string()))??;
+        }
+        shard.set_phase(pb::ShardPhase::Ready)?;
+        tracing::info!(shard = shard.id, "shard ready");
+        Ok(())
+    }
+
+    /// Asks earlier shards, nearest first, for the outputs `batch` spends; each peer sees only what the
+    /// nearer ones did not have.
+    async fn lookup_spent(
+        &self,
+        batch: &[PendingSpend],
+        earlier: &[pb::ShardPeer],
+    ) -> Result<Vec<pb::TxOut>, WorkerError> {
+        let mut found: Vec<Option<pb::TxOut>> = vec![None; batch.len()];
+        let mut remaining: Vec<usize> = (0..batch.len()).collect();
+        for peer in earlier {
+            if remaining.is_empty() {
+                break;
+            }
+            let spends = remaining
+                .iter()
+                .map(|&i| {
+                    let s = &batch[i];
+                    pb::SpendRef {
+                        prev_txid: s.input.prev_txid.to_vec(),
+                        prev_vout: s.input.prev_vout,
+                        spender_txid: s.input.spender_txid.to_vec(),
+                        spender_vin: s.vin,
+                        spender_height: s.height,
+                    }
+                })
+                .collect();
+            let mut client = self.peer(&peer.grpc_addr).await?;
+            let reply = client
+                .spend_outputs(pb::SpendOutputsRequest {
+                    shard_id: peer.shard_id,
+                    spends,
+                })
+                .await
+                .map_err(|status| WorkerError::Peer {
+                    addr: peer.grpc_addr.clone(),
+                    detail: status.message().to_string(),
+                })?
+                .into_inner();
+            for hit in reply.found {
+                let slot = remaining.get(hit.index as usize).copied().ok_or_else(|| {
+                    WorkerError::Peer {
+                        addr: peer.grpc_addr.clone(),
+                        detail: format!("answered index {} of {}", hit.index, remaining.len()),
+                    }
+                })?;
+                found[slot] = Some(pb::TxOut {
+                    value: hit.value,
+                    script: hit.script,
+                });
+            }
+            remaining.retain(|&i| found[i].is_none());
+        }
+        if let Some(&i) = remaining.first() {
+            let s = &batch[i];
+            return Err(WorkerError::Unresolved {
+                txid: display_hash(&s.input.spender_txid),
+                vin: s.vin,
+                height: s.height,
+                prev: format!("{}:{}", display_hash(&s.input.prev_txid), s.input.prev_vout),
+            });
+        }
+        Ok(found.into_iter().map(|o| o.expect("all found")).collect())
+    }
+
+    async fn peer(&self, addr: &str) -> Result<WorkerClient<Channel>, WorkerError> {
+        if let Some(client) = self.peers.lock().expect("peers lock").get(addr) {
+            return Ok(client.clone());
+        }
+        let client = connect_worker(addr).await.map_err(|e| WorkerError::Peer {
+            addr: addr.into(),
+            detail: e.to_string(),
+        })?;
+        self.peers
+            .lock()
+            .expect("peers lock")
+            .insert(addr.into(), client.clone());
+        Ok(client)
+    }
+}
+
+/// A gRPC client for a worker at `addr` (`host:port` or a full URL).
+pub async fn connect_worker(addr: &str) -> Result<WorkerClient<Channel>, tonic::transport::Error> {
+    let url = if addr.starts_with("http") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let channel = tonic::transport::Endpoint::from_shared(url)?
+        .connect()
+        .await?;
+    Ok(WorkerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// Txids and block hashes are displayed byte-reversed.
+pub fn display_hash(hash: &[u8; 32]) -> String {
+    let mut reversed = *hash;
+    reversed.reverse();
+    hex::encode(reversed)
+}
+
+/// Phase 1 over the rest of the shard's range: a fetcher thread reads and decodes blocks ahead of the
+/// writer (bounded, so memory stays flat), the calling thread writes them in height order.
+fn index_range(source: &dyn BlockSource, shard: &Shard) -> Result<(), WorkerError> {
+    let from = shard.state().next_height;
+    let end = shard.end;
+    std::thread::scope(|scope| {
+        let (sender, receiver) =
+            std::sync::mpsc::sync_channel::<Result<(u32, Block), WorkerError>>(8);
+        scope.spawn(move || {
+            for height in from..end {
+                let block = source
+                    .block_bytes(height)
+                    .map_err(WorkerError::from)
+                    .and_then(|bytes| {
+                        deserialize::<Block>(&bytes).map_err(|e| WorkerError::Decode {
+                            height,
+                            detail: e.to_string(),
+                        })
+                    });
+                let failed = block.is_err();
+                if sender.send(block.map(|b| (height, b))).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        for item in receiver {
+            let (height, block) = item?;
+            shard.index_block(height, &block)?;
+        }
+        Ok(())
+    })
+}

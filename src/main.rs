@@ -1,0 +1,437 @@
+//! `chainidx`: generate a chain, run a cluster, query it. `chainidx --help` explains each command.
+
+use anyhow::{Context, bail};
+use chainidx::sandbox::{SandboxBuilder, ensure_generated};
+use chainidx::worker_main::{WorkerArgs, run_worker};
+use chainidx_core::generator::GenConfig;
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "chainidx",
+    version,
+    about = "A distributed Bitcoin address-activity index.",
+    long_about = "A distributed Bitcoin address-activity index: a coordinator splits the chain into block-range \
+shards, worker processes index them into RocksDB (every input attributed to the address and value it spends, \
+also across shards), and queries fan out over gRPC and an Esplora-compatible HTTP API.\n\n\
+Quick start: `chainidx up` generates a chain, starts a 2-worker cluster and serves queries."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a deterministic, realistic chain as Bitcoin Core blk*.dat files, plus its ground truth.
+    Gen {
+        /// Output directory (must not already hold blk files).
+        #[arg(long)]
+        out: PathBuf,
+        /// Number of blocks, including block 0.
+        #[arg(long, default_value_t = 3000)]
+        blocks: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Transactions per block (fewer in the first blocks, while there are few coins to spend).
+        #[arg(long, default_value_t = 40)]
+        txs_per_block: u32,
+        /// Share of payments that go to the top "exchange" address (1.0 makes it touch nearly every tx).
+        #[arg(long, default_value_t = 0.05)]
+        hot_address_share: f64,
+    },
+    /// Run a whole cluster here: coordinator + worker processes on loopback, backfill, then serve queries.
+    Up {
+        /// Block source: blk:DIR or rpc:http://user:pass@host:port. Default: a chain generated into DATA/chain.
+        #[arg(long)]
+        source: Option<String>,
+        /// Worker processes to start.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Data directory (shard databases, logs, the generated chain).
+        #[arg(long, default_value = "chainidx-data")]
+        data: PathBuf,
+        /// HTTP (Esplora API) listen address.
+        #[arg(long, default_value = "127.0.0.1:3000")]
+        http: String,
+        /// gRPC (Query and Coordinator services) listen address.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        grpc: String,
+        /// Address encoding: mainnet, testnet, signet or regtest. Default: regtest for the generated chain, else mainnet.
+        #[arg(long)]
+        network: Option<String>,
+        /// Blocks per shard. Default: the chain split into 4 shards per worker.
+        #[arg(long)]
+        shard_blocks: Option<u32>,
+        /// Blocks of the generated default chain.
+        #[arg(long, default_value_t = 3000)]
+        blocks: u32,
+        /// Backfill, print a summary and exit instead of serving.
+        #[arg(long)]
+        exit_after_backfill: bool,
+    },
+    /// Run a coordinator (for deployments where workers run elsewhere).
+    Coordinator {
+        #[arg(long)]
+        source: String,
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        grpc: String,
+        #[arg(long, default_value = "127.0.0.1:3000")]
+        http: String,
+        #[arg(long, default_value = "mainnet")]
+        network: String,
+        #[arg(long, default_value_t = 10_000)]
+        shard_blocks: u32,
+        /// Workers to wait for before assigning shards.
+        #[arg(long, default_value_t = 1)]
+        min_workers: usize,
+    },
+    /// Run a worker node that registers with a coordinator.
+    Node {
+        /// Coordinator gRPC address, e.g. http://127.0.0.1:50051.
+        #[arg(long)]
+        coordinator: String,
+        #[arg(long)]
+        source: String,
+        /// Where this worker keeps its shard databases.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// Address peers and the coordinator use to reach this worker (default: the bound address).
+        #[arg(long)]
+        advertise: Option<String>,
+    },
+    /// Query a running cluster over its HTTP API.
+    Query {
+        /// The cluster's HTTP address.
+        #[arg(long, default_value = "http://127.0.0.1:3000")]
+        server: String,
+        #[command(subcommand)]
+        what: QueryWhat,
+    },
+    /// Show the cluster's shards, owners and progress.
+    Status {
+        #[arg(long, default_value = "http://127.0.0.1:3000")]
+        server: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueryWhat {
+    /// Summary of an address (or `scripthash:<hex>`).
+    Address { address: String },
+    /// Transactions of an address, newest first, 25 a page.
+    Txs {
+        address: String,
+        /// Continue after this txid (the last of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Unspent outputs of an address.
+    Utxo { address: String },
+    /// A transaction, with each input's spent output.
+    Tx { txid: String },
+    /// A block by hash or height.
+    Block { id: String },
+}
+
+fn bar(len: u64, message: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(message.to_string());
+    bar
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Gen {
+            out,
+            blocks,
+            seed,
+            txs_per_block,
+            hot_address_share,
+        } => {
+            let config = GenConfig {
+                blocks,
+                seed,
+                txs_per_block,
+                hot_address_share,
+            };
+            let progress = bar(blocks as u64, "generate");
+            let summary = tokio::task::spawn_blocking(move || {
+                chainidx_core::generator::generate(&config, &out, &mut |h| {
+                    progress.set_position(h as u64 + 1)
+                })
+                .map(|s| (s, out))
+            })
+            .await??;
+            let (summary, out) = summary;
+            println!(
+                "wrote {} blocks, {} txs, {} inputs, {} outputs, {} addresses to {} (tip {})",
+                summary.blocks,
+                summary.txs,
+                summary.inputs,
+                summary.outputs,
+                summary.addresses,
+                out.display(),
+                summary.tip_hash
+            );
+        }
+        Command::Up {
+            source,
+            workers,
+            data,
+            http,
+            grpc,
+            network,
+            shard_blocks,
+            blocks,
+            exit_after_backfill,
+        } => {
+            up(
+                source,
+                workers,
+                data,
+                http,
+                grpc,
+                network,
+                shard_blocks,
+                blocks,
+                exit_after_backfill,
+            )
+            .await?;
+        }
+        Command::Coordinator {
+            source,
+            grpc,
+            http,
+            network,
+            shard_blocks,
+            min_workers,
+        } => {
+            let network =
+                chainidx_core::chain::parse_network(&network).map_err(anyhow::Error::msg)?;
+            let spec = source.clone();
+            let source =
+                tokio::task::spawn_blocking(move || chainidx_core::source::open(&spec)).await??;
+            let grpc_listener = tokio::net::TcpListener::bind(&grpc)
+                .await
+                .with_context(|| format!("binding {grpc}"))?;
+            let http_listener = tokio::net::TcpListener::bind(&http)
+                .await
+                .with_context(|| format!("binding {http}"))?;
+            eprintln!(
+                "coordinator: gRPC {} HTTP {}",
+                grpc_listener.local_addr()?,
+                http_listener.local_addr()?
+            );
+            let config = chainidx_coordinator::CoordinatorConfig {
+                network,
+                shard_blocks,
+                min_workers,
+            };
+            chainidx_coordinator::run(
+                config,
+                source,
+                grpc_listener,
+                http_listener,
+                shutdown_signal(),
+            )
+            .await?;
+        }
+        Command::Node {
+            coordinator,
+            source,
+            data,
+            listen,
+            advertise,
+        } => {
+            run_worker(
+                WorkerArgs {
+                    coordinator,
+                    source,
+                    data,
+                    listen,
+                    advertise,
+                },
+                shutdown_signal(),
+            )
+            .await?;
+        }
+        Command::Query { server, what } => {
+            let path = match what {
+                QueryWhat::Address { address } => match address.strip_prefix("scripthash:") {
+                    Some(hash) => format!("/scripthash/{hash}"),
+                    None => format!("/address/{address}"),
+                },
+                QueryWhat::Txs { address, after } => match after {
+                    Some(txid) => format!("/address/{address}/txs/chain/{txid}"),
+                    None => format!("/address/{address}/txs"),
+                },
+                QueryWhat::Utxo { address } => format!("/address/{address}/utxo"),
+                QueryWhat::Tx { txid } => format!("/tx/{txid}"),
+                QueryWhat::Block { id } if id.len() < 64 => {
+                    let hash = http_get(&server, &format!("/block-height/{id}")).await?;
+                    format!("/block/{}", hash.as_str().unwrap_or_default())
+                }
+                QueryWhat::Block { id } => format!("/block/{id}"),
+            };
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&http_get(&server, &path).await?)?
+            );
+        }
+        Command::Status { server } => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&http_get(&server, "/cluster/status").await?)?
+            );
+        }
+    }
+    Ok(())
+}
+
+/// GETs a path; JSON bodies are parsed, plain-text bodies come back as a JSON string. Errors carry the
+/// server's message.
+async fn http_get(server: &str, path: &str) -> anyhow::Result<serde_json::Value> {
+    let url = format!("{}{path}", server.trim_end_matches('/'));
+    let reply = reqwest::get(&url)
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    let status = reply.status();
+    let text = reply.text().await?;
+    let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+    if !status.is_success() {
+        let message = body
+            .get("error")
+            .and_then(|e| e.as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| body.to_string());
+        bail!("{status}: {message}");
+    }
+    Ok(body)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn up(
+    source: Option<String>,
+    workers: usize,
+    data: PathBuf,
+    http: String,
+    grpc: String,
+    network: Option<String>,
+    shard_blocks: Option<u32>,
+    blocks: u32,
+    exit_after_backfill: bool,
+) -> anyhow::Result<()> {
+    if workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let (source, default_network) = match source {
+        Some(source) => (source, "mainnet"),
+        None => {
+            let dir = data.join("chain");
+            let config = GenConfig {
+                blocks,
+                ..GenConfig::default()
+            };
+            let progress = bar(blocks as u64, "generate");
+            let gen_dir = dir.clone();
+            let gen_progress = progress.clone();
+            tokio::task::spawn_blocking(move || {
+                ensure_generated(&gen_dir, &config, &mut |h| {
+                    gen_progress.set_position(h as u64 + 1)
+                })
+            })
+            .await??;
+            progress.finish_and_clear();
+            eprintln!("chain: {} ({} blocks)", dir.display(), blocks);
+            (format!("blk:{}", dir.display()), "regtest")
+        }
+    };
+    let network =
+        chainidx_core::chain::parse_network(network.as_deref().unwrap_or(default_network))
+            .map_err(anyhow::Error::msg)?;
+    let spec = source.clone();
+    let tip = tokio::task::spawn_blocking(move || chainidx_core::source::open(&spec)?.tip_height())
+        .await??;
+    let shard_blocks = shard_blocks.unwrap_or_else(|| ((tip + 1) / (workers as u32 * 4)).max(1));
+    let binary = std::env::current_exe()?;
+    let sandbox = SandboxBuilder::new(binary, source.clone(), data.join("cluster"))
+        .workers(workers)
+        .shard_blocks(shard_blocks)
+        .network(network)
+        .grpc_addr(grpc)
+        .http_addr(http)
+        .start()
+        .await?;
+    eprintln!("cluster: {workers} workers, shards of {shard_blocks} blocks, source {source}");
+    let started = Instant::now();
+    let index_bar = bar(tip as u64 + 1, "index");
+    let resolve_bar = bar(0, "resolve");
+    let status = sandbox
+        .wait_for_backfill(Duration::from_secs(24 * 3600), |status| {
+            let indexed: u64 = status
+                .shards
+                .iter()
+                .map(|s| (s.next_height - s.start_height) as u64)
+                .sum();
+            index_bar.set_position(indexed);
+            let pending: u64 = status.shards.iter().map(|s| s.pending_inputs).sum();
+            if indexed > tip as u64 {
+                resolve_bar.set_length(resolve_bar.length().unwrap_or(0).max(pending));
+                resolve_bar.set_position(resolve_bar.length().unwrap_or(0) - pending);
+            }
+        })
+        .await?;
+    index_bar.finish();
+    resolve_bar.finish();
+    eprintln!(
+        "backfill complete: {} blocks in {} shards in {:.1}s",
+        status.tip_height + 1,
+        status.shards.len(),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "HTTP (Esplora API): {}   e.g. curl {}/blocks/tip/height",
+        sandbox.http_url(),
+        sandbox.http_url()
+    );
+    println!("gRPC (Query):       {}", sandbox.grpc_url());
+    println!("status:             {}/cluster/status", sandbox.http_url());
+    if exit_after_backfill {
+        sandbox.shutdown().await;
+        return Ok(());
+    }
+    println!("serving; Ctrl-C to stop");
+    shutdown_signal().await;
+    sandbox.shutdown().await;
+    Ok(())
+}

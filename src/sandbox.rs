@@ -1,0 +1,259 @@
+//! A real cluster on loopback: the coordinator in this process, each worker a child process of the
+//! `chainidx` binary, all gRPC on port 0. Used by `chainidx up`, the tests and the benches.
+
+use anyhow::{Context, bail};
+use chainidx_proto::coordinator_client::CoordinatorClient;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+
+pub struct SandboxBuilder {
+    binary: PathBuf,
+    source: String,
+    data_dir: PathBuf,
+    workers: usize,
+    shard_blocks: u32,
+    network: bitcoin::Network,
+    grpc_addr: String,
+    http_addr: String,
+}
+
+impl SandboxBuilder {
+    /// `binary` is the `chainidx` executable the workers run (`env!("CARGO_BIN_EXE_chainidx")` in tests).
+    pub fn new(
+        binary: impl Into<PathBuf>,
+        source: impl Into<String>,
+        data_dir: impl Into<PathBuf>,
+    ) -> SandboxBuilder {
+        SandboxBuilder {
+            binary: binary.into(),
+            source: source.into(),
+            data_dir: data_dir.into(),
+            workers: 2,
+            shard_blocks: 500,
+            network: bitcoin::Network::Regtest,
+            grpc_addr: "127.0.0.1:0".into(),
+            http_addr: "127.0.0.1:0".into(),
+        }
+    }
+
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    pub fn shard_blocks(mut self, shard_blocks: u32) -> Self {
+        self.shard_blocks = shard_blocks;
+        self
+    }
+
+    pub fn network(mut self, network: bitcoin::Network) -> Self {
+        self.network = network;
+        self
+    }
+
+    pub fn grpc_addr(mut self, addr: impl Into<String>) -> Self {
+        self.grpc_addr = addr.into();
+        self
+    }
+
+    pub fn http_addr(mut self, addr: impl Into<String>) -> Self {
+        self.http_addr = addr.into();
+        self
+    }
+
+    /// Starts the coordinator and the workers, and returns once every worker has registered.
+    pub async fn start(self) -> anyhow::Result<Sandbox> {
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("creating {}", self.data_dir.display()))?;
+        let source_spec = self.source.clone();
+        let source = tokio::task::spawn_blocking(move || chainidx_core::source::open(&source_spec))
+            .await?
+            .with_context(|| format!("opening source {}", self.source))?;
+        let grpc = tokio::net::TcpListener::bind(&self.grpc_addr)
+            .await
+            .with_context(|| format!("binding gRPC {}", self.grpc_addr))?;
+        let http = tokio::net::TcpListener::bind(&self.http_addr)
+            .await
+            .with_context(|| format!("binding HTTP {}", self.http_addr))?;
+        let grpc_addr = grpc.local_addr()?;
+        let http_addr = http.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let config = chainidx_coordinator::CoordinatorConfig {
+            network: self.network,
+            shard_blocks: self.shard_blocks,
+            min_workers: self.workers,
+        };
+        let coordinator = tokio::spawn(chainidx_coordinator::run(
+            config,
+            source,
+            grpc,
+            http,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+
+        let mut children = Vec::new();
+        for i in 0..self.workers {
+            let dir = self.data_dir.join(format!("worker-{i}"));
+            std::fs::create_dir_all(&dir)?;
+            let log = std::fs::File::create(dir.join("worker.log"))?;
+            let child = Command::new(&self.binary)
+                .arg("node")
+                .args(["--coordinator", &format!("http://{grpc_addr}")])
+                .args(["--source", &self.source])
+                .arg("--data")
+                .arg(&dir)
+                .args(["--listen", "127.0.0.1:0"])
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                )
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting worker {}", self.binary.display()))?;
+            children.push(child);
+        }
+        let sandbox = Sandbox {
+            grpc_addr,
+            http_addr,
+            data_dir: self.data_dir,
+            children,
+            stop: Some(stop),
+            coordinator: Some(coordinator),
+        };
+        sandbox
+            .wait_for_workers(self.workers, Duration::from_secs(60))
+            .await?;
+        Ok(sandbox)
+    }
+}
+
+pub struct Sandbox {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    children: Vec<Child>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    coordinator:
+        Option<tokio::task::JoinHandle<Result<(), chainidx_coordinator::CoordinatorError>>>,
+}
+
+impl Sandbox {
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    pub async fn status(&self) -> anyhow::Result<chainidx_proto::ClusterStatusReply> {
+        let mut client = CoordinatorClient::connect(self.grpc_url()).await?;
+        Ok(client
+            .cluster_status(chainidx_proto::ClusterStatusRequest {})
+            .await?
+            .into_inner())
+    }
+
+    async fn wait_for_workers(&self, workers: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(status) = self.status().await
+                && status.workers.len() >= workers
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "workers did not register within {timeout:?}; see {}/worker-*/worker.log",
+                    self.data_dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits for `backfill_complete`, calling `progress` with each status; fails on a failed shard or time-out.
+    pub async fn wait_for_backfill(
+        &self,
+        timeout: Duration,
+        mut progress: impl FnMut(&chainidx_proto::ClusterStatusReply),
+    ) -> anyhow::Result<chainidx_proto::ClusterStatusReply> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status().await?;
+            progress(&status);
+            if let Some(failed) = status
+                .shards
+                .iter()
+                .find(|s| s.phase == chainidx_proto::ShardPhase::Failed as i32)
+            {
+                bail!(
+                    "shard {} failed: {} (logs: {}/worker-*/worker.log)",
+                    failed.shard_id,
+                    failed.error,
+                    self.data_dir.display()
+                );
+            }
+            if status.backfill_complete {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("backfill not complete after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the coordinator and the workers.
+    pub async fn shutdown(mut self) {
+        self.stop_all().await;
+    }
+
+    async fn stop_all(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        for child in &mut self.children {
+            let _ = child.kill().await;
+        }
+        if let Some(coordinator) = self.coordinator.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), coordinator).await;
+        }
+    }
+
+    pub fn worker_log(&self, i: usize) -> PathBuf {
+        self.data_dir.join(format!("worker-{i}")).join("worker.log")
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+/// Generates the default demo chain into `dir` unless it is already there.
+pub fn ensure_generated(
+    dir: &Path,
+    config: &chainidx_core::generator::GenConfig,
+    progress: &mut dyn FnMut(u32),
+) -> anyhow::Result<()> {
+    if dir.join("truth.json").exists() {
+        return Ok(());
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("clearing half-written {}", dir.display()))?;
+    }
+    chainidx_core::generator::generate(config, dir, progress)
+        .with_context(|| format!("generating a chain into {}", dir.display()))?;
+    Ok(())
+}

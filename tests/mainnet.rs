@@ -1,0 +1,255 @@
+//! Real mainnet data from shared/data: each block's rows equal its expected decoding; inputs of blocks 277647
+//! and 300025 resolve to the recorded spent outputs; the blk-framed files index end to end in a cluster.
+
+mod common;
+
+use bitcoin::consensus::deserialize;
+use bitcoin::hashes::Hash;
+use bitcoin::{Block, Network, ScriptBuf, Txid};
+use chainidx::sandbox::SandboxBuilder;
+use chainidx_core::chain::{ScriptType, address_of, script_for_address, scripthash};
+use chainidx_core::schema::Hash32;
+use chainidx_node::rocks::RocksStore;
+use chainidx_node::shard::Shard;
+use chainidx_proto as pb;
+use common::reference::Reference;
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn mainnet_dir() -> PathBuf {
+    common::shared_data().join("bitcoin-mainnet")
+}
+
+fn raw_blocks() -> Vec<(u32, PathBuf)> {
+    let mut blocks: Vec<(u32, PathBuf)> = std::fs::read_dir(mainnet_dir())
+        .expect("shared/data/bitcoin-mainnet")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "raw"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_str().unwrap().to_string();
+            (name.split('_').next().unwrap().parse().unwrap(), p)
+        })
+        .collect();
+    blocks.sort();
+    blocks
+}
+
+fn read_tsv(path: &Path) -> Vec<Vec<String>> {
+    let mut text = String::new();
+    if path.extension().is_some_and(|x| x == "gz") {
+        flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap())
+            .read_to_string(&mut text)
+            .unwrap();
+    } else {
+        text = std::fs::read_to_string(path).unwrap();
+    }
+    text.lines()
+        .skip(1)
+        .map(|l| l.split('\t').map(str::to_string).collect())
+        .collect()
+}
+
+/// A one-block shard in a fresh RocksDB, indexed through the production path.
+fn index_single_block(dir: &Path, height: u32, block: &Block) -> Shard {
+    let store = Arc::new(RocksStore::open(dir).unwrap());
+    let shard = Shard::open(store, 0, height, height + 1).unwrap();
+    shard.index_block(height, block).unwrap();
+    shard
+}
+
+fn txid_bytes(txid: &Txid) -> Hash32 {
+    txid.to_byte_array()
+}
+
+#[test]
+fn every_mainnet_block_decodes_to_its_expected_rows() {
+    let blocks = raw_blocks();
+    assert_eq!(blocks.len(), 31);
+    let mut total = 0;
+    for (height, path) in blocks {
+        let block: Block = deserialize(&std::fs::read(&path).unwrap()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let shard = index_single_block(dir.path(), height, &block);
+        let expected =
+            read_tsv(&mainnet_dir().join(format!("expected/{height:07}.outputs.tsv.gz")));
+        let outputs: usize = block.txdata.iter().map(|tx| tx.output.len()).sum();
+        assert_eq!(outputs, expected.len(), "output count of block {height}");
+
+        let mut funded: HashMap<Hash32, (u64, u64)> = HashMap::new();
+        let mut stored_txs: HashMap<Txid, bitcoin::Transaction> = HashMap::new();
+        for row in &expected {
+            let txid: Txid = row[0].parse().unwrap();
+            let vout: usize = row[1].parse().unwrap();
+            let value: u64 = row[2].parse().unwrap();
+            let script = ScriptBuf::from_hex(&row[5]).unwrap();
+            assert_eq!(
+                ScriptType::of(&script).as_str(),
+                row[3],
+                "type of {txid}:{vout}"
+            );
+            assert_eq!(
+                address_of(&script, Network::Bitcoin).unwrap_or_default(),
+                row[4],
+                "address of {txid}:{vout}"
+            );
+            // The stored transaction carries exactly this output.
+            let tx = stored_txs.entry(txid).or_insert_with(|| {
+                let detail = shard
+                    .tx(&txid_bytes(&txid))
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("tx {txid} not stored"));
+                assert_eq!(detail.status.as_ref().unwrap().height, height);
+                deserialize(&detail.raw).unwrap()
+            });
+            assert_eq!(tx.output[vout].value.to_sat(), value, "{txid}:{vout}");
+            assert_eq!(tx.output[vout].script_pubkey, script, "{txid}:{vout}");
+            if row[3] != "nulldata" {
+                let entry = funded.entry(scripthash(&script)).or_default();
+                entry.0 += 1;
+                entry.1 += value;
+            }
+        }
+        // Per-address funding rows equal the expected outputs, script by script.
+        for (sh, (count, sum)) in &funded {
+            let stats = shard.address_stats(sh).unwrap();
+            assert_eq!(
+                (stats.funded_txo_count, stats.funded_sum),
+                (*count, *sum),
+                "funding of a script in block {height}"
+            );
+        }
+        total += expected.len();
+    }
+    assert_eq!(total, 106_004);
+}
+
+/// Indexes the block, answers its parked inputs from `prevouts/<height>.prevouts.tsv` (standing in for the
+/// earlier shards), and checks the attribution against the recorded values and per-address activity.
+fn check_prevouts(height: u32) {
+    let (_, path) = raw_blocks()
+        .into_iter()
+        .find(|(h, _)| *h == height)
+        .unwrap();
+    let block: Block = deserialize(&std::fs::read(path).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let shard = index_single_block(dir.path(), height, &block);
+
+    let rows = read_tsv(&mainnet_dir().join(format!("prevouts/{height:07}.prevouts.tsv")));
+    let recorded: HashMap<(Txid, u32), (u64, ScriptBuf)> = rows
+        .iter()
+        .map(|r| {
+            (
+                (r[0].parse().unwrap(), r[1].parse().unwrap()),
+                (r[4].parse().unwrap(), ScriptBuf::from_hex(&r[7]).unwrap()),
+            )
+        })
+        .collect();
+    let inputs: usize = block.txdata.iter().skip(1).map(|tx| tx.input.len()).sum();
+    assert_eq!(
+        recorded.len(),
+        inputs,
+        "prevouts.tsv covers every input of {height}"
+    );
+
+    let pending = shard.next_pending(usize::MAX).unwrap();
+    assert!(!pending.is_empty());
+    let resolved: Vec<_> = pending
+        .into_iter()
+        .map(|p| {
+            let txid = Txid::from_byte_array(p.input.spender_txid);
+            let (value, script) = recorded[&(txid, p.vin)].clone();
+            (
+                p,
+                pb::TxOut {
+                    value,
+                    script: script.to_bytes(),
+                },
+            )
+        })
+        .collect();
+    shard.apply_resolved(&resolved).unwrap();
+    assert_eq!(shard.state().pending_inputs, 0);
+
+    for tx in block.txdata.iter().skip(1) {
+        let txid = tx.compute_txid();
+        let detail = shard.tx(&txid_bytes(&txid)).unwrap().unwrap();
+        for (vin, prevout) in detail.prevouts.iter().enumerate() {
+            let (value, script) = &recorded[&(txid, vin as u32)];
+            assert_eq!(prevout.value, *value, "value spent by {txid}:{vin}");
+            assert_eq!(
+                &prevout.script,
+                script.as_bytes(),
+                "script spent by {txid}:{vin}"
+            );
+        }
+    }
+    let activity =
+        read_tsv(&mainnet_dir().join(format!("prevouts/{height:07}.address_activity.tsv")));
+    assert!(activity.len() > 900);
+    for row in activity {
+        let script = script_for_address(&row[0], Network::Bitcoin).unwrap();
+        let stats = shard.address_stats(&scripthash(&script)).unwrap();
+        let want: Vec<u64> = row[1..5].iter().map(|v| v.parse().unwrap()).collect();
+        assert_eq!(
+            vec![
+                stats.funded_txo_count,
+                stats.funded_sum,
+                stats.spent_txo_count,
+                stats.spent_sum
+            ],
+            want,
+            "activity of {} in block {height}",
+            row[0]
+        );
+    }
+}
+
+#[test]
+fn block_277647_inputs_resolve_to_recorded_prevouts() {
+    check_prevouts(277_647);
+}
+
+#[test]
+fn block_300025_inputs_resolve_to_recorded_prevouts() {
+    check_prevouts(300_025);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mainnet_blk_files_index_end_to_end() {
+    let blkfiles = mainnet_dir().join("blkfiles");
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = SandboxBuilder::new(
+        env!("CARGO_BIN_EXE_chainidx"),
+        format!("blk:{}", blkfiles.display()),
+        dir.path(),
+    )
+    .workers(2)
+    .shard_blocks(50)
+    .network(Network::Bitcoin)
+    .start()
+    .await
+    .unwrap();
+    let status = sandbox
+        .wait_for_backfill(Duration::from_secs(120), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(status.tip_height, 438);
+    let reference = Reference::from_blk_dir(&blkfiles);
+    let (scripts, txs) =
+        common::check::cluster_matches_reference(&sandbox.http_url(), &reference, Network::Bitcoin)
+            .await;
+    assert!(scripts > 400 && txs > 400);
+    let api = common::check::Api::new(sandbox.http_url());
+    // Block 170: the first payment between people (Satoshi to Hal Finney), spending block 9's coinbase.
+    let tx = api
+        .ok("/tx/f4184fc596403b9d638783cf57adfe4c75c605f6356fbc91338530e9831e9e16")
+        .await;
+    assert_eq!(tx["status"]["block_height"], 170);
+    assert_eq!(tx["vin"][0]["prevout"]["value"], 5_000_000_000u64);
+    assert_eq!(tx["vin"][0]["prevout"]["scriptpubkey_type"], "p2pk");
+    assert_eq!(tx["fee"], 0);
+    sandbox.shutdown().await;
+}
