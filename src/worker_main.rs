@@ -67,7 +67,9 @@ pub async fn run_worker(
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(error) => {
-                return Err(error.context(format!("registering with coordinator {coordinator_url}")));
+                return Err(
+                    error.context(format!("registering with coordinator {coordinator_url}"))
+                );
             }
         }
     }

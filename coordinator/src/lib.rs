@@ -75,7 +75,7 @@ pub async fn run(
             .max_encoding_message_size(chainidx_node::worker::MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc),
+            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),
         );
     let http_server =

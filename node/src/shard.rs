@@ -114,7 +114,7 @@ impl Shard {
     }
 
     pub fn state(&self) -> pb::ShardState {
-        self.state.lock().expect("state lock").clone()
+        *self.state.lock().expect("state lock")
     }
 
     /// Persists a phase change (with the rest of the state) durably.
