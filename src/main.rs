@@ -44,35 +44,7 @@ enum Command {
         hot_address_share: f64,
     },
     /// Run a whole cluster here: coordinator + worker processes on loopback, backfill, then serve queries.
-    Up {
-        /// Block source: blk:DIR or rpc:http://user:pass@host:port. Default: a chain generated into DATA/chain.
-        #[arg(long)]
-        source: Option<String>,
-        /// Worker processes to start.
-        #[arg(long, default_value_t = 2)]
-        workers: usize,
-        /// Data directory (shard databases, logs, the generated chain).
-        #[arg(long, default_value = "chainidx-data")]
-        data: PathBuf,
-        /// HTTP (Esplora API) listen address.
-        #[arg(long, default_value = "127.0.0.1:3000")]
-        http: String,
-        /// gRPC (Query and Coordinator services) listen address.
-        #[arg(long, default_value = "127.0.0.1:50051")]
-        grpc: String,
-        /// Address encoding: mainnet, testnet, signet or regtest. Default: regtest for the generated chain, else mainnet.
-        #[arg(long)]
-        network: Option<String>,
-        /// Blocks per shard. Default: the chain split into 4 shards per worker.
-        #[arg(long)]
-        shard_blocks: Option<u32>,
-        /// Blocks of the generated default chain.
-        #[arg(long, default_value_t = 3000)]
-        blocks: u32,
-        /// Backfill, print a summary and exit instead of serving.
-        #[arg(long)]
-        exit_after_backfill: bool,
-    },
+    Up(UpArgs),
     /// Run a coordinator (for deployments where workers run elsewhere).
     Coordinator {
         #[arg(long)]
@@ -118,6 +90,37 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:3000")]
         server: String,
     },
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    /// Block source: blk:DIR or rpc:http://user:pass@host:port. Default: a chain generated into DATA/chain.
+    #[arg(long)]
+    source: Option<String>,
+    /// Worker processes to start.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Data directory (shard databases, logs, the generated chain).
+    #[arg(long, default_value = "chainidx-data")]
+    data: PathBuf,
+    /// HTTP (Esplora API) listen address.
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    http: String,
+    /// gRPC (Query and Coordinator services) listen address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    grpc: String,
+    /// Address encoding: mainnet, testnet, signet or regtest. Default: regtest for the generated chain, else mainnet.
+    #[arg(long)]
+    network: Option<String>,
+    /// Blocks per shard. Default: the chain split into 4 shards per worker.
+    #[arg(long)]
+    shard_blocks: Option<u32>,
+    /// Blocks of the generated default chain.
+    #[arg(long, default_value_t = 3000)]
+    blocks: u32,
+    /// Backfill, print a summary and exit instead of serving.
+    #[arg(long)]
+    exit_after_backfill: bool,
 }
 
 #[derive(Subcommand)]
@@ -204,30 +207,7 @@ async fn main() -> anyhow::Result<()> {
                 summary.tip_hash
             );
         }
-        Command::Up {
-            source,
-            workers,
-            data,
-            http,
-            grpc,
-            network,
-            shard_blocks,
-            blocks,
-            exit_after_backfill,
-        } => {
-            up(
-                source,
-                workers,
-                data,
-                http,
-                grpc,
-                network,
-                shard_blocks,
-                blocks,
-                exit_after_backfill,
-            )
-            .await?;
-        }
+        Command::Up(args) => up(args).await?,
         Command::Coordinator {
             source,
             grpc,
@@ -339,18 +319,18 @@ async fn http_get(server: &str, path: &str) -> anyhow::Result<serde_json::Value>
     Ok(body)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn up(
-    source: Option<String>,
-    workers: usize,
-    data: PathBuf,
-    http: String,
-    grpc: String,
-    network: Option<String>,
-    shard_blocks: Option<u32>,
-    blocks: u32,
-    exit_after_backfill: bool,
-) -> anyhow::Result<()> {
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let UpArgs {
+        source,
+        workers,
+        data,
+        http,
+        grpc,
+        network,
+        shard_blocks,
+        blocks,
+        exit_after_backfill,
+    } = args;
     if workers == 0 {
         bail!("--workers must be at least 1");
     }

@@ -41,31 +41,39 @@ impl QueryRouter {
         Ok(routes)
     }
 
+    /// Calls every shard concurrently; answers come back in height order.
+    async fn ask_every_shard<T, F, Fut>(&self, call: F) -> Result<Vec<(Route, T)>, ApiError>
+    where
+        F: Fn(u32, WorkerClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let routes = self.routes()?;
+        let replies = join_all(
+            routes
+                .iter()
+                .map(|(status, client)| call(status.shard_id, client.clone())),
+        )
+        .await;
+        routes
+            .into_iter()
+            .zip(replies)
+            .map(|(route, reply)| Ok((route, reply?.into_inner())))
+            .collect()
+    }
+
     /// Per-shard stats of every shard, in height order.
     async fn shard_stats(
         &self,
         sh: &ScriptHash,
     ) -> Result<Vec<(Route, pb::AddressStats)>, ApiError> {
-        let routes = self.routes()?;
-        let calls = routes.iter().map(|(status, client)| {
-            let mut client = client.clone();
+        self.ask_every_shard(|shard_id, mut client| {
             let request = pb::ShardAddressRequest {
-                shard_id: status.shard_id,
+                shard_id,
                 scripthash: sh.to_vec(),
             };
-            async move {
-                client
-                    .address_summary(request)
-                    .await
-                    .map(|r| r.into_inner())
-            }
-        });
-        let replies = join_all(calls).await;
-        routes
-            .into_iter()
-            .zip(replies)
-            .map(|(route, reply)| Ok((route, reply?)))
-            .collect()
+            async move { client.address_summary(request).await }
+        })
+        .await
     }
 
     pub async fn address_stats(&self, sh: &ScriptHash) -> Result<pb::AddressStats, ApiError> {
@@ -158,43 +166,38 @@ impl QueryRouter {
 
     /// Asks every shard; a txid lives in exactly one (for BIP30 duplicates, the newest wins).
     pub async fn tx(&self, txid: &Hash32) -> Result<pb::TxDetail, ApiError> {
-        let routes = self.routes()?;
-        let calls = routes.iter().map(|(status, client)| {
-            let mut client = client.clone();
-            let request = pb::ShardTxRequest {
-                shard_id: status.shard_id,
-                txid: txid.to_vec(),
-            };
-            async move { client.get_tx(request).await.map(|r| r.into_inner()) }
-        });
-        let mut found = None;
-        for reply in join_all(calls).await {
-            let reply = reply?;
-            if reply.found {
-                found = reply.tx;
-            }
-        }
-        found.ok_or_else(|| ApiError::NotFound(format!("transaction {} not found", display(txid))))
+        let replies = self
+            .ask_every_shard(|shard_id, mut client| {
+                let request = pb::ShardTxRequest {
+                    shard_id,
+                    txid: txid.to_vec(),
+                };
+                async move { client.get_tx(request).await }
+            })
+            .await?;
+        replies
+            .into_iter()
+            .filter_map(|(_, reply)| reply.tx.filter(|_| reply.found))
+            .next_back()
+            .ok_or_else(|| ApiError::NotFound(format!("transaction {} not found", display(txid))))
     }
 
     pub async fn outspends(&self, txid: &Hash32) -> Result<Vec<pb::Outspend>, ApiError> {
-        let routes = self.routes()?;
-        let calls = routes.iter().map(|(status, client)| {
-            let mut client = client.clone();
-            let request = pb::ShardTxRequest {
-                shard_id: status.shard_id,
-                txid: txid.to_vec(),
-            };
-            async move { client.outspends(request).await.map(|r| r.into_inner()) }
-        });
-        let mut found = None;
-        for reply in join_all(calls).await {
-            let reply = reply?;
-            if reply.found {
-                found = Some(reply.outspends);
-            }
-        }
-        found.ok_or_else(|| ApiError::NotFound(format!("transaction {} not found", display(txid))))
+        let replies = self
+            .ask_every_shard(|shard_id, mut client| {
+                let request = pb::ShardTxRequest {
+                    shard_id,
+                    txid: txid.to_vec(),
+                };
+                async move { client.outspends(request).await }
+            })
+            .await?;
+        replies
+            .into_iter()
+            .filter(|(_, reply)| reply.found)
+            .map(|(_, reply)| reply.outspends)
+            .next_back()
+            .ok_or_else(|| ApiError::NotFound(format!("transaction {} not found", display(txid))))
     }
 
     pub async fn block_at(
@@ -227,26 +230,21 @@ impl QueryRouter {
         hash: &Hash32,
         with_txids: bool,
     ) -> Result<pb::BlockLookup, ApiError> {
-        let routes = self.routes()?;
-        let calls = routes.iter().map(|(status, client)| {
-            let mut client = client.clone();
-            let request = pb::ShardBlockRequest {
-                shard_id: status.shard_id,
-                key: Some(pb::shard_block_request::Key::Hash(hash.to_vec())),
-                with_txids,
-            };
-            async move { client.get_block(request).await.map(|r| r.into_inner()) }
-        });
-        for reply in join_all(calls).await {
-            let reply = reply?;
-            if reply.found {
-                return Ok(reply);
-            }
-        }
-        Err(ApiError::NotFound(format!(
-            "block {} not found",
-            display(hash)
-        )))
+        let replies = self
+            .ask_every_shard(|shard_id, mut client| {
+                let request = pb::ShardBlockRequest {
+                    shard_id,
+                    key: Some(pb::shard_block_request::Key::Hash(hash.to_vec())),
+                    with_txids,
+                };
+                async move { client.get_block(request).await }
+            })
+            .await?;
+        replies
+            .into_iter()
+            .map(|(_, reply)| reply)
+            .find(|reply| reply.found)
+            .ok_or_else(|| ApiError::NotFound(format!("block {} not found", display(hash))))
     }
 
     /// The tip that queries can see: the highest height with every block below it indexed.
