@@ -345,12 +345,18 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             let progress = bar(blocks as u64, "generate");
             let gen_dir = dir.clone();
             let gen_progress = progress.clone();
-            tokio::task::spawn_blocking(move || {
+            let generated = tokio::task::spawn_blocking(move || {
                 ensure_generated(&gen_dir, &config, &mut |h| {
                     gen_progress.set_position(h as u64 + 1)
                 })
             })
             .await??;
+            let cluster_dir = data.join("cluster");
+            if generated && cluster_dir.exists() {
+                // Shard databases of a previous chain would be refused; they index a chain that is gone.
+                std::fs::remove_dir_all(&cluster_dir)
+                    .with_context(|| format!("clearing {}", cluster_dir.display()))?;
+            }
             progress.finish_and_clear();
             eprintln!("chain: {} ({} blocks)", dir.display(), blocks);
             (format!("blk:{}", dir.display()), "regtest")

@@ -240,20 +240,25 @@ impl Drop for Sandbox {
     }
 }
 
-/// Generates the default demo chain into `dir` unless it is already there.
+/// Generates the default demo chain into `dir` unless the same chain (blocks, seed, txs per block) is
+/// already there. Returns whether it generated a new one.
 pub fn ensure_generated(
     dir: &Path,
     config: &chainidx_core::generator::GenConfig,
     progress: &mut dyn FnMut(u32),
-) -> anyhow::Result<()> {
-    if dir.join("truth.json").exists() {
-        return Ok(());
+) -> anyhow::Result<bool> {
+    if let Ok(text) = std::fs::read_to_string(dir.join("truth.json"))
+        && let Ok(truth) = serde_json::from_str::<serde_json::Value>(&text)
+        && truth["blocks"] == config.blocks
+        && truth["seed"] == config.seed
+        && truth["txs_per_block"] == config.txs_per_block
+    {
+        return Ok(false);
     }
     if dir.exists() {
-        std::fs::remove_dir_all(dir)
-            .with_context(|| format!("clearing half-written {}", dir.display()))?;
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     chainidx_core::generator::generate(config, dir, progress)
         .with_context(|| format!("generating a chain into {}", dir.display()))?;
-    Ok(())
+    Ok(true)
 }
