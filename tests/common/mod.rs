@@ -1,4 +1,5 @@
 #![allow(dead_code)]
+pub mod bitcoind;
 pub mod check;
 pub mod reference;
 
