@@ -56,7 +56,7 @@ fn read_tsv(path: &Path) -> Vec<Vec<String>> {
 fn index_single_block(dir: &Path, height: u32, block: &Block) -> Shard {
     let store = Arc::new(RocksStore::open(dir).unwrap());
     let shard = Shard::open(store, 0, height, height + 1).unwrap();
-    shard.index_block(height, block).unwrap();
+    shard.index_block(height, block, None).unwrap();
     shard
 }
 

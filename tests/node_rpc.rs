@@ -118,41 +118,25 @@ async fn node_view(node: &Bitcoind) -> (HashMap<String, NodeView>, usize) {
     (view, tx_count)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rpc_backfill_equals_the_nodes_own_answers() {
-    let node = Bitcoind::start().await;
-    let miner = node
-        .rpc("getnewaddress", json!([]))
-        .await
-        .as_str()
-        .unwrap()
-        .to_string();
-    node.rpc("generatetoaddress", json!([110, miner])).await;
-    make_wallet_activity(&node, &miner).await;
-    let tip = node.rpc("getblockcount", json!([])).await.as_u64().unwrap() as u32;
-
+/// Backfills `source` in a 3-worker cluster and checks every answer against the node's own.
+async fn check_cluster(source: String, node_answers: &NodeAnswers, tip: u32) -> u64 {
     let dir = tempfile::tempdir().unwrap();
-    let sandbox = SandboxBuilder::new(
-        env!("CARGO_BIN_EXE_chainidx"),
-        node.source_spec(),
-        dir.path(),
-    )
-    .workers(3)
-    .shard_blocks(15)
-    .start()
-    .await
-    .unwrap();
+    let sandbox = SandboxBuilder::new(env!("CARGO_BIN_EXE_chainidx"), source.clone(), dir.path())
+        .workers(3)
+        .shard_blocks(15)
+        .start()
+        .await
+        .unwrap();
     let status = sandbox
         .wait_for_backfill(Duration::from_secs(300), |_| {})
         .await
         .unwrap();
-    assert_eq!(status.tip_height, tip);
+    assert_eq!(status.tip_height, tip, "{source}");
+    let cross: u64 = status.shards.iter().map(|s| s.cross_shard_inputs).sum();
     let api = Api::new(sandbox.http_url());
 
     // 1. Every script the chain touches: totals and tx list equal the node's own decoding (txindex).
-    let (view, tx_count) = node_view(&node).await;
-    assert!(tx_count > 300, "only {tx_count} txs");
-    for (script, want) in &view {
+    for (script, want) in &node_answers.view {
         let sh = scripthash_hex(&bitcoin::ScriptBuf::from_hex(script).unwrap());
         let got = api.ok(&format!("/scripthash/{sh}")).await;
         let s = &got["chain_stats"];
@@ -167,16 +151,15 @@ async fn rpc_backfill_equals_the_nodes_own_answers() {
                 .map(|t| t.to_string())
                 .collect(),
         };
-        assert_eq!(&got_view, want, "script {script}");
+        assert_eq!(&got_view, want, "{source}: script {script}");
         assert_eq!(s["tx_count"].as_u64().unwrap(), want.txs.len() as u64);
     }
 
     // 2. The wallet's view: received per address, and every unspent output.
-    let received = node.rpc("listreceivedbyaddress", json!([1, false])).await;
     let mut checked = 0;
-    for entry in received.as_array().unwrap() {
+    for entry in node_answers.received.as_array().unwrap() {
         let address = entry["address"].as_str().unwrap();
-        if address == miner {
+        if address == node_answers.miner {
             continue; // coinbase receipts are left out of listreceivedbyaddress
         }
         let got = api.ok(&format!("/address/{address}")).await;
@@ -199,21 +182,8 @@ async fn rpc_backfill_equals_the_nodes_own_answers() {
         checked += 1;
     }
     assert!(checked >= 25, "only {checked} wallet addresses");
-
-    let unspent = node.rpc("listunspent", json!([1, 9_999_999])).await;
-    let mut wallet_utxos: BTreeMap<String, BTreeSet<(String, u64, u64)>> = BTreeMap::new();
-    for u in unspent.as_array().unwrap() {
-        wallet_utxos
-            .entry(u["address"].as_str().unwrap().to_string())
-            .or_default()
-            .insert((
-                u["txid"].as_str().unwrap().to_string(),
-                u["vout"].as_u64().unwrap(),
-                sats(&u["amount"]),
-            ));
-    }
-    for (address, want) in &wallet_utxos {
-        if *address == miner {
+    for (address, want) in &node_answers.wallet_utxos {
+        if *address == node_answers.miner {
             continue; // immature coinbases are not listed by the wallet but are unspent outputs
         }
         let got: BTreeSet<(String, u64, u64)> = api
@@ -230,7 +200,7 @@ async fn rpc_backfill_equals_the_nodes_own_answers() {
                 )
             })
             .collect();
-        assert_eq!(&got, want, "UTXOs of {address}");
+        assert_eq!(&got, want, "{source}: UTXOs of {address}");
         let stats = api.ok(&format!("/address/{address}")).await;
         let balance = stats["chain_stats"]["funded_txo_sum"].as_u64().unwrap()
             - stats["chain_stats"]["spent_txo_sum"].as_u64().unwrap();
@@ -241,19 +211,106 @@ async fn rpc_backfill_equals_the_nodes_own_answers() {
         );
     }
 
-    // 3. A wallet transaction as the node describes it.
-    let some_tx = received
-        .as_array()
-        .unwrap()
-        .iter()
-        .find_map(|e| e["txids"].as_array().and_then(|t| t.first().cloned()))
-        .unwrap();
-    let ours = api.ok(&format!("/tx/{}", some_tx.as_str().unwrap())).await;
-    let theirs = node.rpc("getrawtransaction", json!([some_tx, 1])).await;
-    assert_eq!(
-        ours["vout"].as_array().unwrap().len(),
-        theirs["vout"].as_array().unwrap().len()
-    );
-    assert_eq!(ours["status"]["block_hash"], theirs["blockhash"]);
+    // 3. Each wallet transaction as the node describes it: outputs and block.
+    for (txid, theirs) in &node_answers.wallet_txs {
+        let ours = api.ok(&format!("/tx/{txid}")).await;
+        let values = |v: &Value, key: &str| -> Vec<u64> {
+            v["vout"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| {
+                    if key == "value" {
+                        sats(&o["value"])
+                    } else {
+                        o["value"].as_u64().unwrap()
+                    }
+                })
+                .collect()
+        };
+        assert_eq!(
+            values(&ours, "sat"),
+            values(theirs, "value"),
+            "{source}: outputs of {txid}"
+        );
+        assert_eq!(
+            ours["status"]["block_hash"], theirs["blockhash"],
+            "{source}: block of {txid}"
+        );
+    }
     sandbox.shutdown().await;
+    cross
+}
+
+struct NodeAnswers {
+    miner: String,
+    view: HashMap<String, NodeView>,
+    received: Value,
+    wallet_utxos: BTreeMap<String, BTreeSet<(String, u64, u64)>>,
+    wallet_txs: Vec<(String, Value)>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_and_datadir_backfills_equal_the_nodes_own_answers() {
+    let mut node = Bitcoind::start().await;
+    let miner = node
+        .rpc("getnewaddress", json!([]))
+        .await
+        .as_str()
+        .unwrap()
+        .to_string();
+    node.rpc("generatetoaddress", json!([110, miner])).await;
+    make_wallet_activity(&node, &miner).await;
+    let tip = node.rpc("getblockcount", json!([])).await.as_u64().unwrap() as u32;
+
+    let (view, tx_count) = node_view(&node).await;
+    assert!(tx_count > 300, "only {tx_count} txs");
+    let received = node.rpc("listreceivedbyaddress", json!([1, false])).await;
+    let unspent = node.rpc("listunspent", json!([1, 9_999_999])).await;
+    let mut wallet_utxos: BTreeMap<String, BTreeSet<(String, u64, u64)>> = BTreeMap::new();
+    for u in unspent.as_array().unwrap() {
+        wallet_utxos
+            .entry(u["address"].as_str().unwrap().to_string())
+            .or_default()
+            .insert((
+                u["txid"].as_str().unwrap().to_string(),
+                u["vout"].as_u64().unwrap(),
+                sats(&u["amount"]),
+            ));
+    }
+    let mut wallet_txs = Vec::new();
+    for entry in received.as_array().unwrap().iter().take(10) {
+        for txid in entry["txids"].as_array().unwrap().iter().take(3) {
+            let tx = node.rpc("getrawtransaction", json!([txid, 1])).await;
+            wallet_txs.push((txid.as_str().unwrap().to_string(), tx));
+        }
+    }
+    let answers = NodeAnswers {
+        miner,
+        view,
+        received,
+        wallet_utxos,
+        wallet_txs,
+    };
+
+    let rpc_cross = check_cluster(node.source_spec(), &answers, tip).await;
+    assert!(
+        rpc_cross > 50,
+        "few cross-shard inputs via rpc: {rpc_cross}"
+    );
+
+    // The same chain read straight from the node's blocks/ (blk + rev undo data); stop the node first so
+    // every block is flushed to disk.
+    let _ = node.try_rpc("stop", json!([])).await;
+    node.wait_for_exit(Duration::from_secs(30));
+    let datadir_cross = check_cluster(
+        format!("datadir:{}", node.datadir_path().display()),
+        &answers,
+        tip,
+    )
+    .await;
+    assert_eq!(
+        datadir_cross, rpc_cross,
+        "undo data sends the same cross-shard spends to their owners"
+    );
 }

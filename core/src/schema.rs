@@ -27,6 +27,9 @@ pub enum Cf {
     Prevouts,
     /// height ‖ position ‖ vin → prev txid ‖ prev vout ‖ spender txid; inputs awaiting cross-shard resolution.
     Pending,
+    /// height ‖ position ‖ vin → prev txid ‖ prev vout ‖ spender txid ‖ creating height; inputs already
+    /// attributed from undo data whose owner shard must still record the spend.
+    Notices,
     /// scripthash ‖ height ‖ position ‖ kind ‖ index → value (u64).
     History,
     /// scripthash → `AddressStats` for this shard.
@@ -34,7 +37,7 @@ pub enum Cf {
 }
 
 impl Cf {
-    pub const ALL: [Cf; 11] = [
+    pub const ALL: [Cf; 12] = [
         Cf::Meta,
         Cf::Headers,
         Cf::BlockHashes,
@@ -44,6 +47,7 @@ impl Cf {
         Cf::Outspends,
         Cf::Prevouts,
         Cf::Pending,
+        Cf::Notices,
         Cf::History,
         Cf::Stats,
     ];
@@ -59,6 +63,7 @@ impl Cf {
             Cf::Outspends => "outspends",
             Cf::Prevouts => "prevouts",
             Cf::Pending => "pending",
+            Cf::Notices => "notices",
             Cf::History => "history",
             Cf::Stats => "stats",
         }

@@ -11,6 +11,7 @@ use chainidx_core::schema::{
     self, Cf, FORMAT_VERSION, Hash32, KIND_FUNDING, KIND_SPENDING, PendingInput, SHARD_STATE_KEY,
     SpentBy, be_u64, history_key, parse_history_key, pending_key, position_key, txid_index_key,
 };
+use chainidx_core::source::SpentCoin;
 use chainidx_core::store::{Batch, ScanFrom, Store, StoreError};
 use chainidx_proto as pb;
 use prost::Message;
@@ -156,8 +157,15 @@ impl Shard {
     }
 
     /// Phase 1 for one block: every row of the block plus the checkpoint, in one atomic write. Inputs whose
-    /// spent output is in this shard are attributed now; the others are parked in `pending`.
-    pub fn index_block(&self, height: u32, block: &Block) -> Result<(), ShardError> {
+    /// spent output is in this shard are attributed now; the others are parked in `pending`. With undo data
+    /// (`spent`, from a datadir source) every input is attributed now, and spends of other shards' coins are
+    /// parked in `notices` only so that their owners can record who spent them.
+    pub fn index_block(
+        &self,
+        height: u32,
+        block: &Block,
+        spent: Option<&[Vec<SpentCoin>]>,
+    ) -> Result<(), ShardError> {
         if height < self.start || height >= self.end {
             return Err(ShardError::OutOfRange {
                 shard: self.id,
@@ -165,6 +173,19 @@ impl Shard {
                 start: self.start,
                 end: self.end,
             });
+        }
+        if let Some(spent) = spent {
+            let shapes_match = spent.len() + 1 == block.txdata.len()
+                && spent
+                    .iter()
+                    .zip(block.txdata.iter().skip(1))
+                    .all(|(coins, tx)| coins.len() == tx.input.len());
+            if !shapes_match {
+                return Err(corrupt(
+                    "undo data",
+                    format!("does not match the inputs of block {height}"),
+                ));
+            }
         }
         let mut batch = Batch::default();
         let mut deltas: HashMap<ScriptHash, pb::AddressStats> = HashMap::new();
@@ -204,14 +225,32 @@ impl Shard {
                     let vin = vin as u32;
                     let prev_txid = input.previous_output.txid.to_byte_array();
                     let prev_key = txid_index_key(&prev_txid, input.previous_output.vout);
-                    let spent = match block_outputs.get(&prev_key) {
-                        Some(out) => Some(out.clone()),
-                        None => match self.store.get(Cf::Outputs, &prev_key)? {
-                            Some(bytes) => Some(
-                                pb::TxOut::decode(bytes.as_slice())
-                                    .map_err(|e| corrupt("output", e))?,
-                            ),
-                            None => None,
+                    let undo = spent.map(|s| &s[position as usize - 1][vin as usize]);
+                    if let Some(coin) = undo.filter(|c| c.height < self.start) {
+                        let parked = PendingInput {
+                            prev_txid,
+                            prev_vout: input.previous_output.vout,
+                            spender_txid: txid,
+                        };
+                        let mut notice = parked.encode().to_vec();
+                        notice.extend_from_slice(&coin.height.to_be_bytes());
+                        batch.put(Cf::Notices, pending_key(height, position, vin), notice);
+                        pending += 1;
+                    }
+                    let spent = match undo {
+                        Some(coin) => Some(pb::TxOut {
+                            value: coin.value,
+                            script: coin.script.to_bytes(),
+                        }),
+                        None => match block_outputs.get(&prev_key) {
+                            Some(out) => Some(out.clone()),
+                            None => match self.store.get(Cf::Outputs, &prev_key)? {
+                                Some(bytes) => Some(
+                                    pb::TxOut::decode(bytes.as_slice())
+                                        .map_err(|e| corrupt("output", e))?,
+                                ),
+                                None => None,
+                            },
                         },
                     };
                     match spent {
@@ -226,11 +265,13 @@ impl Shard {
                             delta.spent_txo_count += 1;
                             delta.spent_sum += out.value;
                             touched.push(sh);
-                            batch.put(
-                                Cf::Outspends,
-                                prev_key,
-                                SpentBy { txid, vin, height }.encode(),
-                            );
+                            if undo.is_none_or(|c| c.height >= self.start) {
+                                batch.put(
+                                    Cf::Outspends,
+                                    prev_key,
+                                    SpentBy { txid, vin, height }.encode(),
+                                );
+                            }
                             batch.put(
                                 Cf::Prevouts,
                                 txid_index_key(&txid, vin),
@@ -317,6 +358,52 @@ impl Shard {
             Some(key) => Err(corrupt("pending input", key)),
             None => Ok(out),
         }
+    }
+
+    /// Spends of other shards' coins already attributed from undo data, with each coin's creating height.
+    pub fn next_notices(&self, limit: usize) -> Result<Vec<(PendingSpend, u32)>, ShardError> {
+        let mut out = Vec::new();
+        let mut bad = None;
+        self.store
+            .scan(Cf::Notices, &[], ScanFrom::First, &mut |key, value| {
+                match (
+                    key.len() == 12 && value.len() == 72,
+                    PendingInput::decode(value.get(..68).unwrap_or_default()),
+                ) {
+                    (true, Some(input)) => out.push((
+                        PendingSpend {
+                            height: schema::be_u32(&key[0..4]),
+                            position: schema::be_u32(&key[4..8]),
+                            vin: schema::be_u32(&key[8..12]),
+                            input,
+                        },
+                        schema::be_u32(&value[68..72]),
+                    )),
+                    _ => bad = Some(hex::encode(key)),
+                }
+                out.len() < limit && bad.is_none()
+            })?;
+        match bad {
+            Some(key) => Err(corrupt("notice", key)),
+            None => Ok(out),
+        }
+    }
+
+    /// The owners have recorded these spends: drop the notices.
+    pub fn clear_notices(&self, done: &[PendingSpend]) -> Result<(), ShardError> {
+        let mut batch = Batch::default();
+        for spend in done {
+            batch.delete(
+                Cf::Notices,
+                pending_key(spend.height, spend.position, spend.vin),
+            );
+        }
+        let mut state = self.state();
+        state.pending_inputs = state.pending_inputs.saturating_sub(done.len() as u64);
+        batch.put(Cf::Meta, SHARD_STATE_KEY, state.encode_to_vec());
+        self.store.write(batch, false)?;
+        *self.state.lock().expect("state lock") = state;
+        Ok(())
     }
 
     /// Phase 2: writes the attribution of resolved inputs and drops them from `pending`, atomically.

@@ -8,7 +8,7 @@ use crate::rocks::RocksStore;
 use crate::shard::{PendingSpend, Shard, ShardError};
 use bitcoin::Block;
 use bitcoin::consensus::deserialize;
-use chainidx_core::source::{BlockSource, SourceError};
+use chainidx_core::source::{BlockSource, SourceError, SpentCoin};
 use chainidx_proto as pb;
 use chainidx_proto::worker_client::WorkerClient;
 use std::collections::HashMap;
@@ -29,6 +29,8 @@ pub enum WorkerError {
     Shard(#[from] ShardError),
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error("fetching block {height}: {source}")]
+    Fetch { height: u32, source: SourceError },
     #[error("block at height {height} does not decode: {detail}")]
     Decode { height: u32, detail: String },
     #[error("shard {0} is not on this worker")]
@@ -233,9 +235,85 @@ impl WorkerNode {
                 .await
                 .map_err(|e| WorkerError::Task(e.to_string()))??;
         }
+        self.deliver_notices(&shard, &earlier).await?;
         shard.set_phase(pb::ShardPhase::Ready)?;
         tracing::info!(shard = shard.id, "shard ready");
         Ok(())
+    }
+
+    /// Undo data already told this shard what its inputs spend; the owners of those coins (found by the
+    /// coin's height, no search) must still record who spent them, for their UTXO and outspend answers.
+    async fn deliver_notices(
+        &self,
+        shard: &Arc<Shard>,
+        earlier: &[pb::ShardPeer],
+    ) -> Result<(), WorkerError> {
+        loop {
+            let reader = shard.clone();
+            let batch = tokio::task::spawn_blocking(move || reader.next_notices(RESOLVE_BATCH))
+                .await
+                .map_err(|e| WorkerError::Task(e.to_string()))??;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let mut by_owner: HashMap<u32, (pb::ShardPeer, Vec<pb::SpendRef>)> = HashMap::new();
+            for (spend, coin_height) in &batch {
+                let owner = earlier
+                    .iter()
+                    .find(|p| p.start_height <= *coin_height && *coin_height < p.end_height)
+                    .ok_or_else(|| WorkerError::Unresolved {
+                        txid: display_hash(&spend.input.spender_txid),
+                        vin: spend.vin,
+                        height: spend.height,
+                        prev: format!(
+                            "{}:{} (height {coin_height} per undo data)",
+                            display_hash(&spend.input.prev_txid),
+                            spend.input.prev_vout
+                        ),
+                    })?;
+                by_owner
+                    .entry(owner.shard_id)
+                    .or_insert_with(|| (owner.clone(), Vec::new()))
+                    .1
+                    .push(pb::SpendRef {
+                        prev_txid: spend.input.prev_txid.to_vec(),
+                        prev_vout: spend.input.prev_vout,
+                        spender_txid: spend.input.spender_txid.to_vec(),
+                        spender_vin: spend.vin,
+                        spender_height: spend.height,
+                    });
+            }
+            for (_, (peer, spends)) in by_owner {
+                let sent = spends.len();
+                let mut client = self.peer(&peer.grpc_addr).await?;
+                let reply = client
+                    .spend_outputs(pb::SpendOutputsRequest {
+                        shard_id: peer.shard_id,
+                        spends,
+                    })
+                    .await
+                    .map_err(|status| WorkerError::Peer {
+                        addr: peer.grpc_addr.clone(),
+                        detail: status.message().to_string(),
+                    })?
+                    .into_inner();
+                if reply.found.len() != sent {
+                    return Err(WorkerError::Peer {
+                        addr: peer.grpc_addr.clone(),
+                        detail: format!(
+                            "shard {} holds {} of {sent} coins the undo data places there",
+                            peer.shard_id,
+                            reply.found.len()
+                        ),
+                    });
+                }
+            }
+            let done: Vec<PendingSpend> = batch.into_iter().map(|(spend, _)| spend).collect();
+            let writer = shard.clone();
+            tokio::task::spawn_blocking(move || writer.clear_notices(&done))
+                .await
+                .map_err(|e| WorkerError::Task(e.to_string()))??;
+        }
     }
 
     /// Asks earlier shards, nearest first, for the outputs `batch` spends; each peer sees only what the
@@ -340,34 +418,73 @@ pub fn display_hash(hash: &[u8; 32]) -> String {
     hex::encode(reversed)
 }
 
+/// Attempts per block before a source error fails the shard (transient errors: node restarting, a garbled
+/// reply); each retry waits twice as long, from 250 ms.
+const FETCH_ATTEMPTS: u32 = 5;
+
+/// A block and, if the source has undo data, the coins its inputs spend.
+type Fetched = (u32, Block, Option<Vec<Vec<SpentCoin>>>);
+
+fn fetch(source: &dyn BlockSource, height: u32) -> Result<Fetched, WorkerError> {
+    let mut attempt = 1;
+    loop {
+        let result = source
+            .block_bytes(height)
+            .and_then(|bytes| Ok((bytes, source.spent_coins(height)?)));
+        match result {
+            Ok((bytes, spent)) => {
+                let block = deserialize::<Block>(&bytes).map_err(|e| WorkerError::Decode {
+                    height,
+                    detail: e.to_string(),
+                })?;
+                return Ok((height, block, spent));
+            }
+            Err(
+                error @ (SourceError::BadFile { .. }
+                | SourceError::BeyondTip { .. }
+                | SourceError::BadSpec(_)),
+            ) => {
+                return Err(WorkerError::Fetch {
+                    height,
+                    source: error,
+                });
+            }
+            Err(error) if attempt < FETCH_ATTEMPTS => {
+                let wait = std::time::Duration::from_millis(250 << (attempt - 1));
+                tracing::warn!(height, attempt, %error, ?wait, "fetching block failed; retrying");
+                std::thread::sleep(wait);
+                attempt += 1;
+            }
+            Err(error) => {
+                return Err(WorkerError::Fetch {
+                    height,
+                    source: error,
+                });
+            }
+        }
+    }
+}
+
 /// Phase 1 over the rest of the shard's range: a fetcher thread reads and decodes blocks ahead of the
-/// writer (bounded, so memory stays flat), the calling thread writes them in height order.
+/// writer (bounded, so memory stays flat), the calling thread writes them in height order. A block is
+/// written whole or not at all, so a failed fetch leaves nothing half-written.
 fn index_range(source: &dyn BlockSource, shard: &Shard) -> Result<(), WorkerError> {
     let from = shard.state().next_height;
     let end = shard.end;
     std::thread::scope(|scope| {
-        let (sender, receiver) =
-            std::sync::mpsc::sync_channel::<Result<(u32, Block), WorkerError>>(8);
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<Result<Fetched, WorkerError>>(8);
         scope.spawn(move || {
             for height in from..end {
-                let block = source
-                    .block_bytes(height)
-                    .map_err(WorkerError::from)
-                    .and_then(|bytes| {
-                        deserialize::<Block>(&bytes).map_err(|e| WorkerError::Decode {
-                            height,
-                            detail: e.to_string(),
-                        })
-                    });
-                let failed = block.is_err();
-                if sender.send(block.map(|b| (height, b))).is_err() || failed {
+                let fetched = fetch(source, height);
+                let failed = fetched.is_err();
+                if sender.send(fetched).is_err() || failed {
                     return;
                 }
             }
         });
         for item in receiver {
-            let (height, block) = item?;
-            shard.index_block(height, &block)?;
+            let (height, block, spent) = item?;
+            shard.index_block(height, &block, spent.as_deref())?;
         }
         Ok(())
     })

@@ -114,6 +114,18 @@ impl Bitcoind {
             .unwrap_or_else(|e| panic!("{method} {params}: {e}"))
     }
 
+    /// Waits for the process to end (after an RPC `stop`), killing it past `timeout`.
+    pub fn wait_for_exit(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.stop();
+    }
+
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -8,25 +8,31 @@ use bitcoin::consensus::Decodable;
 use bitcoin::hashes::Hash;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy)]
-struct Location {
-    file: usize,
-    offset: u64,
-    len: u32,
+pub(super) struct Location {
+    pub file: usize,
+    pub offset: u64,
+    pub len: u32,
 }
 
 pub struct BlkDirSource {
     dir: PathBuf,
-    files: Vec<PathBuf>,
+    pub(super) files: Vec<PathBuf>,
     /// The best chain, by height.
-    chain: Vec<(BlockHash, Location)>,
+    pub(super) chain: Vec<(BlockHash, Location)>,
+    /// Bitcoin Core >= 28 XORs every byte of blocks/ with this key (`blocks/xor.dat`); zeros = plain files.
+    pub(super) xor: [u8; 8],
 }
 
 impl BlkDirSource {
     pub fn open(dir: impl AsRef<Path>) -> Result<BlkDirSource, SourceError> {
+        Self::open_with_xor(dir, [0; 8])
+    }
+
+    /// Opens a directory whose files are XOR-obfuscated with `xor` (as Bitcoin Core >= 28 writes them).
+    pub fn open_with_xor(dir: impl AsRef<Path>, xor: [u8; 8]) -> Result<BlkDirSource, SourceError> {
         let dir = dir.as_ref().to_path_buf();
         let io_err = |source| SourceError::Io {
             path: dir.clone(),
@@ -37,7 +43,7 @@ impl BlkDirSource {
             .filter_map(|entry| entry.ok().map(|e| e.path()))
             .filter(|path| {
                 let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                name.ends_with(".dat") && !name.starts_with("rev")
+                name.ends_with(".dat") && !name.starts_with("rev") && name != "xor.dat"
             })
             .collect();
         files.sort();
@@ -49,7 +55,7 @@ impl BlkDirSource {
         }
         let mut headers: HashMap<BlockHash, (Header, Location)> = HashMap::new();
         for (file_index, path) in files.iter().enumerate() {
-            scan_file(path, file_index, &mut headers)?;
+            scan_file(path, file_index, &xor, &mut headers)?;
         }
         let chain = best_chain(&headers).ok_or_else(|| SourceError::BadFile {
             path: dir.clone(),
@@ -57,7 +63,12 @@ impl BlkDirSource {
                 .into(),
         })?;
         tracing::info!(dir = %dir.display(), files = files.len(), blocks = headers.len(), tip = chain.len() - 1, "indexed blk files");
-        Ok(BlkDirSource { dir, files, chain })
+        Ok(BlkDirSource {
+            dir,
+            files,
+            chain,
+            xor,
+        })
     }
 
     fn location(&self, height: u32) -> Result<Location, SourceError> {
@@ -71,12 +82,31 @@ impl BlkDirSource {
     }
 }
 
-/// Walks one file's records, reading only the 80-byte header of each block.
-fn scan_file(
+/// Reads `len` bytes at `offset`, undoing the XOR obfuscation (key byte = position in the file mod 8).
+pub(super) fn read_at(
+    file: &File,
     path: &Path,
-    file: usize,
-    headers: &mut HashMap<BlockHash, (Header, Location)>,
-) -> Result<(), SourceError> {
+    offset: u64,
+    len: usize,
+    xor: &[u8; 8],
+) -> Result<Vec<u8>, SourceError> {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = vec![0u8; len];
+    file.read_exact_at(&mut bytes, offset)
+        .map_err(|source| SourceError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if *xor != [0; 8] {
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte ^= xor[((offset + i as u64) % 8) as usize];
+        }
+    }
+    Ok(bytes)
+}
+
+/// The records (`magic ‖ LE32 length ‖ payload`) of a blk or rev file: (payload offset, length).
+pub(super) fn records(path: &Path, xor: &[u8; 8]) -> Result<Vec<(u64, u32)>, SourceError> {
     let io_err = |source| SourceError::Io {
         path: path.to_path_buf(),
         source,
@@ -85,13 +115,13 @@ fn scan_file(
         path: path.to_path_buf(),
         detail,
     };
-    let file_len = std::fs::metadata(path).map_err(io_err)?.len();
-    let mut reader = BufReader::with_capacity(1 << 16, File::open(path).map_err(io_err)?);
+    let file = File::open(path).map_err(io_err)?;
+    let file_len = file.metadata().map_err(io_err)?.len();
     let mut offset = 0u64;
     let mut magic: Option<[u8; 4]> = None;
+    let mut out = Vec::new();
     while offset + 8 <= file_len {
-        let mut frame = [0u8; 8];
-        reader.read_exact(&mut frame).map_err(io_err)?;
+        let frame = read_at(&file, path, offset, 8, xor)?;
         let this_magic: [u8; 4] = frame[..4].try_into().expect("4 bytes");
         if this_magic == [0; 4] {
             break; // Bitcoin Core pre-allocates files with zeros.
@@ -105,26 +135,52 @@ fn scan_file(
         }
         let len = u32::from_le_bytes(frame[4..].try_into().expect("4 bytes"));
         let body = offset + 8;
-        if len < 80 || body + len as u64 > file_len {
+        if body + len as u64 > file_len {
             return Err(bad(format!(
                 "record at offset {offset} claims {len} bytes but the file is truncated at {file_len}"
             )));
         }
-        let header = Header::consensus_decode(&mut reader)
-            .map_err(|e| bad(format!("block header at offset {body}: {e}")))?;
+        out.push((body, len));
+        offset = body + len as u64;
+    }
+    Ok(out)
+}
+
+/// Walks one file's records, reading only the 80-byte header of each block.
+fn scan_file(
+    path: &Path,
+    file_index: usize,
+    xor: &[u8; 8],
+    headers: &mut HashMap<BlockHash, (Header, Location)>,
+) -> Result<(), SourceError> {
+    let file = File::open(path).map_err(|source| SourceError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    for (offset, len) in records(path, xor)? {
+        if len < 80 {
+            return Err(SourceError::BadFile {
+                path: path.to_path_buf(),
+                detail: format!("{len}-byte block at offset {offset}"),
+            });
+        }
+        let raw = read_at(&file, path, offset, 80, xor)?;
+        let header =
+            Header::consensus_decode(&mut raw.as_slice()).map_err(|e| SourceError::BadFile {
+                path: path.to_path_buf(),
+                detail: format!("block header at offset {offset}: {e}"),
+            })?;
         headers.insert(
             header.block_hash(),
             (
                 header,
                 Location {
-                    file,
-                    offset: body,
+                    file: file_index,
+                    offset,
                     len,
                 },
             ),
         );
-        offset = body + len as u64;
-        reader.seek(SeekFrom::Start(offset)).map_err(io_err)?;
     }
     Ok(())
 }
@@ -196,15 +252,17 @@ impl BlockSource for BlkDirSource {
     fn block_bytes(&self, height: u32) -> Result<Vec<u8>, SourceError> {
         let location = self.location(height)?;
         let path = &self.files[location.file];
-        let io_err = |source| SourceError::Io {
+        let file = File::open(path).map_err(|source| SourceError::Io {
             path: path.clone(),
             source,
-        };
-        let mut file = File::open(path).map_err(io_err)?;
-        file.seek(SeekFrom::Start(location.offset))
-            .map_err(io_err)?;
-        let mut bytes = vec![0u8; location.len as usize];
-        file.read_exact(&mut bytes).map_err(io_err)?;
+        })?;
+        let bytes = read_at(
+            &file,
+            path,
+            location.offset,
+            location.len as usize,
+            &self.xor,
+        )?;
         let hash = BlockHash::hash(&bytes[..80]);
         if hash != self.chain[height as usize].0 {
             return Err(SourceError::BadBlock {

@@ -1,13 +1,17 @@
 //! Where blocks come from. One trait, several implementations, chosen by a `--source` spec:
 //! - `blk:DIR`: a directory of Bitcoin Core blk-framed files (also what `chainidx gen` writes);
-//! - `rpc:http://user:pass@host:port`: a bitcoind over JSON-RPC, blocks over REST.
+//! - `rpc:http://user:pass@host:port`: a bitcoind over JSON-RPC, blocks over REST;
+//! - `datadir:DIR`: a node's blocks directory read directly, with rev*.dat undo data for spent coins.
 //!
 //! Sources are blocking: workers call them from a blocking thread, one shard at a time.
 
 mod blk;
+mod datadir;
 mod rpc;
+pub mod undo;
 
 pub use blk::BlkDirSource;
+pub use datadir::DatadirSource;
 pub use rpc::RpcSource;
 
 use bitcoin::BlockHash;
@@ -16,7 +20,7 @@ use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("bad source spec '{0}': use blk:DIR or rpc:http://user:pass@host:port")]
+    #[error("bad source spec '{0}': use blk:DIR, datadir:DIR or rpc:http://user:pass@host:port")]
     BadSpec(String),
     #[error("reading {path}: {source}")]
     Io {
@@ -40,12 +44,28 @@ pub trait BlockSource: Send + Sync {
     fn block_hash(&self, height: u32) -> Result<BlockHash, SourceError>;
     /// The consensus-serialized block at `height` of the source's best chain.
     fn block_bytes(&self, height: u32) -> Result<Vec<u8>, SourceError>;
+    /// The coins the block's inputs spend (one list per non-coinbase tx, in input order), when the source
+    /// has them (undo data); `None` means the indexer must resolve inputs itself.
+    fn spent_coins(&self, _height: u32) -> Result<Option<Vec<Vec<SpentCoin>>>, SourceError> {
+        Ok(None)
+    }
+}
+
+/// A coin an input spends, as undo data records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpentCoin {
+    pub height: u32,
+    pub coinbase: bool,
+    pub value: u64,
+    pub script: bitcoin::ScriptBuf,
 }
 
 /// Opens the source a `--source` spec names.
 pub fn open(spec: &str) -> Result<Arc<dyn BlockSource>, SourceError> {
     if let Some(dir) = spec.strip_prefix("blk:") {
         Ok(Arc::new(BlkDirSource::open(dir)?))
+    } else if let Some(dir) = spec.strip_prefix("datadir:") {
+        Ok(Arc::new(DatadirSource::open(dir)?))
     } else if let Some(url) = spec.strip_prefix("rpc:") {
         Ok(Arc::new(RpcSource::new(url)?))
     } else {
