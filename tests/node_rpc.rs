@@ -3,8 +3,8 @@
 
 mod common;
 
+use chainidx::regtest_node::{Bitcoind, sats};
 use chainidx::sandbox::SandboxBuilder;
-use common::bitcoind::{Bitcoind, sats};
 use common::check::{Api, full_history, scripthash_hex};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};

