@@ -60,6 +60,9 @@ enum Command {
         /// Workers to wait for before assigning shards.
         #[arg(long, default_value_t = 1)]
         min_workers: usize,
+        /// Deepest reorg rolled back while following the tip; a deeper one halts the index.
+        #[arg(long, default_value_t = 100)]
+        reorg_limit: u32,
     },
     /// Run a worker node that registers with a coordinator.
     Node {
@@ -215,6 +218,7 @@ async fn main() -> anyhow::Result<()> {
             network,
             shard_blocks,
             min_workers,
+            reorg_limit,
         } => {
             let network =
                 chainidx_core::chain::parse_network(&network).map_err(anyhow::Error::msg)?;
@@ -236,6 +240,7 @@ async fn main() -> anyhow::Result<()> {
                 network,
                 shard_blocks,
                 min_workers,
+                reorg_limit,
             };
             chainidx_coordinator::run(
                 config,

@@ -56,6 +56,8 @@ impl Bitcoind {
                 "-listen=0",
                 "-bind=127.0.0.1",
             ])
+            // Reorg tests invalidate blocks on purpose; safe mode would then refuse wallet calls.
+            .arg("-disablesafemode=1")
             .arg(format!("-port={}", free_port()))
             .args([
                 "-excessiveblocksize=10000000000",

@@ -17,6 +17,7 @@ pub struct SandboxBuilder {
     network: bitcoin::Network,
     grpc_addr: String,
     http_addr: String,
+    reorg_limit: u32,
 }
 
 impl SandboxBuilder {
@@ -35,6 +36,7 @@ impl SandboxBuilder {
             network: bitcoin::Network::Regtest,
             grpc_addr: "127.0.0.1:0".into(),
             http_addr: "127.0.0.1:0".into(),
+            reorg_limit: 100,
         }
     }
 
@@ -50,6 +52,12 @@ impl SandboxBuilder {
 
     pub fn network(mut self, network: bitcoin::Network) -> Self {
         self.network = network;
+        self
+    }
+
+    /// Deepest reorg rolled back while following the tip (default 100).
+    pub fn reorg_limit(mut self, blocks: u32) -> Self {
+        self.reorg_limit = blocks;
         self
     }
 
@@ -84,6 +92,7 @@ impl SandboxBuilder {
             network: self.network,
             shard_blocks: self.shard_blocks,
             min_workers: self.workers,
+            reorg_limit: self.reorg_limit,
         };
         let coordinator = tokio::spawn(chainidx_coordinator::run(
             config,

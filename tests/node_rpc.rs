@@ -1,5 +1,6 @@
 //! Against a real bitcoind (regtest, wallet, txindex): wallet activity of hundreds of transactions over many
-//! blocks, backfilled through `rpc:`, must equal the node's own answers for every address.
+//! blocks, backfilled through `rpc:` and `datadir:`, and followed live through reorgs, must equal the node's
+//! own answers for every address.
 
 mod common;
 
@@ -25,7 +26,7 @@ fn btc(sats: u64) -> Value {
     json!(sats as f64 / 1e8)
 }
 
-async fn make_wallet_activity(node: &Bitcoind, miner: &str) {
+async fn make_wallet_activity(node: &Bitcoind, miner: &str, rounds: usize) {
     let mut addresses = Vec::new();
     for _ in 0..30 {
         addresses.push(
@@ -43,7 +44,7 @@ async fn make_wallet_activity(node: &Bitcoind, miner: &str) {
             .wrapping_add(1442695040888963407);
         ((seed >> 33) as usize) % n
     };
-    for _round in 0..25 {
+    for _round in 0..rounds {
         for op in 0..10 {
             if op % 4 == 3 {
                 // A batch payout to several (often reused) addresses.
@@ -118,153 +119,18 @@ async fn node_view(node: &Bitcoind) -> (HashMap<String, NodeView>, usize) {
     (view, tx_count)
 }
 
-/// Backfills `source` in a 3-worker cluster and checks every answer against the node's own.
-async fn check_cluster(source: String, node_answers: &NodeAnswers, tip: u32) -> u64 {
-    let dir = tempfile::tempdir().unwrap();
-    let sandbox = SandboxBuilder::new(env!("CARGO_BIN_EXE_chainidx"), source.clone(), dir.path())
-        .workers(3)
-        .shard_blocks(15)
-        .start()
-        .await
-        .unwrap();
-    let status = sandbox
-        .wait_for_backfill(Duration::from_secs(300), |_| {})
-        .await
-        .unwrap();
-    assert_eq!(status.tip_height, tip, "{source}");
-    let cross: u64 = status.shards.iter().map(|s| s.cross_shard_inputs).sum();
-    let api = Api::new(sandbox.http_url());
-
-    // 1. Every script the chain touches: totals and tx list equal the node's own decoding (txindex).
-    for (script, want) in &node_answers.view {
-        let sh = scripthash_hex(&bitcoin::ScriptBuf::from_hex(script).unwrap());
-        let got = api.ok(&format!("/scripthash/{sh}")).await;
-        let s = &got["chain_stats"];
-        let got_view = NodeView {
-            received: s["funded_txo_sum"].as_u64().unwrap(),
-            funded_count: s["funded_txo_count"].as_u64().unwrap(),
-            spent: s["spent_txo_sum"].as_u64().unwrap(),
-            spent_count: s["spent_txo_count"].as_u64().unwrap(),
-            txs: full_history(&api, &format!("/scripthash/{sh}"))
-                .await
-                .iter()
-                .map(|t| t.to_string())
-                .collect(),
-        };
-        assert_eq!(&got_view, want, "{source}: script {script}");
-        assert_eq!(s["tx_count"].as_u64().unwrap(), want.txs.len() as u64);
-    }
-
-    // 2. The wallet's view: received per address, and every unspent output.
-    let mut checked = 0;
-    for entry in node_answers.received.as_array().unwrap() {
-        let address = entry["address"].as_str().unwrap();
-        if address == node_answers.miner {
-            continue; // coinbase receipts are left out of listreceivedbyaddress
-        }
-        let got = api.ok(&format!("/address/{address}")).await;
-        assert_eq!(
-            got["chain_stats"]["funded_txo_sum"].as_u64().unwrap(),
-            sats(&entry["amount"]),
-            "received by {address}"
-        );
-        let history: BTreeSet<String> = full_history(&api, &format!("/address/{address}"))
-            .await
-            .iter()
-            .map(|t| t.to_string())
-            .collect();
-        for txid in entry["txids"].as_array().unwrap() {
-            assert!(
-                history.contains(txid.as_str().unwrap()),
-                "{address} history lacks {txid}"
-            );
-        }
-        checked += 1;
-    }
-    assert!(checked >= 25, "only {checked} wallet addresses");
-    for (address, want) in &node_answers.wallet_utxos {
-        if *address == node_answers.miner {
-            continue; // immature coinbases are not listed by the wallet but are unspent outputs
-        }
-        let got: BTreeSet<(String, u64, u64)> = api
-            .ok(&format!("/address/{address}/utxo"))
-            .await
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|u: &Value| {
-                (
-                    u["txid"].as_str().unwrap().to_string(),
-                    u["vout"].as_u64().unwrap(),
-                    u["value"].as_u64().unwrap(),
-                )
-            })
-            .collect();
-        assert_eq!(&got, want, "{source}: UTXOs of {address}");
-        let stats = api.ok(&format!("/address/{address}")).await;
-        let balance = stats["chain_stats"]["funded_txo_sum"].as_u64().unwrap()
-            - stats["chain_stats"]["spent_txo_sum"].as_u64().unwrap();
-        assert_eq!(
-            balance,
-            want.iter().map(|u| u.2).sum::<u64>(),
-            "balance of {address}"
-        );
-    }
-
-    // 3. Each wallet transaction as the node describes it: outputs and block.
-    for (txid, theirs) in &node_answers.wallet_txs {
-        let ours = api.ok(&format!("/tx/{txid}")).await;
-        let values = |v: &Value, key: &str| -> Vec<u64> {
-            v["vout"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|o| {
-                    if key == "value" {
-                        sats(&o["value"])
-                    } else {
-                        o["value"].as_u64().unwrap()
-                    }
-                })
-                .collect()
-        };
-        assert_eq!(
-            values(&ours, "sat"),
-            values(theirs, "value"),
-            "{source}: outputs of {txid}"
-        );
-        assert_eq!(
-            ours["status"]["block_hash"], theirs["blockhash"],
-            "{source}: block of {txid}"
-        );
-    }
-    sandbox.shutdown().await;
-    cross
-}
-
 struct NodeAnswers {
     miner: String,
     view: HashMap<String, NodeView>,
+    tx_count: usize,
     received: Value,
     wallet_utxos: BTreeMap<String, BTreeSet<(String, u64, u64)>>,
     wallet_txs: Vec<(String, Value)>,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rpc_and_datadir_backfills_equal_the_nodes_own_answers() {
-    let mut node = Bitcoind::start().await;
-    let miner = node
-        .rpc("getnewaddress", json!([]))
-        .await
-        .as_str()
-        .unwrap()
-        .to_string();
-    node.rpc("generatetoaddress", json!([110, miner])).await;
-    make_wallet_activity(&node, &miner).await;
-    let tip = node.rpc("getblockcount", json!([])).await.as_u64().unwrap() as u32;
-
-    let (view, tx_count) = node_view(&node).await;
-    assert!(tx_count > 300, "only {tx_count} txs");
+/// The node's answers: its own decoding of every block (txindex) and its wallet's view.
+async fn collect_answers(node: &Bitcoind, miner: &str) -> NodeAnswers {
+    let (view, tx_count) = node_view(node).await;
     let received = node.rpc("listreceivedbyaddress", json!([1, false])).await;
     let unspent = node.rpc("listunspent", json!([1, 9_999_999])).await;
     let mut wallet_utxos: BTreeMap<String, BTreeSet<(String, u64, u64)>> = BTreeMap::new();
@@ -285,13 +151,166 @@ async fn rpc_and_datadir_backfills_equal_the_nodes_own_answers() {
             wallet_txs.push((txid.as_str().unwrap().to_string(), tx));
         }
     }
-    let answers = NodeAnswers {
-        miner,
+    NodeAnswers {
+        miner: miner.to_string(),
         view,
+        tx_count,
         received,
         wallet_utxos,
         wallet_txs,
-    };
+    }
+}
+
+async fn start_cluster(source: &str, dir: &std::path::Path) -> chainidx::sandbox::Sandbox {
+    SandboxBuilder::new(env!("CARGO_BIN_EXE_chainidx"), source, dir)
+        .workers(3)
+        .shard_blocks(10)
+        .start()
+        .await
+        .unwrap()
+}
+
+/// Every answer of the cluster behind `api` against the node's own.
+async fn check_answers(
+    api: &Api,
+    node_answers: &NodeAnswers,
+    label: &str,
+    min_wallet_addresses: usize,
+) {
+    // 1. Every script the chain touches: totals and tx list equal the node's own decoding (txindex).
+    for (script, want) in &node_answers.view {
+        let sh = scripthash_hex(&bitcoin::ScriptBuf::from_hex(script).unwrap());
+        let got = api.ok(&format!("/scripthash/{sh}")).await;
+        let s = &got["chain_stats"];
+        let got_view = NodeView {
+            received: s["funded_txo_sum"].as_u64().unwrap(),
+            funded_count: s["funded_txo_count"].as_u64().unwrap(),
+            spent: s["spent_txo_sum"].as_u64().unwrap(),
+            spent_count: s["spent_txo_count"].as_u64().unwrap(),
+            txs: full_history(api, &format!("/scripthash/{sh}"))
+                .await
+                .iter()
+                .map(|t| t.to_string())
+                .collect(),
+        };
+        assert_eq!(&got_view, want, "{label}: script {script}");
+        assert_eq!(
+            s["tx_count"].as_u64().unwrap(),
+            want.txs.len() as u64,
+            "{label}: tx_count of {script}"
+        );
+    }
+
+    // 2. The wallet's view: received per address, and every unspent output.
+    let mut checked = 0;
+    for entry in node_answers.received.as_array().unwrap() {
+        let address = entry["address"].as_str().unwrap();
+        if address == node_answers.miner {
+            continue; // coinbase receipts are left out of listreceivedbyaddress
+        }
+        let got = api.ok(&format!("/address/{address}")).await;
+        assert_eq!(
+            got["chain_stats"]["funded_txo_sum"].as_u64().unwrap(),
+            sats(&entry["amount"]),
+            "{label}: received by {address}"
+        );
+        let history: BTreeSet<String> = full_history(api, &format!("/address/{address}"))
+            .await
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        for txid in entry["txids"].as_array().unwrap() {
+            assert!(
+                history.contains(txid.as_str().unwrap()),
+                "{label}: {address} history lacks {txid}"
+            );
+        }
+        checked += 1;
+    }
+    assert!(
+        checked >= min_wallet_addresses,
+        "{label}: only {checked} wallet addresses"
+    );
+    for (address, want) in &node_answers.wallet_utxos {
+        if *address == node_answers.miner {
+            continue; // immature coinbases are not listed by the wallet but are unspent outputs
+        }
+        let got: BTreeSet<(String, u64, u64)> = api
+            .ok(&format!("/address/{address}/utxo"))
+            .await
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u: &Value| {
+                (
+                    u["txid"].as_str().unwrap().to_string(),
+                    u["vout"].as_u64().unwrap(),
+                    u["value"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(&got, want, "{label}: UTXOs of {address}");
+        let stats = api.ok(&format!("/address/{address}")).await;
+        let balance = stats["chain_stats"]["funded_txo_sum"].as_u64().unwrap()
+            - stats["chain_stats"]["spent_txo_sum"].as_u64().unwrap();
+        assert_eq!(
+            balance,
+            want.iter().map(|u| u.2).sum::<u64>(),
+            "{label}: balance of {address}"
+        );
+    }
+
+    // 3. Wallet transactions as the node describes them: outputs and block.
+    for (txid, theirs) in &node_answers.wallet_txs {
+        let ours = api.ok(&format!("/tx/{txid}")).await;
+        let ours_values: Vec<u64> = ours["vout"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["value"].as_u64().unwrap())
+            .collect();
+        let their_values: Vec<u64> = theirs["vout"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| sats(&o["value"]))
+            .collect();
+        assert_eq!(ours_values, their_values, "{label}: outputs of {txid}");
+        assert_eq!(
+            ours["status"]["block_hash"], theirs["blockhash"],
+            "{label}: block of {txid}"
+        );
+    }
+}
+
+/// Backfills `source` in a 3-worker cluster, checks every answer, returns the cross-shard input count.
+async fn check_cluster(source: String, answers: &NodeAnswers, tip: u32) -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = start_cluster(&source, dir.path()).await;
+    let status = sandbox
+        .wait_for_backfill(Duration::from_secs(300), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(status.tip_height, tip, "{source}");
+    check_answers(&Api::new(sandbox.http_url()), answers, &source, 25).await;
+    sandbox.shutdown().await;
+    status.shards.iter().map(|s| s.cross_shard_inputs).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_and_datadir_backfills_equal_the_nodes_own_answers() {
+    let mut node = Bitcoind::start().await;
+    let miner = node
+        .rpc("getnewaddress", json!([]))
+        .await
+        .as_str()
+        .unwrap()
+        .to_string();
+    node.rpc("generatetoaddress", json!([110, miner])).await;
+    make_wallet_activity(&node, &miner, 25).await;
+    let tip = node.rpc("getblockcount", json!([])).await.as_u64().unwrap() as u32;
+    let answers = collect_answers(&node, &miner).await;
+    assert!(answers.tx_count > 300, "only {} txs", answers.tx_count);
 
     let rpc_cross = check_cluster(node.source_spec(), &answers, tip).await;
     assert!(
@@ -313,4 +332,132 @@ async fn rpc_and_datadir_backfills_equal_the_nodes_own_answers() {
         datadir_cross, rpc_cross,
         "undo data sends the same cross-shard spends to their owners"
     );
+}
+
+/// Polls the cluster until its tip is the node's best block; returns how long that took.
+async fn wait_for_tip(api: &Api, node: &Bitcoind, timeout: Duration) -> Duration {
+    let best = node.rpc("getbestblockhash", json!([])).await;
+    let started = std::time::Instant::now();
+    loop {
+        let (code, hash) = api.get("/blocks/tip/hash").await;
+        if code == 200 && hash == best {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "cluster tip {hash} is not the node's {best} after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The cluster follows the node: new blocks become queryable, and reorgs 1, 6 and 30 blocks deep (across
+/// shards of 10 blocks) roll back exactly and index the new branch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_the_tip_through_reorgs() {
+    let node = Bitcoind::start().await;
+    let miner = node
+        .rpc("getnewaddress", json!([]))
+        .await
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Enough mature coins that the wallet can still pay after 30 blocks are orphaned.
+    node.rpc("generatetoaddress", json!([180, miner])).await;
+    make_wallet_activity(&node, &miner, 8).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = start_cluster(&node.source_spec(), dir.path()).await;
+    sandbox
+        .wait_for_backfill(Duration::from_secs(300), |_| {})
+        .await
+        .unwrap();
+    let api = Api::new(sandbox.http_url());
+
+    // New blocks while the cluster runs.
+    let payee = node.rpc("getnewaddress", json!([])).await;
+    for _ in 0..5 {
+        node.rpc("sendtoaddress", json!([payee, 0.3])).await;
+    }
+    node.rpc("generatetoaddress", json!([2, miner])).await;
+    let latency = wait_for_tip(&api, &node, Duration::from_secs(30)).await;
+    eprintln!("new block queryable after {latency:?}");
+    check_answers(&api, &collect_answers(&node, &miner).await, "live", 10).await;
+
+    let other_miner = node.rpc("getnewaddress", json!([])).await;
+    for depth in [1u64, 6, 30] {
+        let tip = node.rpc("getblockcount", json!([])).await.as_u64().unwrap();
+        let first_orphan = node.rpc("getblockhash", json!([tip + 1 - depth])).await;
+        node.rpc("invalidateblock", json!([first_orphan])).await;
+        // Transactions of the orphaned blocks return to the mempool and are re-mined; add new ones too.
+        for _ in 0..3 {
+            node.rpc("sendtoaddress", json!([payee, 0.2])).await;
+        }
+        node.rpc("generatetoaddress", json!([depth + 1, other_miner]))
+            .await;
+        let latency = wait_for_tip(&api, &node, Duration::from_secs(60)).await;
+        eprintln!("reorg of {depth}: new branch queryable after {latency:?}");
+        // A 30-deep invalidation leaves most wallet receipts orphaned (this node does not re-mine them), so
+        // the wallet part may shrink; the per-script comparison covers the whole chain either way.
+        check_answers(
+            &api,
+            &collect_answers(&node, &miner).await,
+            &format!("after a reorg of {depth}"),
+            1,
+        )
+        .await;
+    }
+    let status = sandbox.status().await.unwrap();
+    assert!(status.halted.is_empty(), "{}", status.halted);
+    sandbox.shutdown().await;
+}
+
+/// A reorg deeper than the limit stops the index loudly instead of serving a mixed chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reorg_beyond_the_limit_halts_instead_of_serving_a_mixed_chain() {
+    let node = Bitcoind::start().await;
+    let miner = node
+        .rpc("getnewaddress", json!([]))
+        .await
+        .as_str()
+        .unwrap()
+        .to_string();
+    node.rpc("generatetoaddress", json!([40, miner])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = SandboxBuilder::new(
+        env!("CARGO_BIN_EXE_chainidx"),
+        node.source_spec(),
+        dir.path(),
+    )
+    .workers(2)
+    .shard_blocks(10)
+    .reorg_limit(3)
+    .start()
+    .await
+    .unwrap();
+    sandbox
+        .wait_for_backfill(Duration::from_secs(120), |_| {})
+        .await
+        .unwrap();
+    let api = Api::new(sandbox.http_url());
+    let first_orphan = node.rpc("getblockhash", json!([36])).await;
+    node.rpc("invalidateblock", json!([first_orphan])).await;
+    let other = node.rpc("getnewaddress", json!([])).await;
+    node.rpc("generatetoaddress", json!([6, other])).await;
+    let started = std::time::Instant::now();
+    let halted = loop {
+        let status = sandbox.status().await.unwrap();
+        if !status.halted.is_empty() {
+            break status.halted;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a 5-deep reorg with limit 3 did not halt the index"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(halted.contains("deeper than the limit of 3"), "{halted}");
+    let (code, body) = api.get(&format!("/address/{miner}")).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("halted"), "{body}");
+    sandbox.shutdown().await;
 }

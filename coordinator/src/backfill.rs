@@ -2,6 +2,9 @@
 //! shard's cross-shard resolution once every earlier shard has finished phase 1.
 
 use crate::cluster::{Cluster, ShardEntry, WorkerEntry};
+use crate::router::QueryRouter;
+use bitcoin::BlockHash;
+use bitcoin::hashes::Hash;
 use chainidx_core::source::BlockSource;
 use chainidx_proto as pb;
 use std::sync::Arc;
@@ -12,6 +15,10 @@ const POLL: Duration = Duration::from_millis(200);
 pub struct BackfillPlan {
     pub shard_blocks: u32,
     pub min_workers: usize,
+    /// Deepest reorg rolled back; a deeper one halts the index.
+    pub reorg_limit: u32,
+    /// How often the source's tip is checked once the backfill is complete.
+    pub follow_every: Duration,
 }
 
 /// Splits [0, tip] into ranges of `shard_blocks` blocks.
@@ -87,20 +94,151 @@ pub async fn drive(cluster: Arc<Cluster>, source: Arc<dyn BlockSource>, plan: Ba
     loop {
         poll_workers(&cluster, &workers).await;
         start_ready_resolutions(&cluster).await;
-        let complete = {
-            let mut view = cluster.write();
-            let complete = view
-                .shards
-                .iter()
-                .all(|s| s.status.phase == pb::ShardPhase::Ready as i32);
-            if complete && !view.backfill_complete {
-                tracing::info!(tip, "backfill complete");
-            }
-            view.backfill_complete = complete;
-            complete
-        };
-        tokio::time::sleep(if complete { POLL * 5 } else { POLL }).await;
+        let complete = cluster
+            .read()
+            .shards
+            .iter()
+            .all(|s| s.status.phase == pb::ShardPhase::Ready as i32);
+        if complete {
+            cluster.write().backfill_complete = true;
+            tracing::info!(tip, "backfill complete; following the source's tip");
+            break;
+        }
+        tokio::time::sleep(POLL).await;
     }
+
+    let router = QueryRouter::new(cluster.clone());
+    loop {
+        tokio::time::sleep(plan.follow_every).await;
+        if cluster.read().halted.is_some() {
+            continue;
+        }
+        if let Err(error) =
+            follow_once(&cluster, &router, &source, &workers, plan.reorg_limit).await
+        {
+            tracing::warn!(%error, "following the tip failed; will retry");
+        }
+        poll_workers(&cluster, &workers).await;
+    }
+}
+
+async fn blocking_source<T: Send + 'static>(
+    source: &Arc<dyn BlockSource>,
+    f: impl FnOnce(&dyn BlockSource) -> Result<T, chainidx_core::source::SourceError> + Send + 'static,
+) -> Result<T, String> {
+    let source = source.clone();
+    tokio::task::spawn_blocking(move || f(source.as_ref()))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// The hash of our block at `height`, as the shard holding it stored it.
+async fn stored_hash(router: &QueryRouter, height: u32) -> Result<BlockHash, String> {
+    let block = router
+        .block_at(height, false)
+        .await
+        .map_err(|e| e.to_string())?;
+    let hash = block.meta.map(|m| m.hash).unwrap_or_default();
+    let hash: [u8; 32] = hash
+        .as_slice()
+        .try_into()
+        .map_err(|_| format!("no stored hash at {height}"))?;
+    Ok(BlockHash::from_byte_array(hash))
+}
+
+/// One step of following the source: roll back blocks the source no longer has (up to `reorg_limit`
+/// deep; deeper halts the index), then index the new blocks shard by shard, the last shard growing.
+async fn follow_once(
+    cluster: &Arc<Cluster>,
+    router: &QueryRouter,
+    source: &Arc<dyn BlockSource>,
+    workers: &[WorkerEntry],
+    reorg_limit: u32,
+) -> Result<(), String> {
+    let source_tip = blocking_source(source, |s| s.tip_height()).await?;
+    let ours = cluster.indexed_tip().ok_or("nothing indexed")?;
+    // The highest height where our chain and the source's agree.
+    let mut fork = ours.min(source_tip);
+    loop {
+        let theirs = blocking_source(source, move |s| s.block_hash(fork)).await?;
+        if stored_hash(router, fork).await? == theirs {
+            break;
+        }
+        if fork == 0 || ours - fork >= reorg_limit {
+            let why = format!(
+                "the source replaced blocks below height {fork}: a reorg deeper than the limit of {reorg_limit}; \
+                 re-index from a fresh data directory"
+            );
+            tracing::error!(ours, source_tip, "{why}");
+            cluster.write().halted = Some(why);
+            return Ok(());
+        }
+        fork -= 1;
+    }
+    if fork == ours && source_tip == ours {
+        return Ok(());
+    }
+    let peers = cluster.peers();
+    let shards: Vec<(pb::ShardStatus, usize)> = cluster
+        .read()
+        .shards
+        .iter()
+        .map(|s| (s.status.clone(), s.owner))
+        .collect();
+    if fork < ours {
+        tracing::warn!(depth = ours - fork, fork, "reorg: rolling back");
+        for (status, owner) in shards.iter().rev() {
+            if status.next_height > fork + 1 {
+                let request = pb::RollbackRequest {
+                    shard_id: status.shard_id,
+                    from_height: fork + 1,
+                    peers: peers.clone(),
+                };
+                workers[*owner]
+                    .client
+                    .clone()
+                    .rollback(request)
+                    .await
+                    .map_err(|e| e.message().to_string())?;
+            }
+        }
+        poll_workers(cluster, workers).await;
+    }
+    // Fresh statuses: a rollback moved checkpoints back.
+    let shards: Vec<(pb::ShardStatus, usize)> = cluster
+        .read()
+        .shards
+        .iter()
+        .map(|s| (s.status.clone(), s.owner))
+        .collect();
+    let last = shards.len() - 1;
+    for (i, (status, owner)) in shards.iter().enumerate() {
+        let behind = if i == last {
+            status.next_height <= source_tip
+        } else {
+            status.next_height < status.end_height
+        };
+        if status.start_height > source_tip || !behind {
+            continue;
+        }
+        let request = pb::CatchUpRequest {
+            shard_id: status.shard_id,
+            tip_height: source_tip,
+            extend: i == last,
+            peers: peers.clone(),
+        };
+        workers[*owner]
+            .client
+            .clone()
+            .catch_up(request)
+            .await
+            .map_err(|e| e.message().to_string())?;
+    }
+    poll_workers(cluster, workers).await;
+    cluster.write().tip = Some(source_tip);
+    tracing::info!(tip = source_tip, "followed the tip");
+    Ok(())
 }
 
 async fn poll_workers(cluster: &Cluster, workers: &[WorkerEntry]) {
@@ -140,18 +278,9 @@ async fn poll_workers(cluster: &Cluster, workers: &[WorkerEntry]) {
 
 /// Phase 2 of shard k may start when shards 0..=k have all finished phase 1: everything it can spend exists.
 async fn start_ready_resolutions(cluster: &Cluster) {
-    let (to_start, peers) = {
+    let peers = cluster.peers();
+    let to_start = {
         let view = cluster.read();
-        let peers: Vec<pb::ShardPeer> = view
-            .shards
-            .iter()
-            .map(|s| pb::ShardPeer {
-                shard_id: s.status.shard_id,
-                start_height: s.status.start_height,
-                end_height: s.status.end_height,
-                grpc_addr: view.workers[s.owner].addr.clone(),
-            })
-            .collect();
         let mut to_start = Vec::new();
         for shard in &view.shards {
             let phase = shard.status.phase;
@@ -168,7 +297,7 @@ async fn start_ready_resolutions(cluster: &Cluster) {
                 ));
             }
         }
-        (to_start, peers)
+        to_start
     };
     for (shard_id, mut client) in to_start {
         let request = pb::ResolveShardRequest {

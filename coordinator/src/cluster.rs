@@ -28,6 +28,9 @@ pub struct ClusterView {
     pub workers: Vec<WorkerEntry>,
     pub shards: Vec<ShardEntry>,
     pub backfill_complete: bool,
+    /// Set when the source reorganised deeper than the limit: queries are refused rather than answered
+    /// from a chain the source no longer has.
+    pub halted: Option<String>,
 }
 
 pub struct Cluster {
@@ -57,6 +60,20 @@ impl Cluster {
         view.shards
             .iter()
             .map(|s| (s.status.clone(), view.workers[s.owner].client.clone()))
+            .collect()
+    }
+
+    /// Every shard as a peer address, for workers that must reach the others.
+    pub fn peers(&self) -> Vec<pb::ShardPeer> {
+        let view = self.read();
+        view.shards
+            .iter()
+            .map(|s| pb::ShardPeer {
+                shard_id: s.status.shard_id,
+                start_height: s.status.start_height,
+                end_height: s.status.end_height,
+                grpc_addr: view.workers[s.owner].addr.clone(),
+            })
             .collect()
     }
 
@@ -91,6 +108,7 @@ impl Cluster {
                 .collect(),
             workers: view.workers.iter().map(|w| w.addr.clone()).collect(),
             network: self.network.to_string(),
+            halted: view.halted.clone().unwrap_or_default(),
         }
     }
 }

@@ -28,6 +28,8 @@ pub struct CoordinatorConfig {
     pub shard_blocks: u32,
     /// Workers to wait for before assigning shards.
     pub min_workers: usize,
+    /// Deepest reorg rolled back while following the tip; a deeper one halts the index (default 100).
+    pub reorg_limit: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +65,8 @@ pub async fn run(
         backfill::BackfillPlan {
             shard_blocks: config.shard_blocks,
             min_workers: config.min_workers,
+            reorg_limit: config.reorg_limit,
+            follow_every: std::time::Duration::from_millis(250),
         },
     ));
 

@@ -32,6 +32,9 @@ impl QueryRouter {
     }
 
     fn routes(&self) -> Result<Vec<Route>, ApiError> {
+        if let Some(why) = self.cluster.read().halted.clone() {
+            return Err(ApiError::Unavailable(format!("index halted: {why}")));
+        }
         let routes = self.cluster.routes();
         if routes.is_empty() {
             return Err(ApiError::Unavailable(

@@ -103,6 +103,45 @@ impl Worker for WorkerService {
         Ok(Response::new(pb::SpendOutputsReply { found }))
     }
 
+    async fn unspend_outputs(
+        &self,
+        request: Request<pb::SpendOutputsRequest>,
+    ) -> Result<Response<pb::SpendOutputsReply>, Status> {
+        let r = request.into_inner();
+        let shard = self.shard(r.shard_id)?;
+        let held = blocking(move || Ok(shard.unspend_outputs(&r.spends)?)).await?;
+        let found = held
+            .into_iter()
+            .map(|index| pb::SpentOutput {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(pb::SpendOutputsReply { found }))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::RollbackReply>, Status> {
+        let r = request.into_inner();
+        self.node
+            .rollback(r.shard_id, r.from_height, r.peers)
+            .await?;
+        Ok(Response::new(pb::RollbackReply {}))
+    }
+
+    async fn catch_up(
+        &self,
+        request: Request<pb::CatchUpRequest>,
+    ) -> Result<Response<pb::CatchUpReply>, Status> {
+        let r = request.into_inner();
+        self.node
+            .catch_up(r.shard_id, r.tip_height, r.extend, r.peers)
+            .await?;
+        Ok(Response::new(pb::CatchUpReply {}))
+    }
+
     async fn address_summary(
         &self,
         request: Request<pb::ShardAddressRequest>,

@@ -54,7 +54,6 @@ pub struct PendingSpend {
 pub struct Shard {
     pub id: u32,
     pub start: u32,
-    pub end: u32,
     store: Arc<dyn Store>,
     state: Mutex<pb::ShardState>,
 }
@@ -77,7 +76,8 @@ impl Shard {
                         ),
                     });
                 }
-                if (state.shard_id, state.start_height, state.end_height) != (id, start, end) {
+                // The tip shard's range grows while following the chain, so a longer range is the same shard.
+                if (state.shard_id, state.start_height) != (id, start) || state.end_height < end {
                     return Err(ShardError::Incompatible {
                         shard: id,
                         detail: format!(
@@ -108,10 +108,32 @@ impl Shard {
         Ok(Shard {
             id,
             start,
-            end,
             store,
             state: Mutex::new(state),
         })
+    }
+
+    /// End of the range (exclusive); the tip shard's grows as the chain does.
+    pub fn end(&self) -> u32 {
+        self.state().end_height
+    }
+
+    /// Grows the range to `end` (never shrinks it), durably.
+    pub fn extend_to(&self, end: u32) -> Result<(), ShardError> {
+        let mut state = self.state();
+        if end <= state.end_height {
+            return Ok(());
+        }
+        state.end_height = end;
+        self.save_state(state)
+    }
+
+    fn save_state(&self, state: pb::ShardState) -> Result<(), ShardError> {
+        let mut batch = Batch::default();
+        batch.put(Cf::Meta, SHARD_STATE_KEY, state.encode_to_vec());
+        self.store.write(batch, true)?;
+        *self.state.lock().expect("state lock") = state;
+        Ok(())
     }
 
     pub fn state(&self) -> pb::ShardState {
@@ -122,11 +144,7 @@ impl Shard {
     pub fn set_phase(&self, phase: pb::ShardPhase) -> Result<(), ShardError> {
         let mut state = self.state();
         state.phase = phase as i32;
-        let mut batch = Batch::default();
-        batch.put(Cf::Meta, SHARD_STATE_KEY, state.encode_to_vec());
-        self.store.write(batch, true)?;
-        *self.state.lock().expect("state lock") = state;
-        Ok(())
+        self.save_state(state)
     }
 
     fn load_stats(&self, sh: &ScriptHash) -> Result<pb::AddressStats, ShardError> {
@@ -166,12 +184,13 @@ impl Shard {
         block: &Block,
         spent: Option<&[Vec<SpentCoin>]>,
     ) -> Result<(), ShardError> {
-        if height < self.start || height >= self.end {
+        let end = self.end();
+        if height < self.start || height >= end {
             return Err(ShardError::OutOfRange {
                 shard: self.id,
                 height,
                 start: self.start,
-                end: self.end,
+                end,
             });
         }
         if let Some(spent) = spent {
@@ -500,6 +519,193 @@ impl Shard {
             self.store.write(batch, false)?;
         }
         Ok(found)
+    }
+
+    /// The txs of block `height`, in block order.
+    fn block_txs(&self, height: u32) -> Result<Vec<(u32, Hash32, Transaction)>, ShardError> {
+        let mut txids = Vec::new();
+        self.store.scan(
+            Cf::TxPositions,
+            &schema::height_key(height),
+            ScanFrom::First,
+            &mut |key, value| {
+                txids.push((schema::be_u32(&key[4..8]), value.to_vec()));
+                true
+            },
+        )?;
+        let mut txs = Vec::with_capacity(txids.len());
+        for (position, txid) in txids {
+            let txid: Hash32 = txid
+                .as_slice()
+                .try_into()
+                .map_err(|_| corrupt("tx position", "txid is not 32 bytes"))?;
+            let bytes = self
+                .store
+                .get(Cf::Txs, &txid)?
+                .ok_or_else(|| corrupt("tx", format!("{height}:{position} missing")))?;
+            let stored = pb::StoredTx::decode(bytes.as_slice()).map_err(|e| corrupt("tx", e))?;
+            txs.push((
+                position,
+                txid,
+                deserialize(&stored.raw).map_err(|e| corrupt("tx", e))?,
+            ));
+        }
+        Ok(txs)
+    }
+
+    /// Spends by block `height` of coins other shards hold: their owners must forget them on rollback.
+    pub fn remote_spends_of_block(&self, height: u32) -> Result<Vec<pb::SpendRef>, ShardError> {
+        let mut remote = Vec::new();
+        for (_, txid, tx) in self.block_txs(height)? {
+            if tx.is_coinbase() {
+                continue;
+            }
+            for (vin, input) in tx.input.iter().enumerate() {
+                let prev_txid = input.previous_output.txid.to_byte_array();
+                let prev_key = txid_index_key(&prev_txid, input.previous_output.vout);
+                if self.store.get(Cf::Outputs, &prev_key)?.is_none() {
+                    remote.push(pb::SpendRef {
+                        prev_txid: prev_txid.to_vec(),
+                        prev_vout: input.previous_output.vout,
+                        spender_txid: txid.to_vec(),
+                        spender_vin: vin as u32,
+                        spender_height: height,
+                    });
+                }
+            }
+        }
+        Ok(remote)
+    }
+
+    /// Removes the newest block (`height` must be `next_height - 1`) and everything it wrote here, in one
+    /// atomic batch with the checkpoint. Spends it made of other shards' coins are undone by the caller
+    /// first ([`Shard::remote_spends_of_block`]).
+    pub fn rollback_block(&self, height: u32) -> Result<(), ShardError> {
+        let mut state = self.state();
+        if state.next_height != height + 1 {
+            return Err(corrupt(
+                "rollback",
+                format!(
+                    "block {height} is not this shard's newest (next is {})",
+                    state.next_height
+                ),
+            ));
+        }
+        let mut batch = Batch::default();
+        let mut minus: HashMap<ScriptHash, pb::AddressStats> = HashMap::new();
+        for (position, txid, tx) in self.block_txs(height)?.into_iter().rev() {
+            let mut touched: Vec<ScriptHash> = Vec::new();
+            if !tx.is_coinbase() {
+                for (vin, input) in tx.input.iter().enumerate() {
+                    let vin = vin as u32;
+                    let input_key = txid_index_key(&txid, vin);
+                    if let Some(bytes) = self.store.get(Cf::Prevouts, &input_key)? {
+                        let out = pb::TxOut::decode(bytes.as_slice())
+                            .map_err(|e| corrupt("prevout", e))?;
+                        let sh = scripthash(bitcoin::Script::from_bytes(&out.script));
+                        batch.delete(
+                            Cf::History,
+                            history_key(&sh, height, position, KIND_SPENDING, vin),
+                        );
+                        let m = minus.entry(sh).or_default();
+                        m.spent_txo_count += 1;
+                        m.spent_sum += out.value;
+                        touched.push(sh);
+                        batch.delete(Cf::Prevouts, input_key);
+                    }
+                    let prev_key = txid_index_key(
+                        &input.previous_output.txid.to_byte_array(),
+                        input.previous_output.vout,
+                    );
+                    if self.store.get(Cf::Outputs, &prev_key)?.is_some() {
+                        batch.delete(Cf::Outspends, prev_key);
+                    }
+                    batch.delete(Cf::Pending, pending_key(height, position, vin));
+                    batch.delete(Cf::Notices, pending_key(height, position, vin));
+                }
+            }
+            for (vout, output) in tx.output.iter().enumerate() {
+                if output.script_pubkey.is_op_return() {
+                    continue;
+                }
+                let vout = vout as u32;
+                let sh = scripthash(&output.script_pubkey);
+                let key = txid_index_key(&txid, vout);
+                batch.delete(Cf::Outputs, key);
+                batch.delete(Cf::Outspends, key);
+                batch.delete(
+                    Cf::History,
+                    history_key(&sh, height, position, KIND_FUNDING, vout),
+                );
+                let m = minus.entry(sh).or_default();
+                m.funded_txo_count += 1;
+                m.funded_sum += output.value.to_sat();
+                touched.push(sh);
+            }
+            touched.sort_unstable();
+            touched.dedup();
+            for sh in touched {
+                minus.entry(sh).or_default().tx_count += 1;
+            }
+            batch.delete(Cf::Txs, txid);
+            batch.delete(Cf::TxPositions, position_key(height, position));
+        }
+        if let Some(meta) = self.block_meta(height)? {
+            batch.delete(Cf::BlockHashes, meta.hash);
+        }
+        batch.delete(Cf::Headers, schema::height_key(height));
+        for (sh, m) in minus {
+            let mut stats = self.load_stats(&sh)?;
+            let sub = |a: u64, b: u64| {
+                a.checked_sub(b)
+                    .ok_or_else(|| corrupt("address stats", "rollback below zero"))
+            };
+            stats.funded_txo_count = sub(stats.funded_txo_count, m.funded_txo_count)?;
+            stats.funded_sum = sub(stats.funded_sum, m.funded_sum)?;
+            stats.spent_txo_count = sub(stats.spent_txo_count, m.spent_txo_count)?;
+            stats.spent_sum = sub(stats.spent_sum, m.spent_sum)?;
+            stats.tx_count = sub(stats.tx_count, m.tx_count)?;
+            if stats == pb::AddressStats::default() {
+                batch.delete(Cf::Stats, sh);
+            } else {
+                batch.put(Cf::Stats, sh, stats.encode_to_vec());
+            }
+        }
+        state.next_height = height;
+        batch.put(Cf::Meta, SHARD_STATE_KEY, state.encode_to_vec());
+        self.store.write(batch, true)?;
+        *self.state.lock().expect("state lock") = state;
+        Ok(())
+    }
+
+    /// A reorg removed these spends: forget them where this shard holds the coin (and the recorded spender
+    /// is the one removed). Returns the indexes of the outpoints this shard holds.
+    pub fn unspend_outputs(&self, spends: &[pb::SpendRef]) -> Result<Vec<u32>, ShardError> {
+        let mut held = Vec::new();
+        let mut batch = Batch::default();
+        for (index, spend) in spends.iter().enumerate() {
+            let prev_txid: Hash32 = spend
+                .prev_txid
+                .as_slice()
+                .try_into()
+                .map_err(|_| corrupt("unspend request", "txid is not 32 bytes"))?;
+            let key = txid_index_key(&prev_txid, spend.prev_vout);
+            if self.store.get(Cf::Outputs, &key)?.is_none() {
+                continue;
+            }
+            held.push(index as u32);
+            if let Some(value) = self.store.get(Cf::Outspends, &key)?
+                && SpentBy::decode(&value).is_some_and(|by| {
+                    by.txid.as_slice() == spend.spender_txid && by.vin == spend.spender_vin
+                })
+            {
+                batch.delete(Cf::Outspends, key);
+            }
+        }
+        if !batch.is_empty() {
+            self.store.write(batch, true)?;
+        }
+        Ok(held)
     }
 
     // ------------------------------------------------------------------ queries

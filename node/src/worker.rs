@@ -316,6 +316,81 @@ impl WorkerNode {
         }
     }
 
+    /// Following the tip: removes every block at or above `from` from this shard, newest first. Each
+    /// block's spends of other shards' coins are undone at their owners before its rows go.
+    pub async fn rollback(
+        &self,
+        shard_id: u32,
+        from: u32,
+        peers: Vec<pb::ShardPeer>,
+    ) -> Result<(), WorkerError> {
+        let shard = self.slot(shard_id)?.shard.clone();
+        let earlier = earlier_peers(&shard, peers);
+        while shard.state().next_height > from.max(shard.start) {
+            let height = shard.state().next_height - 1;
+            let reader = shard.clone();
+            let remote = tokio::task::spawn_blocking(move || reader.remote_spends_of_block(height))
+                .await
+                .map_err(|e| WorkerError::Task(e.to_string()))??;
+            let mut remaining = remote;
+            for peer in &earlier {
+                if remaining.is_empty() {
+                    break;
+                }
+                let mut client = self.peer(&peer.grpc_addr).await?;
+                let reply = client
+                    .unspend_outputs(pb::SpendOutputsRequest {
+                        shard_id: peer.shard_id,
+                        spends: remaining.clone(),
+                    })
+                    .await
+                    .map_err(|status| WorkerError::Peer {
+                        addr: peer.grpc_addr.clone(),
+                        detail: status.message().to_string(),
+                    })?
+                    .into_inner();
+                let held: std::collections::HashSet<u32> =
+                    reply.found.iter().map(|f| f.index).collect();
+                remaining = remaining
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| !held.contains(&(*i as u32)))
+                    .map(|(_, s)| s)
+                    .collect();
+            }
+            let writer = shard.clone();
+            tokio::task::spawn_blocking(move || writer.rollback_block(height))
+                .await
+                .map_err(|e| WorkerError::Task(e.to_string()))??;
+            tracing::info!(shard = shard_id, height, "rolled back block");
+        }
+        Ok(())
+    }
+
+    /// Following the tip: indexes this shard up to `tip` (growing its range if it is the last shard) and
+    /// resolves the new blocks' inputs; returns when the shard is ready again.
+    pub async fn catch_up(
+        &self,
+        shard_id: u32,
+        tip: u32,
+        extend: bool,
+        peers: Vec<pb::ShardPeer>,
+    ) -> Result<(), WorkerError> {
+        let slot = self.slot(shard_id)?;
+        let shard = slot.shard.clone();
+        if extend {
+            shard.extend_to(tip + 1)?;
+        }
+        shard.set_phase(pb::ShardPhase::Indexing)?;
+        let source = self.source.clone();
+        let indexer = shard.clone();
+        tokio::task::spawn_blocking(move || index_range(source.as_ref(), &indexer))
+            .await
+            .map_err(|e| WorkerError::Task(e.to_string()))??;
+        shard.set_phase(pb::ShardPhase::Resolving)?;
+        self.resolve_phase(&slot, peers).await
+    }
+
     /// Asks earlier shards, nearest first, for the outputs `batch` spends; each peer sees only what the
     /// nearer ones did not have.
     async fn lookup_spent(
@@ -396,6 +471,16 @@ impl WorkerNode {
     }
 }
 
+/// The shards before `shard`, nearest first: where its inputs' coins can be.
+fn earlier_peers(shard: &Shard, peers: Vec<pb::ShardPeer>) -> Vec<pb::ShardPeer> {
+    let mut earlier: Vec<pb::ShardPeer> = peers
+        .into_iter()
+        .filter(|p| p.start_height < shard.start)
+        .collect();
+    earlier.sort_by_key(|p| std::cmp::Reverse(p.start_height));
+    earlier
+}
+
 /// A gRPC client for a worker at `addr` (`host:port` or a full URL).
 pub async fn connect_worker(addr: &str) -> Result<WorkerClient<Channel>, tonic::transport::Error> {
     let url = if addr.starts_with("http") {
@@ -470,7 +555,7 @@ fn fetch(source: &dyn BlockSource, height: u32) -> Result<Fetched, WorkerError> 
 /// written whole or not at all, so a failed fetch leaves nothing half-written.
 fn index_range(source: &dyn BlockSource, shard: &Shard) -> Result<(), WorkerError> {
     let from = shard.state().next_height;
-    let end = shard.end;
+    let end = shard.end();
     std::thread::scope(|scope| {
         let (sender, receiver) = std::sync::mpsc::sync_channel::<Result<Fetched, WorkerError>>(8);
         scope.spawn(move || {
