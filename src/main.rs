@@ -124,6 +124,9 @@ struct UpArgs {
     /// Backfill, print a summary and exit instead of serving.
     #[arg(long)]
     exit_after_backfill: bool,
+    /// Deepest reorg rolled back while following the tip; a deeper one halts the index.
+    #[arg(long, default_value_t = 100)]
+    reorg_limit: u32,
 }
 
 #[derive(Subcommand)]
@@ -335,6 +338,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         shard_blocks,
         blocks,
         exit_after_backfill,
+        reorg_limit,
     } = args;
     if workers == 0 {
         bail!("--workers must be at least 1");
@@ -378,6 +382,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let sandbox = SandboxBuilder::new(binary, source.clone(), data.join("cluster"))
         .workers(workers)
         .shard_blocks(shard_blocks)
+        .reorg_limit(reorg_limit)
         .network(network)
         .grpc_addr(grpc)
         .http_addr(http)
