@@ -373,14 +373,64 @@ async fn follows_the_tip_through_reorgs() {
         .unwrap();
     let api = Api::new(sandbox.http_url());
 
-    // New blocks while the cluster runs.
+    // An unconfirmed payment shows up in the mempool views, then turns confirmed when mined.
     let payee = node.rpc("getnewaddress", json!([])).await;
-    for _ in 0..5 {
+    let payee_str = payee.as_str().unwrap().to_string();
+    let unconfirmed = node.rpc("sendtoaddress", json!([payee, 0.3])).await;
+    let txid = unconfirmed.as_str().unwrap().to_string();
+    let started = std::time::Instant::now();
+    loop {
+        let (code, tx) = api.get(&format!("/tx/{txid}")).await;
+        if code == 200 {
+            assert_eq!(tx["status"]["confirmed"], false, "{tx}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "unconfirmed tx not visible after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("unconfirmed tx visible after {:?}", started.elapsed());
+    let mempool_txs = api.ok(&format!("/address/{payee_str}/txs/mempool")).await;
+    assert_eq!(mempool_txs[0]["txid"].as_str(), Some(txid.as_str()));
+    let summary = api.ok(&format!("/address/{payee_str}")).await;
+    assert_eq!(summary["mempool_stats"]["funded_txo_sum"], 30_000_000u64);
+    assert_eq!(summary["mempool_stats"]["tx_count"], 1);
+    assert_eq!(summary["chain_stats"]["tx_count"], 0);
+    let first_page = api.ok(&format!("/address/{payee_str}/txs")).await;
+    assert_eq!(
+        first_page[0]["txid"].as_str(),
+        Some(txid.as_str()),
+        "unconfirmed first in /txs"
+    );
+
+    // New blocks while the cluster runs.
+    for _ in 0..4 {
         node.rpc("sendtoaddress", json!([payee, 0.3])).await;
     }
     node.rpc("generatetoaddress", json!([2, miner])).await;
     let latency = wait_for_tip(&api, &node, Duration::from_secs(30)).await;
     eprintln!("new block queryable after {latency:?}");
+    let tx = api.ok(&format!("/tx/{txid}")).await;
+    assert_eq!(
+        tx["status"]["confirmed"], true,
+        "mined tx is confirmed: {tx}"
+    );
+    let started = std::time::Instant::now();
+    while !api
+        .ok(&format!("/address/{payee_str}/txs/mempool"))
+        .await
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "mined txs still listed as unconfirmed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     check_answers(&api, &collect_answers(&node, &miner).await, "live", 10).await;
 
     let other_miner = node.rpc("getnewaddress", json!([])).await;

@@ -29,7 +29,12 @@ pub fn plan_shards(tip: u32, shard_blocks: u32) -> Vec<(u32, u32)> {
         .collect()
 }
 
-pub async fn drive(cluster: Arc<Cluster>, source: Arc<dyn BlockSource>, plan: BackfillPlan) {
+pub async fn drive(
+    cluster: Arc<Cluster>,
+    router: QueryRouter,
+    source: Arc<dyn BlockSource>,
+    plan: BackfillPlan,
+) {
     let tip = loop {
         let source = source.clone();
         match tokio::task::spawn_blocking(move || source.tip_height()).await {
@@ -107,7 +112,6 @@ pub async fn drive(cluster: Arc<Cluster>, source: Arc<dyn BlockSource>, plan: Ba
         tokio::time::sleep(POLL).await;
     }
 
-    let router = QueryRouter::new(cluster.clone());
     loop {
         tokio::time::sleep(plan.follow_every).await;
         if cluster.read().halted.is_some() {
@@ -119,6 +123,9 @@ pub async fn drive(cluster: Arc<Cluster>, source: Arc<dyn BlockSource>, plan: Ba
             tracing::warn!(%error, "following the tip failed; will retry");
         }
         poll_workers(&cluster, &workers).await;
+        if let Err(error) = crate::mempool::sync(router.mempool(), &router, &source).await {
+            tracing::warn!(%error, "mempool sync failed; will retry");
+        }
     }
 }
 

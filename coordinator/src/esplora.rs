@@ -118,10 +118,6 @@ pub fn stats_json(stats: &pb::AddressStats) -> Value {
     })
 }
 
-pub fn empty_mempool_stats() -> Value {
-    stats_json(&pb::AddressStats::default())
-}
-
 pub fn utxo_json(utxo: &pb::Utxo) -> Result<Value, ApiError> {
     Ok(json!({
         "txid": display(&hash32(&utxo.txid)?),

@@ -25,16 +25,36 @@ pub fn routes(router: QueryRouter) -> Router {
         .route("/tx/{txid}", get(tx))
         .route("/tx/{txid}/outspends", get(outspends))
         .route("/address/{address}", get(address))
-        .route("/address/{address}/txs", get(address_txs))
-        .route("/address/{address}/txs/chain", get(address_txs))
+        .route(
+            "/address/{address}/txs",
+            get(|r: State<QueryRouter>, p: Path<String>| address_txs(r, p, Which::All)),
+        )
+        .route(
+            "/address/{address}/txs/chain",
+            get(|r: State<QueryRouter>, p: Path<String>| address_txs(r, p, Which::Chain)),
+        )
+        .route(
+            "/address/{address}/txs/mempool",
+            get(|r: State<QueryRouter>, p: Path<String>| address_txs(r, p, Which::Mempool)),
+        )
         .route(
             "/address/{address}/txs/chain/{last_seen}",
             get(address_txs_after),
         )
         .route("/address/{address}/utxo", get(address_utxo))
         .route("/scripthash/{hash}", get(scripthash_summary))
-        .route("/scripthash/{hash}/txs", get(scripthash_txs))
-        .route("/scripthash/{hash}/txs/chain", get(scripthash_txs))
+        .route(
+            "/scripthash/{hash}/txs",
+            get(|r: State<QueryRouter>, p: Path<String>| scripthash_txs(r, p, Which::All)),
+        )
+        .route(
+            "/scripthash/{hash}/txs/chain",
+            get(|r: State<QueryRouter>, p: Path<String>| scripthash_txs(r, p, Which::Chain)),
+        )
+        .route(
+            "/scripthash/{hash}/txs/mempool",
+            get(|r: State<QueryRouter>, p: Path<String>| scripthash_txs(r, p, Which::Mempool)),
+        )
         .route(
             "/scripthash/{hash}/txs/chain/{last_seen}",
             get(scripthash_txs_after),
@@ -132,15 +152,43 @@ async fn summary(
     Ok(Json(json!({
         label.0: label.1,
         "chain_stats": esplora::stats_json(&stats),
-        "mempool_stats": esplora::empty_mempool_stats(),
+        "mempool_stats": esplora::stats_json(&router.mempool().read().expect("mempool lock").stats(sh)),
     })))
 }
+
+/// Which part of an address's history a page shows (Esplora: `/txs` is up to 50 unconfirmed then the
+/// first 25 confirmed; `/txs/chain` confirmed only; `/txs/mempool` unconfirmed only).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Which {
+    All,
+    Chain,
+    Mempool,
+}
+
+/// Esplora's cap on unconfirmed txs in a listing.
+const MEMPOOL_PAGE: usize = 50;
 
 async fn txs_page(
     router: &QueryRouter,
     sh: &ScriptHash,
     last_seen: Option<&str>,
+    which: Which,
 ) -> ApiResult<Response> {
+    let network = router.cluster().network;
+    let mut txs: Vec<Value> = Vec::new();
+    if which != Which::Chain {
+        let unconfirmed = router
+            .mempool()
+            .read()
+            .expect("mempool lock")
+            .history(sh, MEMPOOL_PAGE);
+        for tx in &unconfirmed {
+            txs.push(esplora::tx_json(tx, network)?);
+        }
+    }
+    if which == Which::Mempool {
+        return Ok(Json(txs).into_response());
+    }
     let before: Option<Cursor> = match last_seen {
         None => None,
         Some(txid) => {
@@ -150,11 +198,9 @@ async fn txs_page(
         }
     };
     let (page, _) = router.history(sh, before, PAGE_SIZE).await?;
-    let network = router.cluster().network;
-    let txs: Vec<Value> = page
-        .iter()
-        .map(|t| esplora::tx_json(t, network))
-        .collect::<ApiResult<_>>()?;
+    for tx in &page {
+        txs.push(esplora::tx_json(tx, network)?);
+    }
     Ok(Json(txs).into_response())
 }
 
@@ -179,9 +225,10 @@ async fn address(
 async fn address_txs(
     State(router): State<QueryRouter>,
     Path(address): Path<String>,
+    which: Which,
 ) -> ApiResult<Response> {
     let sh = address_target(&router, &address)?;
-    txs_page(&router, &sh, None).await
+    txs_page(&router, &sh, None, which).await
 }
 
 async fn address_txs_after(
@@ -189,7 +236,7 @@ async fn address_txs_after(
     Path((address, last_seen)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let sh = address_target(&router, &address)?;
-    txs_page(&router, &sh, Some(&last_seen)).await
+    txs_page(&router, &sh, Some(&last_seen), Which::Chain).await
 }
 
 async fn address_utxo(
@@ -211,9 +258,10 @@ async fn scripthash_summary(
 async fn scripthash_txs(
     State(router): State<QueryRouter>,
     Path(hash): Path<String>,
+    which: Which,
 ) -> ApiResult<Response> {
     let sh = parse_scripthash(&hash)?;
-    txs_page(&router, &sh, None).await
+    txs_page(&router, &sh, None, which).await
 }
 
 async fn scripthash_txs_after(
@@ -221,7 +269,7 @@ async fn scripthash_txs_after(
     Path((hash, last_seen)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let sh = parse_scripthash(&hash)?;
-    txs_page(&router, &sh, Some(&last_seen)).await
+    txs_page(&router, &sh, Some(&last_seen), Which::Chain).await
 }
 
 async fn scripthash_utxo(

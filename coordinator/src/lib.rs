@@ -5,6 +5,7 @@
 //! - [`cluster`]: the shard map, workers and progress.
 //! - [`backfill`]: the driver that plans, assigns and sequences the two backfill phases.
 //! - [`router`]: query fan-out and merge.
+//! - [`mempool`]: unconfirmed transactions, synced from the source while following the tip.
 //! - [`http`] / [`esplora`]: the Esplora HTTP API and its JSON.
 //! - [`grpc`]: the `Coordinator` and `Query` gRPC services.
 //! - [`error`]: the one mapping from query errors to HTTP statuses and gRPC codes.
@@ -15,6 +16,7 @@ pub mod error;
 pub mod esplora;
 pub mod grpc;
 pub mod http;
+pub mod mempool;
 pub mod router;
 
 use chainidx_core::source::BlockSource;
@@ -61,6 +63,7 @@ pub async fn run(
 
     let driver = tokio::spawn(backfill::drive(
         cluster.clone(),
+        router.clone(),
         source,
         backfill::BackfillPlan {
             shard_blocks: config.shard_blocks,

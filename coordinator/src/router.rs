@@ -4,6 +4,7 @@
 
 use crate::cluster::Cluster;
 use crate::error::ApiError;
+use crate::mempool::Mempool;
 use chainidx_core::chain::ScriptHash;
 use chainidx_core::schema::Hash32;
 use chainidx_proto as pb;
@@ -20,11 +21,19 @@ pub type Cursor = (u32, u32);
 #[derive(Clone)]
 pub struct QueryRouter {
     cluster: Arc<Cluster>,
+    mempool: Arc<std::sync::RwLock<Mempool>>,
 }
 
 impl QueryRouter {
     pub fn new(cluster: Arc<Cluster>) -> QueryRouter {
-        QueryRouter { cluster }
+        QueryRouter {
+            cluster,
+            mempool: Arc::default(),
+        }
+    }
+
+    pub fn mempool(&self) -> &Arc<std::sync::RwLock<Mempool>> {
+        &self.mempool
     }
 
     pub fn cluster(&self) -> &Arc<Cluster> {
@@ -167,7 +176,8 @@ impl QueryRouter {
         Ok(utxos)
     }
 
-    /// Asks every shard; a txid lives in exactly one (for BIP30 duplicates, the newest wins).
+    /// Asks every shard; a txid lives in exactly one (for BIP30 duplicates, the newest wins). Not in any
+    /// shard: the mempool, unconfirmed.
     pub async fn tx(&self, txid: &Hash32) -> Result<pb::TxDetail, ApiError> {
         let replies = self
             .ask_every_shard(|shard_id, mut client| {
@@ -178,10 +188,18 @@ impl QueryRouter {
                 async move { client.get_tx(request).await }
             })
             .await?;
-        replies
+        if let Some(found) = replies
             .into_iter()
             .filter_map(|(_, reply)| reply.tx.filter(|_| reply.found))
             .next_back()
+        {
+            return Ok(found);
+        }
+        use bitcoin::hashes::Hash;
+        self.mempool
+            .read()
+            .expect("mempool lock")
+            .tx(&bitcoin::Txid::from_byte_array(*txid))
             .ok_or_else(|| ApiError::NotFound(format!("transaction {} not found", display(txid))))
     }
 

@@ -48,10 +48,10 @@ pub fn scripthash_hex(script: &ScriptBuf) -> String {
     hex::encode(sha256::Hash::hash(script.as_bytes()).to_byte_array())
 }
 
-/// Every history page, following `/txs/chain/:last_seen_txid` until a short page.
+/// Every confirmed history page: `/txs/chain`, then `/txs/chain/:last_seen_txid` until a short page.
 pub async fn full_history(api: &Api, base_path: &str) -> Vec<Txid> {
     let mut txids: Vec<Txid> = Vec::new();
-    let mut path = format!("{base_path}/txs");
+    let mut path = format!("{base_path}/txs/chain");
     loop {
         let page = api.ok(&path).await;
         let page = page.as_array().expect("array of txs");

@@ -49,6 +49,14 @@ pub trait BlockSource: Send + Sync {
     fn spent_coins(&self, _height: u32) -> Result<Option<Vec<Vec<SpentCoin>>>, SourceError> {
         Ok(None)
     }
+    /// Txids in the node's mempool; `None` for sources without one (files).
+    fn mempool_txids(&self) -> Result<Option<Vec<bitcoin::Txid>>, SourceError> {
+        Ok(None)
+    }
+    /// A mempool transaction's bytes, if it is still there.
+    fn mempool_tx(&self, _txid: &bitcoin::Txid) -> Result<Option<Vec<u8>>, SourceError> {
+        Ok(None)
+    }
 }
 
 /// A coin an input spends, as undo data records it.

@@ -120,6 +120,29 @@ impl BlockSource for RpcSource {
             })
     }
 
+    fn mempool_txids(&self) -> Result<Option<Vec<bitcoin::Txid>>, SourceError> {
+        let txids = self.call("getrawmempool", json!([]))?;
+        let txids = txids.as_array().ok_or_else(|| SourceError::Rpc {
+            method: "getrawmempool".into(),
+            detail: format!("not a list: {txids}"),
+        })?;
+        Ok(Some(
+            txids
+                .iter()
+                .filter_map(|t| t.as_str().and_then(|t| bitcoin::Txid::from_str(t).ok()))
+                .collect(),
+        ))
+    }
+
+    fn mempool_tx(&self, txid: &bitcoin::Txid) -> Result<Option<Vec<u8>>, SourceError> {
+        // Gone (mined or evicted) since the listing is not an error.
+        match self.call("getrawtransaction", json!([txid.to_string(), 0])) {
+            Ok(raw) => Ok(raw.as_str().and_then(|h| hex::decode(h).ok())),
+            Err(SourceError::Rpc { .. }) => Ok(None),
+            Err(other) => Err(other),
+        }
+    }
+
     fn block_bytes(&self, height: u32) -> Result<Vec<u8>, SourceError> {
         let hash = self.block_hash(height)?;
         let bytes = match self.rest_block(&hash) {
