@@ -511,3 +511,66 @@ async fn a_reorg_beyond_the_limit_halts_instead_of_serving_a_mixed_chain() {
     assert!(body["error"].as_str().unwrap().contains("halted"), "{body}");
     sandbox.shutdown().await;
 }
+
+/// A source that stops having blocks mid-range (here: the shard reaches past the node's tip, as when a node
+/// is stopped or pruned under a running backfill) fails the shard after retries with an error naming the
+/// height, and leaves only whole blocks behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_source_names_the_height_and_leaves_whole_blocks() {
+    let node = Bitcoind::start().await;
+    let miner = node.rpc("getnewaddress", json!([])).await;
+    node.rpc("generatetoaddress", json!([30, miner])).await;
+    // The blocking RPC client owns a runtime: create and drop it off the async threads.
+    let spec = node.source_spec();
+    let source = tokio::task::spawn_blocking(move || chainidx_core::source::open(&spec).unwrap())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let worker = chainidx_node::WorkerNode::new(source, dir.path().to_path_buf());
+    worker.assign(0, 0, 40).unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        let status = worker.statuses().remove(0);
+        if status.phase == chainidx_proto::ShardPhase::Failed as i32 {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "shard did not fail: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        status.error.contains("fetching block 31"),
+        "{}",
+        status.error
+    );
+    assert!(status.error.contains("getblockhash"), "{}", status.error);
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "gave up without retrying"
+    );
+    assert_eq!(
+        status.next_height, 31,
+        "blocks 0..=30 written whole, nothing of 31"
+    );
+    let shard = worker.slot(0).unwrap().shard.clone();
+    let tip_hash = node.rpc("getblockhash", json!([30])).await;
+    let block = shard
+        .block(&chainidx_proto::shard_block_request::Key::Height(30), true)
+        .unwrap();
+    assert!(block.found);
+    let mut stored = block.meta.unwrap().hash;
+    stored.reverse();
+    assert_eq!(hex::encode(stored), tip_hash.as_str().unwrap());
+    assert!(
+        !shard
+            .block(&chainidx_proto::shard_block_request::Key::Height(31), false)
+            .unwrap()
+            .found
+    );
+    drop(shard);
+    tokio::task::spawn_blocking(move || drop(worker))
+        .await
+        .unwrap();
+}
