@@ -167,3 +167,70 @@ impl BlockSource for RpcSource {
         Ok(bytes)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+
+    /// A misbehaving node on loopback: RPC answers are well-formed, but REST sends bytes that are not the
+    /// block asked for (a fault no real node can be made to produce on demand).
+    fn garbage_node() -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(20) {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                reader.read_line(&mut request_line).unwrap();
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                    if line.trim().is_empty() {
+                        break;
+                    }
+                }
+                let mut body = vec![0u8; length];
+                reader.read_exact(&mut body).unwrap();
+                let reply: Vec<u8> = if request_line.starts_with("POST") {
+                    let hash = "00".repeat(31) + "2a";
+                    format!("{{\"result\":\"{hash}\",\"error\":null,\"id\":\"chainidx\"}}")
+                        .into_bytes()
+                } else {
+                    vec![0xde; 300]
+                };
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    reply.len()
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(&reply);
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn garbage_rest_reply_is_a_clear_error_naming_the_height() {
+        let port = garbage_node();
+        let source = RpcSource::new(&format!("http://u:p@127.0.0.1:{port}")).unwrap();
+        let error = source.block_bytes(7).unwrap_err().to_string();
+        assert!(error.contains("block at height 7"), "{error}");
+        assert!(error.contains("not block"), "{error}");
+    }
+
+    #[test]
+    fn bad_specs_are_refused() {
+        assert!(RpcSource::new("ftp://host").is_err());
+        assert!(matches!(
+            crate::source::open("nonsense"),
+            Err(SourceError::BadSpec(_))
+        ));
+    }
+}
