@@ -79,6 +79,9 @@ enum Command {
         /// Address peers and the coordinator use to reach this worker (default: the bound address).
         #[arg(long)]
         advertise: Option<String>,
+        /// Identity kept across restarts (default: the data directory).
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Query a running cluster over its HTTP API.
     Query {
@@ -260,6 +263,7 @@ async fn main() -> anyhow::Result<()> {
             data,
             listen,
             advertise,
+            name,
         } => {
             run_worker(
                 WorkerArgs {
@@ -268,6 +272,7 @@ async fn main() -> anyhow::Result<()> {
                     data,
                     listen,
                     advertise,
+                    name,
                 },
                 shutdown_signal(),
             )

@@ -18,6 +18,8 @@ pub struct SandboxBuilder {
     grpc_addr: String,
     http_addr: String,
     reorg_limit: u32,
+    /// `CHAINIDX_FAILPOINTS` for a worker's first start (crash tests); restarts run without.
+    failpoints: Vec<(usize, String)>,
 }
 
 impl SandboxBuilder {
@@ -37,6 +39,7 @@ impl SandboxBuilder {
             grpc_addr: "127.0.0.1:0".into(),
             http_addr: "127.0.0.1:0".into(),
             reorg_limit: 100,
+            failpoints: Vec::new(),
         }
     }
 
@@ -52,6 +55,12 @@ impl SandboxBuilder {
 
     pub fn network(mut self, network: bitcoin::Network) -> Self {
         self.network = network;
+        self
+    }
+
+    /// Arms failpoints (`name=N,...`, see `chainidx_node::failpoint`) in worker `i`'s first process.
+    pub fn worker_failpoints(mut self, i: usize, spec: impl Into<String>) -> Self {
+        self.failpoints.push((i, spec.into()));
         self
     }
 
@@ -104,37 +113,25 @@ impl SandboxBuilder {
             },
         ));
 
-        let mut children = Vec::new();
-        for i in 0..self.workers {
-            let dir = self.data_dir.join(format!("worker-{i}"));
-            std::fs::create_dir_all(&dir)?;
-            let log = std::fs::File::create(dir.join("worker.log"))?;
-            let child = Command::new(&self.binary)
-                .arg("node")
-                .args(["--coordinator", &format!("http://{grpc_addr}")])
-                .args(["--source", &self.source])
-                .arg("--data")
-                .arg(&dir)
-                .args(["--listen", "127.0.0.1:0"])
-                .env(
-                    "RUST_LOG",
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-                )
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("starting worker {}", self.binary.display()))?;
-            children.push(child);
-        }
-        let sandbox = Sandbox {
+        let mut sandbox = Sandbox {
             grpc_addr,
             http_addr,
             data_dir: self.data_dir,
-            children,
+            binary: self.binary,
+            source: self.source,
+            children: Vec::new(),
             stop: Some(stop),
             coordinator: Some(coordinator),
         };
+        for i in 0..self.workers {
+            let failpoints = self
+                .failpoints
+                .iter()
+                .find(|(w, _)| *w == i)
+                .map(|(_, spec)| spec.as_str());
+            let child = sandbox.spawn_worker(i, failpoints)?;
+            sandbox.children.push(child);
+        }
         sandbox
             .wait_for_workers(self.workers, Duration::from_secs(60))
             .await?;
@@ -146,6 +143,8 @@ pub struct Sandbox {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub data_dir: PathBuf,
+    binary: PathBuf,
+    source: String,
     children: Vec<Child>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     coordinator:
@@ -153,6 +152,66 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
+    /// Starts worker `i` as a child process, logging to `worker-i/worker.log` (appended across restarts).
+    fn spawn_worker(&self, i: usize, failpoints: Option<&str>) -> anyhow::Result<Child> {
+        let dir = self.data_dir.join(format!("worker-{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("worker.log"))?;
+        Command::new(&self.binary)
+            .arg("node")
+            .args(["--coordinator", &format!("http://{}", self.grpc_addr)])
+            .args(["--source", &self.source])
+            .arg("--data")
+            .arg(&dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("CHAINIDX_FAILPOINTS", failpoints.unwrap_or(""))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting worker {}", self.binary.display()))
+    }
+
+    /// Kills worker `i` with SIGKILL (no chance to flush or say goodbye), as a crash would.
+    pub async fn kill_worker(&mut self, i: usize) -> anyhow::Result<()> {
+        let child = &mut self.children[i];
+        child.start_kill()?;
+        child.wait().await?;
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for worker `i` to exit by itself (a failpoint); true if it did.
+    pub async fn wait_worker_exit(&mut self, i: usize, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.children[i].wait())
+            .await
+            .is_ok()
+    }
+
+    /// Starts worker `i` again on its data directory and waits until it has registered again (under the
+    /// same identity, at a new address).
+    pub async fn restart_worker(&mut self, i: usize) -> anyhow::Result<()> {
+        let before = self.status().await?.workers;
+        self.children[i] = self.spawn_worker(i, None)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.status().await?.workers == before {
+            if Instant::now() > deadline {
+                bail!(
+                    "worker {i} did not register again; see {}",
+                    self.worker_log(i).display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
     pub fn http_url(&self) -> String {
         format!("http://{}", self.http_addr)
     }

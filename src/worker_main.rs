@@ -13,6 +13,9 @@ pub struct WorkerArgs {
     pub listen: String,
     /// Address other processes use to reach this worker; defaults to the bound address.
     pub advertise: Option<String>,
+    /// Identity kept across restarts, so the coordinator hands the same shards back; defaults to the
+    /// data directory.
+    pub name: Option<String>,
 }
 
 pub async fn run_worker(
@@ -30,6 +33,12 @@ pub async fn run_worker(
         .with_context(|| format!("binding {}", args.listen))?;
     let bound = listener.local_addr()?;
     let advertise = args.advertise.clone().unwrap_or_else(|| bound.to_string());
+    let name = args.name.clone().unwrap_or_else(|| {
+        std::fs::canonicalize(&args.data)
+            .unwrap_or_else(|_| args.data.clone())
+            .display()
+            .to_string()
+    });
     let node = WorkerNode::new(source, args.data.clone());
     let server = tokio::spawn(chainidx_node::service::run(node, listener, shutdown));
     tracing::info!(%bound, %advertise, data = %args.data.display(), "worker listening");
@@ -46,7 +55,7 @@ pub async fn run_worker(
             let mut client = CoordinatorClient::connect(coordinator_url.clone()).await?;
             let request = chainidx_proto::RegisterWorkerRequest {
                 grpc_addr: advertise.clone(),
-                name: format!("worker@{advertise}"),
+                name: name.clone(),
             };
             anyhow::Ok(
                 client

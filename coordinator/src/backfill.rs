@@ -51,6 +51,7 @@ pub async fn drive(
         tokio::time::sleep(POLL).await;
     }
     let workers: Vec<WorkerEntry> = cluster.read().workers.clone();
+    let mut generations: Vec<u64> = workers.iter().map(|w| w.generation).collect();
     {
         let mut view = cluster.write();
         view.shards = plan_shards(tip, plan.shard_blocks)
@@ -83,27 +84,20 @@ pub async fn drive(
         .map(|s| (s.status.clone(), s.owner))
         .collect();
     for (status, owner) in assignments {
-        let request = pb::AssignShardRequest {
-            shard_id: status.shard_id,
-            start_height: status.start_height,
-            end_height: status.end_height,
-        };
-        let mut client = workers[owner].client.clone();
-        // Assignment is idempotent on the worker; retry until it lands.
-        while let Err(error) = client.assign_shard(request).await {
-            tracing::warn!(shard = status.shard_id, worker = %workers[owner].addr, %error, "assign failed; retrying");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        assign(&cluster, &status, owner).await;
     }
 
     loop {
-        poll_workers(&cluster, &workers).await;
+        hand_back_after_restarts(&cluster, &mut generations).await;
+        // Complete only on fresh news from every worker: a dead worker's last report may say "ready".
+        let all_answered = poll_workers(&cluster).await;
         start_ready_resolutions(&cluster).await;
-        let complete = cluster
-            .read()
-            .shards
-            .iter()
-            .all(|s| s.status.phase == pb::ShardPhase::Ready as i32);
+        let complete = all_answered
+            && cluster
+                .read()
+                .shards
+                .iter()
+                .all(|s| s.status.phase == pb::ShardPhase::Ready as i32);
         if complete {
             cluster.write().backfill_complete = true;
             tracing::info!(tip, "backfill complete; following the source's tip");
@@ -117,12 +111,18 @@ pub async fn drive(
         if cluster.read().halted.is_some() {
             continue;
         }
-        if let Err(error) =
-            follow_once(&cluster, &router, &source, &workers, plan.reorg_limit).await
-        {
+        hand_back_after_restarts(&cluster, &mut generations).await;
+        if let Err(error) = follow_once(&cluster, &router, &source, plan.reorg_limit).await {
             tracing::warn!(%error, "following the tip failed; will retry");
         }
-        poll_workers(&cluster, &workers).await;
+        let all_answered = poll_workers(&cluster).await;
+        let complete = all_answered
+            && cluster
+                .read()
+                .shards
+                .iter()
+                .all(|s| s.status.phase == pb::ShardPhase::Ready as i32);
+        cluster.write().backfill_complete = complete;
         if let Err(error) = crate::mempool::sync(router.mempool(), &router, &source).await {
             tracing::warn!(%error, "mempool sync failed; will retry");
         }
@@ -160,9 +160,9 @@ async fn follow_once(
     cluster: &Arc<Cluster>,
     router: &QueryRouter,
     source: &Arc<dyn BlockSource>,
-    workers: &[WorkerEntry],
     reorg_limit: u32,
 ) -> Result<(), String> {
+    let workers = cluster.read().workers.clone();
     let source_tip = blocking_source(source, |s| s.tip_height()).await?;
     let ours = cluster.indexed_tip().ok_or("nothing indexed")?;
     // The highest height where our chain and the source's agree.
@@ -210,7 +210,7 @@ async fn follow_once(
                     .map_err(|e| e.message().to_string())?;
             }
         }
-        poll_workers(cluster, workers).await;
+        let _ = poll_workers(cluster).await;
     }
     // Fresh statuses: a rollback moved checkpoints back.
     let shards: Vec<(pb::ShardStatus, usize)> = cluster
@@ -242,13 +242,62 @@ async fn follow_once(
             .await
             .map_err(|e| e.message().to_string())?;
     }
-    poll_workers(cluster, workers).await;
+    let _ = poll_workers(cluster).await;
     cluster.write().tip = Some(source_tip);
     tracing::info!(tip = source_tip, "followed the tip");
     Ok(())
 }
 
-async fn poll_workers(cluster: &Cluster, workers: &[WorkerEntry]) {
+/// Hands a shard to its owner; the worker opens (or reopens) it and resumes from its checkpoint.
+async fn assign(cluster: &Cluster, status: &pb::ShardStatus, owner: usize) {
+    let request = pb::AssignShardRequest {
+        shard_id: status.shard_id,
+        start_height: status.start_height,
+        end_height: status.end_height,
+    };
+    loop {
+        // Fresh each try: the worker may have restarted at another address.
+        let worker = cluster.read().workers[owner].clone();
+        match worker.client.clone().assign_shard(request).await {
+            Ok(_) => return,
+            Err(error) => {
+                tracing::warn!(shard = status.shard_id, worker = %worker.addr, %error, "assign failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// A worker that registered again (restarted, e.g. after kill -9) gets its shards back; the ones not yet
+/// ready are resolved again once their turn comes.
+async fn hand_back_after_restarts(cluster: &Cluster, generations: &mut [u64]) {
+    let workers = cluster.read().workers.clone();
+    for (owner, worker) in workers.iter().enumerate().take(generations.len()) {
+        if worker.generation == generations[owner] {
+            continue;
+        }
+        generations[owner] = worker.generation;
+        tracing::warn!(worker = %worker.name, addr = %worker.addr, "worker restarted; handing its shards back");
+        let shards: Vec<pb::ShardStatus> = cluster
+            .read()
+            .shards
+            .iter()
+            .filter(|s| s.owner == owner)
+            .map(|s| s.status.clone())
+            .collect();
+        for status in &shards {
+            assign(cluster, status, owner).await;
+        }
+        let mut view = cluster.write();
+        for shard in view.shards.iter_mut().filter(|s| s.owner == owner) {
+            shard.resolve_sent = false;
+        }
+    }
+}
+
+/// Refreshes shard statuses from every worker; false if some worker did not answer.
+async fn poll_workers(cluster: &Cluster) -> bool {
+    let workers = cluster.read().workers.clone();
     let polls = workers.iter().map(|w| {
         let mut client = w.client.clone();
         async move {
@@ -259,6 +308,7 @@ async fn poll_workers(cluster: &Cluster, workers: &[WorkerEntry]) {
         }
     });
     let replies = futures::future::join_all(polls).await;
+    let all_answered = replies.iter().all(|r| r.is_ok());
     let mut view = cluster.write();
     for (worker, reply) in replies.into_iter().enumerate() {
         match reply {
@@ -272,6 +322,14 @@ async fn poll_workers(cluster: &Cluster, workers: &[WorkerEntry]) {
                         {
                             tracing::error!(shard = status.shard_id, error = %status.error, "shard failed");
                         }
+                        // Resolution failed (a peer went away): ask again, with fresh peer addresses.
+                        if status.phase == pb::ShardPhase::Resolving as i32
+                            && !status.error.is_empty()
+                            && entry.resolve_sent
+                        {
+                            tracing::warn!(shard = status.shard_id, error = %status.error, "resolution failed; retrying");
+                            entry.resolve_sent = false;
+                        }
                         entry.status = status;
                     }
                 }
@@ -281,6 +339,7 @@ async fn poll_workers(cluster: &Cluster, workers: &[WorkerEntry]) {
             }
         }
     }
+    all_answered
 }
 
 /// Phase 2 of shard k may start when shards 0..=k have all finished phase 1: everything it can spend exists.
@@ -297,7 +356,10 @@ async fn start_ready_resolutions(cluster: &Cluster) {
             if !indexed {
                 break;
             }
-            if phase == pb::ShardPhase::Indexed as i32 && !shard.resolve_sent {
+            if (phase == pb::ShardPhase::Indexed as i32
+                || phase == pb::ShardPhase::Resolving as i32)
+                && !shard.resolve_sent
+            {
                 to_start.push((
                     shard.status.shard_id,
                     view.workers[shard.owner].client.clone(),

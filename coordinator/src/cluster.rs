@@ -10,8 +10,12 @@ use tonic::transport::Channel;
 #[derive(Clone)]
 pub struct WorkerEntry {
     pub id: u32,
+    /// Stable identity across restarts (the worker's data directory unless named otherwise).
+    pub name: String,
     pub addr: String,
     pub client: WorkerClient<Channel>,
+    /// Bumped each time the worker registers again (it restarted): its shards must be handed back.
+    pub generation: u64,
 }
 
 #[derive(Clone)]

@@ -20,30 +20,39 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerReply>, Status> {
         let r = request.into_inner();
-        if let Some(existing) = self
-            .cluster
-            .read()
-            .workers
-            .iter()
-            .find(|w| w.addr == r.grpc_addr)
-        {
-            return Ok(Response::new(pb::RegisterWorkerReply {
-                worker_id: existing.id,
-            }));
-        }
+        let name = if r.name.is_empty() {
+            r.grpc_addr.clone()
+        } else {
+            r.name.clone()
+        };
         let client = chainidx_node::connect_worker(&r.grpc_addr)
             .await
             .map_err(|e| {
                 Status::unavailable(format!("cannot reach worker at {}: {e}", r.grpc_addr))
             })?;
         let mut view = self.cluster.write();
+        if let Some(index) = view.workers.iter().position(|w| w.name == name) {
+            // A restarted worker: same data, new address. The driver hands its shards back; until they
+            // report ready again the cluster is not complete.
+            view.backfill_complete = false;
+            let existing = &mut view.workers[index];
+            existing.addr = r.grpc_addr.clone();
+            existing.client = client;
+            existing.generation += 1;
+            tracing::info!(worker = existing.id, addr = %r.grpc_addr, %name, "worker registered again");
+            return Ok(Response::new(pb::RegisterWorkerReply {
+                worker_id: existing.id,
+            }));
+        }
         let id = view.workers.len() as u32;
         view.workers.push(WorkerEntry {
             id,
+            name: name.clone(),
             addr: r.grpc_addr.clone(),
             client,
+            generation: 0,
         });
-        tracing::info!(worker = id, addr = %r.grpc_addr, name = %r.name, "worker registered");
+        tracing::info!(worker = id, addr = %r.grpc_addr, %name, "worker registered");
         Ok(Response::new(pb::RegisterWorkerReply { worker_id: id }))
     }
 

@@ -2,11 +2,13 @@
 //! source, resolves cross-shard spends with its peers, and answers per-shard queries.
 //!
 //! # Layout
+//! - [`failpoint`]: named points where crash tests abort the process.
 //! - [`rocks`]: the RocksDB engine behind `chainidx_core::store::Store`.
 //! - [`shard`]: one shard's rows: phase-1 indexing, phase-2 attribution, lookups for peers, queries.
 //! - [`worker`]: the shards a worker holds and the background tasks that backfill them.
 //! - [`service`]: the gRPC `Worker` service and `run(listener, shutdown)`.
 
+pub mod failpoint;
 pub mod rocks;
 pub mod service;
 pub mod shard;

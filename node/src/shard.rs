@@ -3,6 +3,7 @@
 //! in `pending`. Phase 2 ([`Shard::next_pending`], [`Shard::apply_resolved`]) attributes them once the owning
 //! shards have answered. [`Shard::spend_outputs`] answers those questions for other shards.
 
+use crate::failpoint::{self, failpoint};
 use bitcoin::consensus::{deserialize, serialize};
 use bitcoin::hashes::Hash;
 use bitcoin::{Block, Transaction};
@@ -351,7 +352,9 @@ impl Shard {
         state.pending_inputs += pending;
         state.cross_shard_inputs += pending;
         batch.put(Cf::Meta, SHARD_STATE_KEY, state.encode_to_vec());
+        failpoint(failpoint::INDEX_BEFORE_WRITE);
         self.store.write(batch, false)?;
+        failpoint(failpoint::INDEX_AFTER_WRITE);
         *self.state.lock().expect("state lock") = state;
         Ok(())
     }
@@ -517,6 +520,7 @@ impl Shard {
         }
         if !batch.is_empty() {
             self.store.write(batch, false)?;
+            failpoint(failpoint::SPEND_AFTER_WRITE);
         }
         Ok(found)
     }

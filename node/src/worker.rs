@@ -4,6 +4,7 @@
 //! writing on another. Phase 2 (resolve) sends a shard's pending inputs to earlier shards, nearest first
 //! (most coins are spent young), in batches, until each is found.
 
+use crate::failpoint::{self, failpoint};
 use crate::rocks::RocksStore;
 use crate::shard::{PendingSpend, Shard, ShardError};
 use bitcoin::Block;
@@ -59,7 +60,9 @@ impl ShardSlot {
     pub fn status(&self) -> pb::ShardStatus {
         let state = self.shard.state();
         let error = self.error.lock().expect("error lock").clone();
-        let phase = if error.is_some() {
+        // A failed resolution is retried by the coordinator (a peer may have restarted); other failures stop
+        // the shard.
+        let phase = if error.is_some() && state.phase != pb::ShardPhase::Resolving as i32 {
             pb::ShardPhase::Failed as i32
         } else {
             state.phase
@@ -198,6 +201,7 @@ impl WorkerNode {
         if slot.resolving.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        *slot.error.lock().expect("error lock") = None;
         slot.shard.set_phase(pb::ShardPhase::Resolving)?;
         let node = self.clone();
         tokio::spawn(async move {
@@ -229,11 +233,13 @@ impl WorkerNode {
                 break;
             }
             let outputs = self.lookup_spent(&batch, &earlier).await?;
+            failpoint(failpoint::RESOLVE_AFTER_LOOKUP);
             let resolved: Vec<(PendingSpend, pb::TxOut)> = batch.into_iter().zip(outputs).collect();
             let writer = shard.clone();
             tokio::task::spawn_blocking(move || writer.apply_resolved(&resolved))
                 .await
                 .map_err(|e| WorkerError::Task(e.to_string()))??;
+            failpoint(failpoint::RESOLVE_AFTER_APPLY);
         }
         self.deliver_notices(&shard, &earlier).await?;
         shard.set_phase(pb::ShardPhase::Ready)?;

@@ -72,7 +72,7 @@ pub async fn full_history(api: &Api, base_path: &str) -> Vec<Txid> {
     txids
 }
 
-async fn check_script(api: &Api, reference: &Reference, script: ScriptBuf, network: Network) {
+pub async fn check_script(api: &Api, reference: &Reference, script: ScriptBuf, network: Network) {
     let sh = scripthash_hex(&script);
     // Scripts with an address are queried by address, the others by scripthash: both paths are exercised.
     let base = match bitcoin::Address::from_script(&script, network) {
@@ -131,7 +131,7 @@ async fn check_script(api: &Api, reference: &Reference, script: ScriptBuf, netwo
     assert_eq!(got_utxos, want_utxos, "utxos of {base}");
 }
 
-async fn check_tx(api: &Api, reference: &Reference, txid: Txid) {
+pub async fn check_tx(api: &Api, reference: &Reference, txid: Txid) {
     let tx = api.ok(&format!("/tx/{txid}")).await;
     let want = reference.prevouts(&txid);
     let vin = tx["vin"].as_array().expect("vin");

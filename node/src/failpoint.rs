@@ -1,0 +1,44 @@
+//! Failpoints for crash tests: `CHAINIDX_FAILPOINTS="name=N[,name=N]"` makes the process abort — like
+//! kill -9, nothing flushed, no goodbye — the N-th time it reaches `failpoint(name)`. Unset, a failpoint
+//! costs one relaxed atomic load.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Where the crash tests can stop a worker.
+pub const INDEX_BEFORE_WRITE: &str = "index:before-write";
+pub const INDEX_AFTER_WRITE: &str = "index:after-write";
+pub const RESOLVE_AFTER_LOOKUP: &str = "resolve:after-lookup";
+pub const RESOLVE_AFTER_APPLY: &str = "resolve:after-apply";
+pub const SPEND_AFTER_WRITE: &str = "spend:after-write";
+
+fn armed() -> &'static HashMap<String, (usize, AtomicUsize)> {
+    static ARMED: OnceLock<HashMap<String, (usize, AtomicUsize)>> = OnceLock::new();
+    ARMED.get_or_init(|| {
+        std::env::var("CHAINIDX_FAILPOINTS")
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|spec| spec.split_once('='))
+            .filter_map(|(name, n)| {
+                Some((
+                    name.trim().to_string(),
+                    (n.trim().parse().ok()?, AtomicUsize::new(0)),
+                ))
+            })
+            .collect()
+    })
+}
+
+pub fn failpoint(name: &str) {
+    let points = armed();
+    if points.is_empty() {
+        return;
+    }
+    if let Some((at, hits)) = points.get(name)
+        && hits.fetch_add(1, Ordering::Relaxed) + 1 == *at
+    {
+        eprintln!("failpoint {name} reached {at} times: aborting");
+        std::process::abort();
+    }
+}
