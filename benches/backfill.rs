@@ -110,10 +110,7 @@ fn main() -> anyhow::Result<()> {
         "decode_only_tx_per_s": decode_tx_s,
         "backfill": runs,
     });
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let path = std::path::Path::new(&target).join("bench-backfill.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-    println!("report: {}", path.display());
+    chainidx::sandbox::write_bench_report("backfill", &report)?;
     Ok(())
 }
 

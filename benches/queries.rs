@@ -198,10 +198,7 @@ fn main() -> anyhow::Result<()> {
             "hot_address_tx_count".into(),
             truth["hot_address_tx_count"].clone(),
         );
-        let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-        let path = std::path::Path::new(&target).join("bench-queries.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&Value::Object(report))?)?;
-        println!("report: {}", path.display());
+        chainidx::sandbox::write_bench_report("queries", &Value::Object(report))?;
         sandbox.shutdown().await;
         anyhow::Ok(())
     })

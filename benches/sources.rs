@@ -138,10 +138,7 @@ async fn run(txs: usize) -> anyhow::Result<()> {
         "backfill_seconds_rpc": rpc_backfill.0, "backfill_seconds_datadir": datadir_backfill.0,
         "cross_shard_inputs": rpc_backfill.1,
     });
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let path = std::path::Path::new(&target).join("bench-sources.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-    println!("report: {}", path.display());
+    chainidx::sandbox::write_bench_report("sources", &report)?;
     Ok(())
 }
 

@@ -330,3 +330,12 @@ pub fn ensure_generated(
         .with_context(|| format!("generating a chain into {}", dir.display()))?;
     Ok(true)
 }
+
+/// Writes a benchmark's JSON report as `$CARGO_TARGET_DIR/bench-<name>.json` and says where.
+pub fn write_bench_report(name: &str, report: &serde_json::Value) -> anyhow::Result<PathBuf> {
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let path = Path::new(&target).join(format!("bench-{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(report)?)?;
+    println!("report: {}", path.display());
+    Ok(path)
+}

@@ -52,6 +52,19 @@ pub struct PendingSpend {
     pub input: PendingInput,
 }
 
+impl PendingSpend {
+    /// The wire form, for the shard that holds the coin.
+    pub fn to_ref(&self) -> pb::SpendRef {
+        pb::SpendRef {
+            prev_txid: self.input.prev_txid.to_vec(),
+            prev_vout: self.input.prev_vout,
+            spender_txid: self.input.spender_txid.to_vec(),
+            spender_vin: self.vin,
+            spender_height: self.height,
+        }
+    }
+}
+
 pub struct Shard {
     pub id: u32,
     pub start: u32,

@@ -19,6 +19,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 
+/// What a peer is asked to do with spends of its coins.
+enum Spends {
+    Record,
+    Forget,
+}
+
 /// Inputs resolved per round trip to a peer shard.
 pub const RESOLVE_BATCH: usize = 20_000;
 /// Generous: a history page can carry 1 MB transactions.
@@ -281,28 +287,11 @@ impl WorkerNode {
                     .entry(owner.shard_id)
                     .or_insert_with(|| (owner.clone(), Vec::new()))
                     .1
-                    .push(pb::SpendRef {
-                        prev_txid: spend.input.prev_txid.to_vec(),
-                        prev_vout: spend.input.prev_vout,
-                        spender_txid: spend.input.spender_txid.to_vec(),
-                        spender_vin: spend.vin,
-                        spender_height: spend.height,
-                    });
+                    .push(spend.to_ref());
             }
             for (_, (peer, spends)) in by_owner {
                 let sent = spends.len();
-                let mut client = self.peer(&peer.grpc_addr).await?;
-                let reply = client
-                    .spend_outputs(pb::SpendOutputsRequest {
-                        shard_id: peer.shard_id,
-                        spends,
-                    })
-                    .await
-                    .map_err(|status| WorkerError::Peer {
-                        addr: peer.grpc_addr.clone(),
-                        detail: status.message().to_string(),
-                    })?
-                    .into_inner();
+                let reply = self.send_spends(&peer, spends, Spends::Record).await?;
                 if reply.found.len() != sent {
                     return Err(WorkerError::Peer {
                         addr: peer.grpc_addr.clone(),
@@ -343,18 +332,9 @@ impl WorkerNode {
                 if remaining.is_empty() {
                     break;
                 }
-                let mut client = self.peer(&peer.grpc_addr).await?;
-                let reply = client
-                    .unspend_outputs(pb::SpendOutputsRequest {
-                        shard_id: peer.shard_id,
-                        spends: remaining.clone(),
-                    })
-                    .await
-                    .map_err(|status| WorkerError::Peer {
-                        addr: peer.grpc_addr.clone(),
-                        detail: status.message().to_string(),
-                    })?
-                    .into_inner();
+                let reply = self
+                    .send_spends(peer, remaining.clone(), Spends::Forget)
+                    .await?;
                 let held: std::collections::HashSet<u32> =
                     reply.found.iter().map(|f| f.index).collect();
                 remaining = remaining
@@ -414,27 +394,10 @@ impl WorkerNode {
                 .iter()
                 .map(|&i| {
                     let s = &batch[i];
-                    pb::SpendRef {
-                        prev_txid: s.input.prev_txid.to_vec(),
-                        prev_vout: s.input.prev_vout,
-                        spender_txid: s.input.spender_txid.to_vec(),
-                        spender_vin: s.vin,
-                        spender_height: s.height,
-                    }
+                    s.to_ref()
                 })
                 .collect();
-            let mut client = self.peer(&peer.grpc_addr).await?;
-            let reply = client
-                .spend_outputs(pb::SpendOutputsRequest {
-                    shard_id: peer.shard_id,
-                    spends,
-                })
-                .await
-                .map_err(|status| WorkerError::Peer {
-                    addr: peer.grpc_addr.clone(),
-                    detail: status.message().to_string(),
-                })?
-                .into_inner();
+            let reply = self.send_spends(peer, spends, Spends::Record).await?;
             for hit in reply.found {
                 let slot = remaining.get(hit.index as usize).copied().ok_or_else(|| {
                     WorkerError::Peer {
@@ -459,6 +422,31 @@ impl WorkerNode {
             });
         }
         Ok(found.into_iter().map(|o| o.expect("all found")).collect())
+    }
+
+    /// Sends spends to the shard `peer`: to record them (answering the outputs it holds) or to forget them
+    /// after a rollback (answering which outpoints it holds).
+    async fn send_spends(
+        &self,
+        peer: &pb::ShardPeer,
+        spends: Vec<pb::SpendRef>,
+        what: Spends,
+    ) -> Result<pb::SpendOutputsReply, WorkerError> {
+        let mut client = self.peer(&peer.grpc_addr).await?;
+        let request = pb::SpendOutputsRequest {
+            shard_id: peer.shard_id,
+            spends,
+        };
+        let reply = match what {
+            Spends::Record => client.spend_outputs(request).await,
+            Spends::Forget => client.unspend_outputs(request).await,
+        };
+        reply
+            .map(|r| r.into_inner())
+            .map_err(|status| WorkerError::Peer {
+                addr: peer.grpc_addr.clone(),
+                detail: status.message().to_string(),
+            })
     }
 
     async fn peer(&self, addr: &str) -> Result<WorkerClient<Channel>, WorkerError> {
