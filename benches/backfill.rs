@@ -3,11 +3,11 @@
 //! coordinator + worker processes over loopback gRPC, RocksDB, every input resolved).
 //!
 //! Run: `cargo bench --profile dev --bench backfill` (env: CHAINIDX_BENCH_BLOCKS, default 60;
-//! CHAINIDX_BENCH_WORKERS, default "1,2"). Prints figures and writes target/bench-backfill.json.
+//! CHAINIDX_BENCH_WORKERS, default "1,2,4,8"). Prints figures and writes target/bench-backfill.json.
 
 use bitcoin::Block;
 use bitcoin::consensus::deserialize;
-use chainidx::sandbox::SandboxBuilder;
+use chainidx::sandbox::{SandboxBuilder, cpu_seconds, peak_rss_bytes};
 use chainidx_core::generator::{GenConfig, generate};
 use chainidx_core::source::{BlkDirSource, BlockSource};
 use serde_json::json;
@@ -23,7 +23,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 fn main() -> anyhow::Result<()> {
     let blocks: u32 = env_or("CHAINIDX_BENCH_BLOCKS", 60);
     let worker_counts: Vec<usize> = std::env::var("CHAINIDX_BENCH_WORKERS")
-        .unwrap_or_else(|_| "1,2".into())
+        .unwrap_or_else(|_| "1,2,4,8".into())
         .split(',')
         .filter_map(|w| w.trim().parse().ok())
         .collect();
@@ -71,7 +71,8 @@ fn main() -> anyhow::Result<()> {
     for workers in worker_counts {
         let cluster_dir = dir.path().join(format!("cluster-{workers}"));
         let shard_blocks = (blocks / (workers as u32 * 4)).max(1);
-        let (elapsed, cross) = runtime.block_on(async {
+        let own_cpu_before = cpu_seconds(std::process::id());
+        let (elapsed, cross, worker_cpu, peak_rss) = runtime.block_on(async {
             let sandbox = SandboxBuilder::new(
                 env!("CARGO_BIN_EXE_chainidx"),
                 format!("blk:{}", chain.display()),
@@ -86,23 +87,32 @@ fn main() -> anyhow::Result<()> {
                 .wait_for_backfill(Duration::from_secs(3600), |_| {})
                 .await?;
             let elapsed = started.elapsed().as_secs_f64();
+            let pids = sandbox.worker_pids();
+            let worker_cpu: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+            let peak_rss = pids.iter().map(|p| peak_rss_bytes(*p)).max().unwrap_or(0);
             sandbox.shutdown().await;
             let cross: u64 = status.shards.iter().map(|s| s.cross_shard_inputs).sum();
-            anyhow::Ok((elapsed, cross))
+            anyhow::Ok((elapsed, cross, worker_cpu, peak_rss))
         })?;
+        // The coordinator runs in this process (with the bench's own polling): counted too.
+        let cpu = worker_cpu + (cpu_seconds(std::process::id()) - own_cpu_before);
+        let cpu_per_million = cpu / (summary.txs as f64 / 1e6);
         let disk = dir_size(&cluster_dir);
         let tx_s = summary.txs as f64 / elapsed;
         let per_worker = tx_s / workers as f64;
         println!(
             "backfill, {workers} worker(s), shards of {shard_blocks} blocks: {elapsed:.1}s, {tx_s:.0} tx/s total, \
-             {per_worker:.0} tx/s per worker ({:.2} of decode-only), {cross} cross-shard inputs, {:.0} bytes on disk per tx",
+             {per_worker:.0} tx/s per worker ({:.2} of decode-only), {cross} cross-shard inputs, {:.0} bytes on disk per tx, \
+             {cpu_per_million:.1} CPU-s per million tx (all processes), worker peak RSS {:.0} MiB",
             per_worker / decode_tx_s,
-            disk as f64 / summary.txs as f64
+            disk as f64 / summary.txs as f64,
+            peak_rss as f64 / (1 << 20) as f64
         );
         runs.push(json!({
             "workers": workers, "shard_blocks": shard_blocks, "seconds": elapsed, "tx_per_s": tx_s,
             "tx_per_s_per_worker": per_worker, "ratio_to_decode_only": per_worker / decode_tx_s,
             "cross_shard_inputs": cross, "disk_bytes_per_tx": disk as f64 / summary.txs as f64,
+            "cpu_seconds_per_million_tx": cpu_per_million, "worker_peak_rss_bytes": peak_rss,
         }));
     }
     let report = json!({

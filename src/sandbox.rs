@@ -295,6 +295,11 @@ impl Sandbox {
         }
     }
 
+    /// Process ids of the running workers (for CPU and memory figures in benches).
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.children.iter().filter_map(|c| c.id()).collect()
+    }
+
     pub fn worker_log(&self, i: usize) -> PathBuf {
         self.data_dir.join(format!("worker-{i}")).join("worker.log")
     }
@@ -338,4 +343,29 @@ pub fn write_bench_report(name: &str, report: &serde_json::Value) -> anyhow::Res
     std::fs::write(&path, serde_json::to_string_pretty(report)?)?;
     println!("report: {}", path.display());
     Ok(path)
+}
+
+/// CPU seconds (user + system) a process has used so far, from /proc (Linux; 0 elsewhere).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th of those.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0 // USER_HZ is 100 on Linux
+}
+
+/// Peak resident memory of a process in bytes (VmHWM), from /proc (Linux; 0 elsewhere).
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
