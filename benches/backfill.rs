@@ -70,7 +70,8 @@ fn main() -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for workers in worker_counts {
         let cluster_dir = dir.path().join(format!("cluster-{workers}"));
-        let shard_blocks = (blocks / (workers as u32 * 4)).max(1);
+        // The same 16 shards whatever the worker count, so only the distribution differs between runs.
+        let shard_blocks = blocks.div_ceil(16).max(1);
         let own_cpu_before = cpu_seconds(std::process::id());
         let (elapsed, cross, worker_cpu, peak_rss) = runtime.block_on(async {
             let sandbox = SandboxBuilder::new(
