@@ -444,6 +444,20 @@ async fn follows_the_tip_through_reorgs() {
         }
         node.rpc("generatetoaddress", json!([depth + 1, other_miner]))
             .await;
+        // The wallet counts outputs spent by its unconfirmed txs as spent; mine until none are left so its
+        // listunspent speaks of the chain alone.
+        for _ in 0..5 {
+            if node
+                .rpc("getrawmempool", json!([]))
+                .await
+                .as_array()
+                .unwrap()
+                .is_empty()
+            {
+                break;
+            }
+            node.rpc("generatetoaddress", json!([1, other_miner])).await;
+        }
         let latency = wait_for_tip(&api, &node, Duration::from_secs(60)).await;
         eprintln!("reorg of {depth}: new branch queryable after {latency:?}");
         // A 30-deep invalidation leaves most wallet receipts orphaned (this node does not re-mine them), so

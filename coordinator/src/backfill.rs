@@ -99,7 +99,10 @@ pub async fn drive(
                 .iter()
                 .all(|s| s.status.phase == pb::ShardPhase::Ready as i32);
         if complete {
-            cluster.write().backfill_complete = true;
+            let mut view = cluster.write();
+            view.backfill_complete = true;
+            view.following = true;
+            drop(view);
             tracing::info!(tip, "backfill complete; following the source's tip");
             break;
         }
@@ -194,6 +197,8 @@ async fn follow_once(
         .map(|s| (s.status.clone(), s.owner))
         .collect();
     if fork < ours {
+        // Queries stop seeing the blocks being removed before they go.
+        cluster.write().tip = Some(fork);
         tracing::warn!(depth = ours - fork, fork, "reorg: rolling back");
         for (status, owner) in shards.iter().rev() {
             if status.next_height > fork + 1 {

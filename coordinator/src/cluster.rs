@@ -32,6 +32,9 @@ pub struct ClusterView {
     pub workers: Vec<WorkerEntry>,
     pub shards: Vec<ShardEntry>,
     pub backfill_complete: bool,
+    /// Set once the backfill is done: from then on `tip` is the last height whose blocks are fully
+    /// attributed (catch-up finished), which is what queries see.
+    pub following: bool,
     /// Set when the source reorganised deeper than the limit: queries are refused rather than answered
     /// from a chain the source no longer has.
     pub halted: Option<String>,
@@ -79,6 +82,17 @@ impl Cluster {
                 grpc_addr: view.workers[s.owner].addr.clone(),
             })
             .collect()
+    }
+
+    /// The tip queries see: while following, the last height whose catch-up (indexing and resolution)
+    /// finished; during the backfill, the highest height below which every block is indexed.
+    pub fn served_tip(&self) -> Option<u32> {
+        let view = self.read();
+        if view.following {
+            return view.tip;
+        }
+        drop(view);
+        self.indexed_tip()
     }
 
     /// The highest height below which every block is indexed (phase 1 at least).

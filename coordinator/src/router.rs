@@ -272,7 +272,7 @@ impl QueryRouter {
     pub async fn tip(&self) -> Result<pb::BlockLookup, ApiError> {
         let height = self
             .cluster
-            .indexed_tip()
+            .served_tip()
             .ok_or_else(|| ApiError::Unavailable("no block indexed yet".into()))?;
         self.block_at(height, false).await
     }
