@@ -167,6 +167,7 @@ async fn follow_once(
 ) -> Result<(), String> {
     let workers = cluster.read().workers.clone();
     let source_tip = blocking_source(source, |s| s.tip_height()).await?;
+    cluster.write().source_tip = Some(source_tip);
     let ours = cluster.indexed_tip().ok_or("nothing indexed")?;
     // The highest height where our chain and the source's agree.
     let mut fork = ours.min(source_tip);

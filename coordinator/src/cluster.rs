@@ -35,6 +35,8 @@ pub struct ClusterView {
     /// Set once the backfill is done: from then on `tip` is the last height whose blocks are fully
     /// attributed (catch-up finished), which is what queries see.
     pub following: bool,
+    /// The source's tip height at the last check.
+    pub source_tip: Option<u32>,
     /// Set when the source reorganised deeper than the limit: queries are refused rather than answered
     /// from a chain the source no longer has.
     pub halted: Option<String>,
@@ -127,6 +129,8 @@ impl Cluster {
             workers: view.workers.iter().map(|w| w.addr.clone()).collect(),
             network: self.network.to_string(),
             halted: view.halted.clone().unwrap_or_default(),
+            source_tip: view.source_tip.or(view.tip).unwrap_or(0),
+            following: view.following,
         }
     }
 }

@@ -302,6 +302,10 @@ async fn cluster_status(State(router): State<QueryRouter>) -> Json<Value> {
     Json(json!({
         "network": status.network,
         "tip_height": status.tip_height,
+        "source_tip_height": status.source_tip,
+        "lag_blocks": status.source_tip.saturating_sub(status.tip_height),
+        "following": status.following,
+        "halted": if status.halted.is_empty() { Value::Null } else { json!(status.halted) },
         "backfill_complete": status.backfill_complete,
         "workers": status.workers,
         "shards": shards,
