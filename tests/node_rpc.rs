@@ -19,6 +19,8 @@ struct NodeView {
     spent: u64,
     spent_count: u64,
     txs: BTreeSet<String>,
+    /// Unspent outputs paying the script: (txid, vout, value).
+    utxos: BTreeSet<(String, u64, u64)>,
 }
 
 /// An amount the node's RPC accepts (the shortest decimal form of sats / 1e8).
@@ -94,6 +96,11 @@ async fn node_view(node: &Bitcoind) -> (HashMap<String, NodeView>, usize) {
                     .get(&prev)
                     .cloned()
                     .expect("spent output seen earlier");
+                view.entry(script.clone()).or_default().utxos.remove(&(
+                    prev.0.clone(),
+                    prev.1,
+                    value,
+                ));
                 let entry = view.entry(script).or_default();
                 entry.spent += value;
                 entry.spent_count += 1;
@@ -112,6 +119,9 @@ async fn node_view(node: &Bitcoind) -> (HashMap<String, NodeView>, usize) {
                 let entry = view.entry(script).or_default();
                 entry.received += value;
                 entry.funded_count += 1;
+                entry
+                    .utxos
+                    .insert((txid.clone(), output["n"].as_u64().unwrap(), value));
                 entry.txs.insert(txid.clone());
             }
         }
@@ -170,6 +180,23 @@ async fn start_cluster(source: &str, dir: &std::path::Path) -> chainidx::sandbox
         .unwrap()
 }
 
+/// The (txid, vout, value) set of a `/utxo` answer.
+async fn utxo_set(api: &Api, path: &str) -> BTreeSet<(String, u64, u64)> {
+    api.ok(path)
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u: &Value| {
+            (
+                u["txid"].as_str().unwrap().to_string(),
+                u["vout"].as_u64().unwrap(),
+                u["value"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 /// Every answer of the cluster behind `api` against the node's own.
 async fn check_answers(
     api: &Api,
@@ -187,6 +214,7 @@ async fn check_answers(
             funded_count: s["funded_txo_count"].as_u64().unwrap(),
             spent: s["spent_txo_sum"].as_u64().unwrap(),
             spent_count: s["spent_txo_count"].as_u64().unwrap(),
+            utxos: utxo_set(api, &format!("/scripthash/{sh}/utxo")).await,
             txs: full_history(api, &format!("/scripthash/{sh}"))
                 .await
                 .iter()
@@ -235,28 +263,13 @@ async fn check_answers(
         if *address == node_answers.miner {
             continue; // immature coinbases are not listed by the wallet but are unspent outputs
         }
-        let got: BTreeSet<(String, u64, u64)> = api
-            .ok(&format!("/address/{address}/utxo"))
-            .await
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|u: &Value| {
-                (
-                    u["txid"].as_str().unwrap().to_string(),
-                    u["vout"].as_u64().unwrap(),
-                    u["value"].as_u64().unwrap(),
-                )
-            })
-            .collect();
-        assert_eq!(&got, want, "{label}: UTXOs of {address}");
-        let stats = api.ok(&format!("/address/{address}")).await;
-        let balance = stats["chain_stats"]["funded_txo_sum"].as_u64().unwrap()
-            - stats["chain_stats"]["spent_txo_sum"].as_u64().unwrap();
-        assert_eq!(
-            balance,
-            want.iter().map(|u| u.2).sum::<u64>(),
-            "{label}: balance of {address}"
+        // Every output the wallet lists as its own and unspent is unspent in the index. (The exact UTXO
+        // set of every script was compared above with the node's own decoding of the chain; the wallet
+        // can list less, e.g. after a reorg it treats some of its outputs as conflicted.)
+        let got = utxo_set(api, &format!("/address/{address}/utxo")).await;
+        assert!(
+            want.is_subset(&got),
+            "{label}: wallet UTXOs of {address} {want:?} not all in {got:?}"
         );
     }
 
