@@ -77,12 +77,7 @@ pub async fn drive(
         "assigning shards"
     );
 
-    let assignments: Vec<(pb::ShardStatus, usize)> = cluster
-        .read()
-        .shards
-        .iter()
-        .map(|s| (s.status.clone(), s.owner))
-        .collect();
+    let assignments: Vec<(pb::ShardStatus, usize)> = cluster.shard_owners();
     for (status, owner) in assignments {
         assign(&cluster, &status, owner).await;
     }
@@ -191,12 +186,7 @@ async fn follow_once(
         return Ok(());
     }
     let peers = cluster.peers();
-    let shards: Vec<(pb::ShardStatus, usize)> = cluster
-        .read()
-        .shards
-        .iter()
-        .map(|s| (s.status.clone(), s.owner))
-        .collect();
+    let shards: Vec<(pb::ShardStatus, usize)> = cluster.shard_owners();
     if fork < ours {
         // Queries stop seeing the blocks being removed before they go.
         cluster.write().tip = Some(fork);
@@ -219,12 +209,7 @@ async fn follow_once(
         let _ = poll_workers(cluster).await;
     }
     // Fresh statuses: a rollback moved checkpoints back.
-    let shards: Vec<(pb::ShardStatus, usize)> = cluster
-        .read()
-        .shards
-        .iter()
-        .map(|s| (s.status.clone(), s.owner))
-        .collect();
+    let shards: Vec<(pb::ShardStatus, usize)> = cluster.shard_owners();
     let last = shards.len() - 1;
     for (i, (status, owner)) in shards.iter().enumerate() {
         let behind = if i == last {

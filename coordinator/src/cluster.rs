@@ -72,6 +72,15 @@ impl Cluster {
             .collect()
     }
 
+    /// Each shard's last reported status and its owner (an index into `workers`), in height order.
+    pub fn shard_owners(&self) -> Vec<(pb::ShardStatus, usize)> {
+        self.read()
+            .shards
+            .iter()
+            .map(|s| (s.status.clone(), s.owner))
+            .collect()
+    }
+
     /// Every shard as a peer address, for workers that must reach the others.
     pub fn peers(&self) -> Vec<pb::ShardPeer> {
         let view = self.read();

@@ -501,16 +501,8 @@ impl Shard {
         let mut found = Vec::new();
         let mut batch = Batch::default();
         for (index, spend) in spends.iter().enumerate() {
-            let prev_txid: Hash32 = spend
-                .prev_txid
-                .as_slice()
-                .try_into()
-                .map_err(|_| corrupt("spend request", "txid is not 32 bytes"))?;
-            let spender: Hash32 = spend
-                .spender_txid
-                .as_slice()
-                .try_into()
-                .map_err(|_| corrupt("spend request", "txid is not 32 bytes"))?;
+            let prev_txid = request_txid(&spend.prev_txid, "spend request")?;
+            let spender = request_txid(&spend.spender_txid, "spend request")?;
             let key = txid_index_key(&prev_txid, spend.prev_vout);
             if let Some(bytes) = self.store.get(Cf::Outputs, &key)? {
                 let out = pb::TxOut::decode(bytes.as_slice()).map_err(|e| corrupt("output", e))?;
@@ -701,11 +693,7 @@ impl Shard {
         let mut held = Vec::new();
         let mut batch = Batch::default();
         for (index, spend) in spends.iter().enumerate() {
-            let prev_txid: Hash32 = spend
-                .prev_txid
-                .as_slice()
-                .try_into()
-                .map_err(|_| corrupt("unspend request", "txid is not 32 bytes"))?;
+            let prev_txid = request_txid(&spend.prev_txid, "unspend request")?;
             let key = txid_index_key(&prev_txid, spend.prev_vout);
             if self.store.get(Cf::Outputs, &key)?.is_none() {
                 continue;
@@ -923,6 +911,13 @@ impl Shard {
         }
         Ok(Some(outspends))
     }
+}
+
+/// A txid in a peer's request, which must be 32 bytes.
+fn request_txid(bytes: &[u8], what: &'static str) -> Result<Hash32, ShardError> {
+    bytes
+        .try_into()
+        .map_err(|_| corrupt(what, "txid is not 32 bytes"))
 }
 
 /// The block time field of an 80-byte header.
