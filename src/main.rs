@@ -45,10 +45,23 @@ enum Command {
     },
     /// Run a whole cluster here: coordinator + worker processes on loopback, backfill, then serve queries.
     Up(UpArgs),
-    /// Run a coordinator (for deployments where workers run elsewhere).
+    /// Run a coordinator replica. Three form a Raft group: start one with `--id 1`, then the others with
+    /// `--id N --join <first's gRPC address>`; a restarted replica rejoins from its `--data`.
     Coordinator {
         #[arg(long)]
         source: String,
+        /// Raft id of this replica, unique in the group and never reused.
+        #[arg(long, default_value_t = 1)]
+        id: u64,
+        /// Where the Raft log and snapshots are kept.
+        #[arg(long, default_value = "chainidx-coordinator")]
+        data: PathBuf,
+        /// gRPC address of a running coordinator whose group this one joins (first start only).
+        #[arg(long)]
+        join: Option<String>,
+        /// Workers holding each shard; with 2 or more, losing a worker does not fail queries.
+        #[arg(long, default_value_t = 1)]
+        replication: u32,
         #[arg(long, default_value = "127.0.0.1:50051")]
         grpc: String,
         #[arg(long, default_value = "127.0.0.1:3000")]
@@ -64,9 +77,9 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         reorg_limit: u32,
     },
-    /// Run a worker node that registers with a coordinator.
+    /// Run a worker node that registers with the coordinators' leader and holds a lease on its shards.
     Node {
-        /// Coordinator gRPC address, e.g. http://127.0.0.1:50051.
+        /// Coordinator gRPC addresses, comma-separated (any member; the leader is found from there).
         #[arg(long)]
         coordinator: String,
         #[arg(long)]
@@ -91,7 +104,17 @@ enum Command {
         #[command(subcommand)]
         what: QueryWhat,
     },
-    /// Show the cluster's shards, owners and progress.
+    /// Show or change the coordinator Raft group online. Adding happens when a new coordinator starts with
+    /// `--join`; removing is this command with `--remove ID` (sent to the leader, found from any member).
+    Members {
+        /// gRPC address of any coordinator.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        coordinator: String,
+        /// Raft id of a coordinator to remove from the group.
+        #[arg(long)]
+        remove: Option<u64>,
+    },
+    /// Show the cluster: Raft leader and members, workers holding leases, shards with replicas and lag.
     Status {
         #[arg(long, default_value = "http://127.0.0.1:3000")]
         server: String,
@@ -130,6 +153,13 @@ struct UpArgs {
     /// Deepest reorg rolled back while following the tip; a deeper one halts the index.
     #[arg(long, default_value_t = 100)]
     reorg_limit: u32,
+    /// Coordinator replicas: 1 runs in this process; 3 run as a Raft group of child processes (on
+    /// ephemeral ports; the first one's HTTP address is printed).
+    #[arg(long, default_value_t = 1)]
+    coordinators: usize,
+    /// Workers holding each shard; 2 or more keep queries answered when a worker dies.
+    #[arg(long, default_value_t = 1)]
+    replication: u32,
 }
 
 #[derive(Subcommand)]
@@ -230,6 +260,10 @@ async fn run() -> anyhow::Result<()> {
         Command::Up(args) => up(args).await?,
         Command::Coordinator {
             source,
+            id,
+            data,
+            join,
+            replication,
             grpc,
             http,
             network,
@@ -248,6 +282,7 @@ async fn run() -> anyhow::Result<()> {
             let http_listener = tokio::net::TcpListener::bind(&http)
                 .await
                 .with_context(|| format!("binding {http}"))?;
+            // One line for scripts (and the sandbox) to learn the bound ports.
             eprintln!(
                 "coordinator: gRPC {} HTTP {}",
                 grpc_listener.local_addr()?,
@@ -257,7 +292,11 @@ async fn run() -> anyhow::Result<()> {
                 network,
                 shard_blocks,
                 min_workers,
+                replication,
                 reorg_limit,
+                id,
+                data_dir: data,
+                join,
             };
             chainidx_coordinator::run(
                 config,
@@ -312,6 +351,46 @@ async fn run() -> anyhow::Result<()> {
                 serde_json::to_string_pretty(&http_get(&server, &path).await?)?
             );
         }
+        Command::Members { coordinator, remove } => {
+            let mut target = coordinator.trim_start_matches("http://").to_string();
+            let status = loop {
+                let mut client = chainidx_proto::coordinator_client::CoordinatorClient::connect(
+                    format!("http://{target}"),
+                )
+                .await
+                .with_context(|| format!("connecting to coordinator {target}"))?;
+                let Some(id) = remove else {
+                    break client
+                        .cluster_status(chainidx_proto::ClusterStatusRequest {})
+                        .await?
+                        .into_inner()
+                        .members;
+                };
+                match client
+                    .remove_coordinator(chainidx_proto::RemoveCoordinatorRequest { id })
+                    .await
+                {
+                    Ok(reply) => break reply.into_inner().members,
+                    Err(status) => match status
+                        .metadata()
+                        .get(chainidx_coordinator::grpc::LEADER_KEY)
+                        .and_then(|v| v.to_str().ok())
+                    {
+                        Some(leader) if leader != target => target = leader.to_string(),
+                        _ => bail!("removing coordinator {id}: {}", status.message()),
+                    },
+                }
+            };
+            for member in status {
+                println!(
+                    "{}\t{}\tgrpc {}\thttp {}",
+                    member.id,
+                    if member.voter { "voter" } else { "learner" },
+                    member.grpc_addr,
+                    member.http_addr
+                );
+            }
+        }
         Command::Status { server } => {
             println!(
                 "{}",
@@ -355,6 +434,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         blocks,
         exit_after_backfill,
         reorg_limit,
+        coordinators,
+        replication,
     } = args;
     if workers == 0 {
         bail!("--workers must be at least 1");
@@ -399,6 +480,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         .workers(workers)
         .shard_blocks(shard_blocks)
         .reorg_limit(reorg_limit)
+        .coordinators(coordinators)
+        .replication(replication)
         .network(network)
         .grpc_addr(grpc)
         .http_addr(http)

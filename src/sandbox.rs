@@ -1,5 +1,6 @@
-//! A real cluster on loopback: the coordinator in this process, each worker a child process of the
-//! `chainidx` binary, all gRPC on port 0. Used by `chainidx up`, the tests and the benches.
+//! A real cluster on loopback: one coordinator in this process (or a Raft group of coordinator child
+//! processes), each worker a child process of the `chainidx` binary, all on port 0. Used by `chainidx up`,
+//! the tests and the benches.
 
 use anyhow::{Context, bail};
 use chainidx_proto::coordinator_client::CoordinatorClient;
@@ -8,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
+#[derive(Clone)]
 pub struct SandboxBuilder {
     binary: PathBuf,
     source: String,
@@ -20,6 +22,8 @@ pub struct SandboxBuilder {
     reorg_limit: u32,
     /// `CHAINIDX_FAILPOINTS` for a worker's first start (crash tests); restarts run without.
     failpoints: Vec<(usize, String)>,
+    coordinators: usize,
+    replication: u32,
 }
 
 impl SandboxBuilder {
@@ -40,7 +44,21 @@ impl SandboxBuilder {
             http_addr: "127.0.0.1:0".into(),
             reorg_limit: 100,
             failpoints: Vec::new(),
+            coordinators: 1,
+            replication: 1,
         }
+    }
+
+    /// Coordinator replicas: 1 runs in this process; more run as child processes forming a Raft group.
+    pub fn coordinators(mut self, coordinators: usize) -> Self {
+        self.coordinators = coordinators.max(1);
+        self
+    }
+
+    /// Workers holding each shard.
+    pub fn replication(mut self, replication: u32) -> Self {
+        self.replication = replication;
+        self
     }
 
     pub fn workers(mut self, workers: usize) -> Self {
@@ -80,49 +98,36 @@ impl SandboxBuilder {
         self
     }
 
-    /// Starts the coordinator and the workers, and returns once every worker has registered.
+    /// Starts the coordinator(s) and the workers, and returns once every worker has registered.
     pub async fn start(self) -> anyhow::Result<Sandbox> {
         std::fs::create_dir_all(&self.data_dir)
             .with_context(|| format!("creating {}", self.data_dir.display()))?;
-        let source_spec = self.source.clone();
-        let source = tokio::task::spawn_blocking(move || chainidx_core::source::open(&source_spec))
-            .await?
-            .with_context(|| format!("opening source {}", self.source))?;
-        let grpc = tokio::net::TcpListener::bind(&self.grpc_addr)
-            .await
-            .with_context(|| format!("binding gRPC {}", self.grpc_addr))?;
-        let http = tokio::net::TcpListener::bind(&self.http_addr)
-            .await
-            .with_context(|| format!("binding HTTP {}", self.http_addr))?;
-        let grpc_addr = grpc.local_addr()?;
-        let http_addr = http.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let config = chainidx_coordinator::CoordinatorConfig {
-            network: self.network,
-            shard_blocks: self.shard_blocks,
-            min_workers: self.workers,
-            reorg_limit: self.reorg_limit,
-        };
-        let coordinator = tokio::spawn(chainidx_coordinator::run(
-            config,
-            source,
-            grpc,
-            http,
-            async {
-                let _ = stopped.await;
-            },
-        ));
-
         let mut sandbox = Sandbox {
-            grpc_addr,
-            http_addr,
-            data_dir: self.data_dir,
-            binary: self.binary,
-            source: self.source,
+            grpc_addr: "127.0.0.1:0".parse()?,
+            http_addr: "127.0.0.1:0".parse()?,
+            data_dir: self.data_dir.clone(),
+            binary: self.binary.clone(),
+            source: self.source.clone(),
             children: Vec::new(),
-            stop: Some(stop),
-            coordinator: Some(coordinator),
+            stop: None,
+            coordinator: None,
+            coordinators: Vec::new(),
+            config: self.clone(),
         };
+        if self.coordinators == 1 {
+            self.start_embedded_coordinator(&mut sandbox).await?;
+        } else {
+            for i in 0..self.coordinators {
+                let join = sandbox.coordinators.first().map(|c| c.grpc.to_string());
+                let process = self.spawn_coordinator(i, join).await?;
+                sandbox.coordinators.push(process);
+            }
+            sandbox.grpc_addr = sandbox.coordinators[0].grpc;
+            sandbox.http_addr = sandbox.coordinators[0].http;
+            sandbox
+                .wait_for_members(self.coordinators, Duration::from_secs(30))
+                .await?;
+        }
         for i in 0..self.workers {
             let failpoints = self
                 .failpoints
@@ -137,6 +142,113 @@ impl SandboxBuilder {
             .await?;
         Ok(sandbox)
     }
+
+    async fn start_embedded_coordinator(&self, sandbox: &mut Sandbox) -> anyhow::Result<()> {
+        let source_spec = self.source.clone();
+        let source = tokio::task::spawn_blocking(move || chainidx_core::source::open(&source_spec))
+            .await?
+            .with_context(|| format!("opening source {}", self.source))?;
+        let grpc = tokio::net::TcpListener::bind(&self.grpc_addr)
+            .await
+            .with_context(|| format!("binding gRPC {}", self.grpc_addr))?;
+        let http = tokio::net::TcpListener::bind(&self.http_addr)
+            .await
+            .with_context(|| format!("binding HTTP {}", self.http_addr))?;
+        sandbox.grpc_addr = grpc.local_addr()?;
+        sandbox.http_addr = http.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let config = chainidx_coordinator::CoordinatorConfig {
+            network: self.network,
+            shard_blocks: self.shard_blocks,
+            min_workers: self.workers,
+            replication: self.replication,
+            reorg_limit: self.reorg_limit,
+            id: 1,
+            data_dir: self.data_dir.join("coordinator-1"),
+            join: None,
+        };
+        sandbox.coordinator = Some(tokio::spawn(chainidx_coordinator::run(
+            config,
+            source,
+            grpc,
+            http,
+            async {
+                let _ = stopped.await;
+            },
+        )));
+        sandbox.stop = Some(stop);
+        Ok(())
+    }
+
+    /// Starts coordinator `i` (Raft id i + 1) as a child process and reads its bound ports from its log.
+    async fn spawn_coordinator(
+        &self,
+        i: usize,
+        join: Option<String>,
+    ) -> anyhow::Result<CoordinatorProcess> {
+        let dir = self.data_dir.join(format!("coordinator-{}", i + 1));
+        std::fs::create_dir_all(&dir)?;
+        let log_path = dir.join("coordinator.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let start_len = std::fs::metadata(&log_path)?.len() as usize;
+        let mut command = Command::new(&self.binary);
+        command
+            .arg("coordinator")
+            .args(["--id", &(i + 1).to_string()])
+            .arg("--data")
+            .arg(&dir)
+            .args(["--source", &self.source])
+            .args(["--network", &self.network.to_string()])
+            .args(["--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .args(["--shard-blocks", &self.shard_blocks.to_string()])
+            .args(["--min-workers", &self.workers.to_string()])
+            .args(["--replication", &self.replication.to_string()])
+            .args(["--reorg-limit", &self.reorg_limit.to_string()]);
+        if let Some(join) = &join {
+            command.args(["--join", join]);
+        }
+        let child = command
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting coordinator {}", self.binary.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Some(line) = text[start_len.min(text.len())..]
+                .lines()
+                .find(|l| l.starts_with("coordinator: gRPC "))
+            {
+                let parts: Vec<&str> = line.split_whitespace().collect();
+                return Ok(CoordinatorProcess {
+                    id: i as u64 + 1,
+                    grpc: parts[2].parse()?,
+                    http: parts[4].parse()?,
+                    child: Some(child),
+                });
+            }
+            if Instant::now() > deadline {
+                bail!("coordinator {} did not start; see {}", i + 1, log_path.display());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A coordinator replica running as a child process.
+pub struct CoordinatorProcess {
+    pub id: u64,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    child: Option<Child>,
 }
 
 pub struct Sandbox {
@@ -149,6 +261,9 @@ pub struct Sandbox {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     coordinator:
         Option<tokio::task::JoinHandle<Result<(), chainidx_coordinator::CoordinatorError>>>,
+    /// Coordinator child processes (empty when the one coordinator runs in this process).
+    pub coordinators: Vec<CoordinatorProcess>,
+    config: SandboxBuilder,
 }
 
 impl Sandbox {
@@ -162,7 +277,7 @@ impl Sandbox {
             .open(dir.join("worker.log"))?;
         Command::new(&self.binary)
             .arg("node")
-            .args(["--coordinator", &format!("http://{}", self.grpc_addr)])
+            .args(["--coordinator", &self.coordinator_list()])
             .args(["--source", &self.source])
             .arg("--data")
             .arg(&dir)
@@ -212,20 +327,153 @@ impl Sandbox {
         Ok(())
     }
 
+    /// HTTP base URL of the first live coordinator (every replica serves queries).
     pub fn http_url(&self) -> String {
-        format!("http://{}", self.http_addr)
+        match self.coordinators.iter().find(|c| c.child.is_some()) {
+            Some(live) => format!("http://{}", live.http),
+            None => format!("http://{}", self.http_addr),
+        }
     }
 
     pub fn grpc_url(&self) -> String {
         format!("http://{}", self.grpc_addr)
     }
 
+    /// Every coordinator's gRPC address, comma-separated (what workers are given).
+    fn coordinator_list(&self) -> String {
+        if self.coordinators.is_empty() {
+            return self.grpc_addr.to_string();
+        }
+        self.coordinators
+            .iter()
+            .map(|c| c.grpc.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Live coordinators' gRPC addresses, the leader's first when known.
+    fn live_coordinators(&self) -> Vec<SocketAddr> {
+        if self.coordinators.is_empty() {
+            return vec![self.grpc_addr];
+        }
+        self.coordinators
+            .iter()
+            .filter(|c| c.child.is_some())
+            .map(|c| c.grpc)
+            .collect()
+    }
+
+    /// Cluster status from the first live coordinator that answers, preferring one that knows a leader
+    /// (any replica answers; its shard map is the replicated one).
     pub async fn status(&self) -> anyhow::Result<chainidx_proto::ClusterStatusReply> {
-        let mut client = CoordinatorClient::connect(self.grpc_url()).await?;
+        let mut last_error = anyhow::anyhow!("no live coordinator");
+        let mut leaderless = None;
+        for addr in self.live_coordinators() {
+            let reply = async {
+                let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                    .connect_timeout(Duration::from_millis(500))
+                    .timeout(Duration::from_secs(5))
+                    .connect()
+                    .await?;
+                let mut client = CoordinatorClient::new(channel);
+                anyhow::Ok(
+                    client
+                        .cluster_status(chainidx_proto::ClusterStatusRequest {})
+                        .await?
+                        .into_inner(),
+                )
+            }
+            .await;
+            match reply {
+                Ok(status) if status.leader != 0 => return Ok(status),
+                Ok(status) => leaderless = Some(status),
+                Err(error) => last_error = error,
+            }
+        }
+        leaderless.ok_or(last_error)
+    }
+
+    /// Status as one particular coordinator replica sees it.
+    pub async fn status_of(&self, i: usize) -> anyhow::Result<chainidx_proto::ClusterStatusReply> {
+        let mut client =
+            CoordinatorClient::connect(format!("http://{}", self.coordinators[i].grpc)).await?;
         Ok(client
             .cluster_status(chainidx_proto::ClusterStatusRequest {})
             .await?
             .into_inner())
+    }
+
+    /// Index (into `coordinators`) of the current Raft leader.
+    pub async fn leader(&self) -> anyhow::Result<usize> {
+        let status = self.status().await?;
+        self.coordinators
+            .iter()
+            .position(|c| c.id == status.leader && c.child.is_some())
+            .ok_or_else(|| anyhow::anyhow!("no live leader (status says {})", status.leader))
+    }
+
+    /// Kills coordinator `i` with SIGKILL.
+    pub async fn kill_coordinator(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(mut child) = self.coordinators[i].child.take() {
+            child.start_kill()?;
+            child.wait().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts one more coordinator process and has it join the group through a live member (an online
+    /// membership change); returns its index.
+    pub async fn add_coordinator(&mut self) -> anyhow::Result<usize> {
+        let via = self.live_coordinators()[0].to_string();
+        let i = self.coordinators.len();
+        let process = self.config.spawn_coordinator(i, Some(via)).await?;
+        self.coordinators.push(process);
+        Ok(i)
+    }
+
+    /// Removes coordinator `id` from the Raft group (asking the leader).
+    pub async fn remove_coordinator(&self, id: u64) -> anyhow::Result<()> {
+        let leader = self.leader().await?;
+        let mut client =
+            CoordinatorClient::connect(format!("http://{}", self.coordinators[leader].grpc)).await?;
+        client
+            .remove_coordinator(chainidx_proto::RemoveCoordinatorRequest { id })
+            .await?;
+        Ok(())
+    }
+
+    /// HTTP base URL of a live coordinator (any replica serves queries).
+    pub fn http_url_of(&self, i: usize) -> String {
+        format!("http://{}", self.coordinators[i].http)
+    }
+
+    async fn wait_for_members(&self, members: usize, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(status) = self.status().await
+                && status.members.iter().filter(|m| m.voter).count() >= members
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "coordinators did not form a group of {members} within {timeout:?}; see {}/coordinator-*/coordinator.log",
+                    self.data_dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Cuts worker `i` off from the coordinators (or heals it) with its transport fault filter.
+    pub async fn isolate_worker(&self, addr: &str, isolated: bool) -> anyhow::Result<()> {
+        let mut client = chainidx_node::connect_worker(addr).await?;
+        client
+            .set_faults(chainidx_proto::FaultFilter {
+                isolate_from_coordinators: isolated,
+            })
+            .await?;
+        Ok(())
     }
 
     async fn wait_for_workers(&self, workers: usize, timeout: Duration) -> anyhow::Result<()> {
@@ -290,6 +538,11 @@ impl Sandbox {
         for child in &mut self.children {
             let _ = child.kill().await;
         }
+        for coordinator in &mut self.coordinators {
+            if let Some(mut child) = coordinator.child.take() {
+                let _ = child.kill().await;
+            }
+        }
         if let Some(coordinator) = self.coordinator.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), coordinator).await;
         }
@@ -309,6 +562,11 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         for child in &mut self.children {
             let _ = child.start_kill();
+        }
+        for coordinator in &mut self.coordinators {
+            if let Some(child) = coordinator.child.as_mut() {
+                let _ = child.start_kill();
+            }
         }
     }
 }

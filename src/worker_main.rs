@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub struct WorkerArgs {
+    /// One or more coordinator gRPC addresses, comma-separated; the leader is found from any of them.
     pub coordinator: String,
     pub source: String,
     pub data: PathBuf,
@@ -40,48 +41,124 @@ pub async fn run_worker(
             .to_string()
     });
     let node = WorkerNode::new(source, args.data.clone());
-    let server = tokio::spawn(chainidx_node::service::run(node, listener, shutdown));
+    let server = tokio::spawn(chainidx_node::service::run(node.clone(), listener, shutdown));
     tracing::info!(%bound, %advertise, data = %args.data.display(), "worker listening");
 
-    let coordinator_url = if args.coordinator.starts_with("http") {
-        args.coordinator.clone()
-    } else {
-        format!("http://{}", args.coordinator)
-    };
-    let mut attempt = 0;
+    node.enforce_leases();
+    let coordinators: Vec<String> = args
+        .coordinator
+        .split(',')
+        .map(|c| c.trim())
+        .filter(|c| !c.is_empty())
+        .map(|c| c.trim_start_matches("http://").to_string())
+        .collect();
+    if coordinators.is_empty() {
+        anyhow::bail!("--coordinator needs at least one address");
+    }
+    let heartbeats = tokio::spawn(keep_lease(node.clone(), coordinators, advertise, name));
+    tokio::select! {
+        result = server => result??,
+        result = heartbeats => result??,
+    }
+    Ok(())
+}
+
+/// Registers with the coordinators' Raft leader and renews the lease every [`HEARTBEAT`], finding the
+/// leader again whenever it changes (followers name it; otherwise the next known coordinator is tried).
+async fn keep_lease(
+    node: std::sync::Arc<WorkerNode>,
+    mut coordinators: Vec<String>,
+    advertise: String,
+    name: String,
+) -> anyhow::Result<()> {
+    let mut current = 0;
+    let mut registered = false;
+    let mut failures = 0u32;
+    let started = std::time::Instant::now();
     loop {
-        attempt += 1;
-        let registered = async {
-            let mut client = CoordinatorClient::connect(coordinator_url.clone()).await?;
-            let request = chainidx_proto::RegisterWorkerRequest {
-                grpc_addr: advertise.clone(),
-                name: name.clone(),
-            };
-            anyhow::Ok(
+        if node.isolated() {
+            // The fault filter drops this heartbeat, as a partition would.
+            tokio::time::sleep(HEARTBEAT).await;
+            continue;
+        }
+        let target = coordinators[current % coordinators.len()].clone();
+        let sent_at = std::time::Instant::now();
+        let result = async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))?
+                .connect_timeout(Duration::from_millis(300))
+                .timeout(Duration::from_millis(800))
+                .connect()
+                .await?;
+            let mut client = CoordinatorClient::new(channel);
+            if !registered {
                 client
-                    .register_worker(request)
-                    .await?
-                    .into_inner()
-                    .worker_id,
-            )
+                    .register_worker(chainidx_proto::RegisterWorkerRequest {
+                        grpc_addr: advertise.clone(),
+                        name: name.clone(),
+                    })
+                    .await?;
+                tracing::info!(coordinator = %target, "registered with the coordinators' leader");
+            }
+            let reply = client
+                .heartbeat(chainidx_proto::HeartbeatRequest {
+                    name: name.clone(),
+                    grpc_addr: advertise.clone(),
+                })
+                .await?
+                .into_inner();
+            anyhow::Ok((client, reply))
         }
         .await;
-        match registered {
-            Ok(id) => {
-                tracing::info!(id, coordinator = %coordinator_url, "registered with coordinator");
-                break;
-            }
-            Err(error) if attempt < 120 => {
-                tracing::warn!(%error, coordinator = %coordinator_url, "cannot register yet; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+        match result {
+            Ok((_, reply)) => {
+                registered = true;
+                failures = 0;
+                node.grant(
+                    sent_at,
+                    Duration::from_millis(reply.lease_ms as u64),
+                    reply.shards.iter().map(|s| s.shard_id),
+                );
+                for member in reply.coordinators {
+                    if !coordinators.contains(&member) {
+                        coordinators.push(member);
+                    }
+                }
+                tokio::time::sleep(HEARTBEAT).await;
             }
             Err(error) => {
-                return Err(
-                    error.context(format!("registering with coordinator {coordinator_url}"))
-                );
+                failures += 1;
+                let status = error.downcast_ref::<tonic::Status>();
+                let leader = status.and_then(|s| {
+                    s.metadata()
+                        .get(chainidx_coordinator::grpc::LEADER_KEY)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                });
+                if status.is_some_and(|s| s.code() == tonic::Code::NotFound) {
+                    registered = false; // the leader does not know us (or knows an old address)
+                }
+                match leader {
+                    Some(leader) => {
+                        if !coordinators.contains(&leader) {
+                            coordinators.push(leader.clone());
+                        }
+                        current = coordinators.iter().position(|c| *c == leader).unwrap_or(0);
+                    }
+                    None => current += 1,
+                }
+                if failures % 20 == 1 {
+                    tracing::warn!(coordinator = %target, %error, "no lease renewal; trying the coordinators");
+                }
+                if !registered && started.elapsed() > REGISTER_DEADLINE && failures > 100 {
+                    anyhow::bail!("could not register with any coordinator of {coordinators:?}: {error}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
-    server.await??;
-    Ok(())
 }
+
+/// How often the lease is renewed: several renewals per lease, so one lost heartbeat costs nothing.
+const HEARTBEAT: Duration = Duration::from_millis(300);
+/// A worker that never manages to register gives up after this long.
+const REGISTER_DEADLINE: Duration = Duration::from_secs(60);

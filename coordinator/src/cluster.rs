@@ -1,15 +1,16 @@
-//! The coordinator's view of the cluster: workers, the shard map and each shard's progress.
-//!
-//! Held in memory for now; everything here is small and rebuilt from worker status polls.
+//! A coordinator replica's view of the cluster: the replicated [`pb::ClusterState`] (workers, shard map,
+//! replicas, checkpoints, tip) as Raft last applied it, plus what only this process knows: gRPC clients,
+//! the Raft leader and members, and on the leader the live statuses and leases of the workers.
 
 use chainidx_proto as pb;
 use chainidx_proto::worker_client::WorkerClient;
+use std::collections::HashMap;
 use std::sync::RwLock;
+use std::time::Instant;
 use tonic::transport::Channel;
 
 #[derive(Clone)]
 pub struct WorkerEntry {
-    pub id: u32,
     /// Stable identity across restarts (the worker's data directory unless named otherwise).
     pub name: String,
     pub addr: String,
@@ -18,40 +19,60 @@ pub struct WorkerEntry {
     pub generation: u64,
 }
 
-#[derive(Clone)]
-pub struct ShardEntry {
-    pub status: pb::ShardStatus,
-    /// Index into `workers`.
-    pub owner: usize,
-    pub resolve_sent: bool,
+/// The Raft side of the view, refreshed from openraft's metrics.
+#[derive(Clone, Default)]
+pub struct RaftView {
+    pub this: u64,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub members: Vec<pb::CoordinatorMember>,
+}
+
+impl RaftView {
+    pub fn is_leader(&self) -> bool {
+        self.leader == Some(self.this)
+    }
+
+    pub fn leader_addr(&self) -> Option<String> {
+        let leader = self.leader?;
+        self.members
+            .iter()
+            .find(|m| m.id == leader)
+            .map(|m| m.grpc_addr.clone())
+    }
 }
 
 #[derive(Default)]
 pub struct ClusterView {
-    pub tip: Option<u32>,
+    /// Replicated: what every coordinator agrees on.
+    pub state: pb::ClusterState,
+    /// `state.workers` with a client each.
     pub workers: Vec<WorkerEntry>,
-    pub shards: Vec<ShardEntry>,
-    pub backfill_complete: bool,
-    /// Set once the backfill is done: from then on `tip` is the last height whose blocks are fully
-    /// attributed (catch-up finished), which is what queries see.
-    pub following: bool,
-    /// The source's tip height at the last check.
-    pub source_tip: Option<u32>,
-    /// Set when the source reorganised deeper than the limit: queries are refused rather than answered
-    /// from a chain the source no longer has.
-    pub halted: Option<String>,
+    pub raft: RaftView,
+    /// Leader only: each (shard, worker) status from the latest poll.
+    pub live: HashMap<(u32, String), pb::ShardStatus>,
+    /// Leader only: when each worker's last heartbeat arrived.
+    pub heartbeats: HashMap<String, Instant>,
+    /// When this replica last became leader: leases granted by an earlier leader are honoured in full
+    /// from then on, since their expiry is not replicated.
+    pub leader_since: Option<Instant>,
 }
 
 pub struct Cluster {
     pub network: bitcoin::Network,
     pub view: RwLock<ClusterView>,
+    clients: std::sync::Mutex<HashMap<String, WorkerClient<Channel>>>,
 }
+
+/// A shard as queries see it: its checkpoint and the clients of its serving replicas, first choice first.
+pub type Route = (pb::ShardStatus, Vec<WorkerClient<Channel>>);
 
 impl Cluster {
     pub fn new(network: bitcoin::Network) -> Cluster {
         Cluster {
             network,
             view: RwLock::new(ClusterView::default()),
+            clients: Default::default(),
         }
     }
 
@@ -63,34 +84,98 @@ impl Cluster {
         self.view.write().expect("cluster lock")
     }
 
-    /// Shards with their owner's client, in height order.
-    pub fn routes(&self) -> Vec<(pb::ShardStatus, WorkerClient<Channel>)> {
-        let view = self.read();
-        view.shards
-            .iter()
-            .map(|s| (s.status.clone(), view.workers[s.owner].client.clone()))
-            .collect()
+    /// A lazily connecting client for a worker address, cached.
+    pub fn client(&self, addr: &str) -> WorkerClient<Channel> {
+        let mut clients = self.clients.lock().expect("clients lock");
+        if let Some(client) = clients.get(addr) {
+            return client.clone();
+        }
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("worker addresses are host:port")
+            .connect_timeout(std::time::Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let client = WorkerClient::new(channel)
+            .max_decoding_message_size(chainidx_node::worker::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(chainidx_node::worker::MAX_MESSAGE_BYTES);
+        clients.insert(addr.to_string(), client.clone());
+        client
     }
 
-    /// Each shard's last reported status and its owner (an index into `workers`), in height order.
-    pub fn shard_owners(&self) -> Vec<(pb::ShardStatus, usize)> {
-        self.read()
+    /// Called by the Raft state machine after each apply.
+    pub fn set_state(&self, state: pb::ClusterState) {
+        let workers: Vec<WorkerEntry> = state
+            .workers
+            .iter()
+            .map(|w| WorkerEntry {
+                name: w.name.clone(),
+                addr: w.grpc_addr.clone(),
+                client: self.client(&w.grpc_addr),
+                generation: w.generation,
+            })
+            .collect();
+        let mut view = self.write();
+        view.state = state;
+        view.workers = workers;
+    }
+
+    pub fn set_raft(&self, raft: RaftView) {
+        let mut view = self.write();
+        if raft.is_leader() && !view.raft.is_leader() {
+            view.leader_since = Some(Instant::now());
+            view.heartbeats.clear();
+            view.live.clear();
+        }
+        if !raft.is_leader() {
+            view.leader_since = None;
+        }
+        view.raft = raft;
+    }
+
+    pub fn worker(&self, name: &str) -> Option<WorkerEntry> {
+        self.read().workers.iter().find(|w| w.name == name).cloned()
+    }
+
+    /// Shards in height order with their serving replicas.
+    pub fn routes(&self) -> Vec<Route> {
+        let view = self.read();
+        view.state
             .shards
             .iter()
-            .map(|s| (s.status.clone(), s.owner))
+            .map(|s| {
+                let clients = s
+                    .replicas
+                    .iter()
+                    .filter_map(|name| view.workers.iter().find(|w| &w.name == name))
+                    .map(|w| w.client.clone())
+                    .collect();
+                (crate::state::shard_status(s), clients)
+            })
             .collect()
     }
 
-    /// Every shard as a peer address, for workers that must reach the others.
+    /// Every shard with the addresses of its replicas (serving and joining: spends must reach both).
     pub fn peers(&self) -> Vec<pb::ShardPeer> {
         let view = self.read();
-        view.shards
+        view.state
+            .shards
             .iter()
-            .map(|s| pb::ShardPeer {
-                shard_id: s.status.shard_id,
-                start_height: s.status.start_height,
-                end_height: s.status.end_height,
-                grpc_addr: view.workers[s.owner].addr.clone(),
+            .map(|s| {
+                let status = crate::state::shard_status(s);
+                let addrs: Vec<String> = s
+                    .replicas
+                    .iter()
+                    .chain(&s.joining)
+                    .filter_map(|name| view.workers.iter().find(|w| &w.name == name))
+                    .map(|w| w.addr.clone())
+                    .collect();
+                pb::ShardPeer {
+                    shard_id: status.shard_id,
+                    start_height: status.start_height,
+                    end_height: status.end_height,
+                    grpc_addr: addrs.first().cloned().unwrap_or_default(),
+                    replica_addrs: addrs,
+                }
             })
             .collect()
     }
@@ -99,19 +184,20 @@ impl Cluster {
     /// finished; during the backfill, the highest height below which every block is indexed.
     pub fn served_tip(&self) -> Option<u32> {
         let view = self.read();
-        if view.following {
-            return view.tip;
+        if view.state.following {
+            return view.state.has_tip.then_some(view.state.tip);
         }
         drop(view);
         self.indexed_tip()
     }
 
-    /// The highest height below which every block is indexed (phase 1 at least).
+    /// The highest height below which every block is indexed (phase 1 at least), per the replicated
+    /// checkpoints.
     pub fn indexed_tip(&self) -> Option<u32> {
         let view = self.read();
         let mut tip = None;
-        for shard in &view.shards {
-            let s = &shard.status;
+        for shard in &view.state.shards {
+            let s = crate::state::shard_status(shard);
             if s.next_height > s.start_height {
                 tip = Some(s.next_height - 1);
             }
@@ -122,24 +208,64 @@ impl Cluster {
         tip
     }
 
+    pub fn halted(&self) -> Option<String> {
+        let view = self.read();
+        (!view.state.halted.is_empty()).then(|| view.state.halted.clone())
+    }
+
     pub fn status(&self) -> pb::ClusterStatusReply {
         let view = self.read();
+        let addr = |name: &String| {
+            view.workers
+                .iter()
+                .find(|w| &w.name == name)
+                .map(|w| w.addr.clone())
+                .unwrap_or_else(|| name.clone())
+        };
+        let state = &view.state;
+        let live_workers = match view.leader_since {
+            Some(_) => view
+                .workers
+                .iter()
+                .filter(|w| {
+                    view.heartbeats
+                        .get(&w.name)
+                        .is_some_and(|t| t.elapsed() < crate::lease::EXPIRED_AFTER)
+                })
+                .map(|w| w.addr.clone())
+                .collect(),
+            None => Vec::new(),
+        };
         pb::ClusterStatusReply {
-            tip_height: view.tip.unwrap_or(0),
-            backfill_complete: view.backfill_complete,
-            shards: view
+            tip_height: state.tip,
+            backfill_complete: state.backfill_complete,
+            shards: state
                 .shards
                 .iter()
                 .map(|s| pb::ShardStatus {
-                    owner: view.workers[s.owner].addr.clone(),
-                    ..s.status.clone()
+                    owner: s.replicas.first().map(addr).unwrap_or_default(),
+                    replicas: s.replicas.iter().map(addr).collect(),
+                    joining: s.joining.iter().map(addr).collect(),
+                    epoch: s.epoch,
+                    ..crate::state::shard_status(s)
                 })
                 .collect(),
             workers: view.workers.iter().map(|w| w.addr.clone()).collect(),
             network: self.network.to_string(),
-            halted: view.halted.clone().unwrap_or_default(),
-            source_tip: view.source_tip.or(view.tip).unwrap_or(0),
-            following: view.following,
+            halted: state.halted.clone(),
+            source_tip: if state.source_tip > 0 {
+                state.source_tip
+            } else {
+                state.tip
+            },
+            following: state.following,
+            this_coordinator: view.raft.this,
+            leader: view.raft.leader.unwrap_or(0),
+            leader_addr: view.raft.leader_addr().unwrap_or_default(),
+            raft_term: view.raft.term,
+            members: view.raft.members.clone(),
+            replication: state.replication,
+            live_workers,
         }
     }
 }

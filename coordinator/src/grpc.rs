@@ -1,7 +1,9 @@
 //! The coordinator's gRPC services: `Coordinator` (workers register, anyone reads status) and `Query`
 //! (the client-facing twin of the HTTP API).
 
-use crate::cluster::{Cluster, WorkerEntry};
+use crate::cluster::Cluster;
+use crate::raft::{CoordinatorNode, Raft};
+use openraft::error::{ClientWriteError, RaftError};
 use crate::error::ApiError;
 use crate::router::{Cursor, QueryRouter, parse_hash};
 use chainidx_core::chain::{ScriptHash, parse_scripthash, script_for_address, scripthash};
@@ -11,6 +13,52 @@ use tonic::{Request, Response, Status};
 
 pub struct CoordinatorService {
     pub cluster: Arc<Cluster>,
+    pub raft: Raft,
+}
+
+/// Metadata key carrying the leader's gRPC address when a follower refuses a write.
+pub const LEADER_KEY: &str = "chainidx-leader";
+
+impl CoordinatorService {
+    /// Writes go to the leader: a follower says who that is, so callers can find it by themselves.
+    fn not_leader(&self) -> Status {
+        let leader = self.cluster.read().raft.leader_addr();
+        let mut status = Status::failed_precondition(match &leader {
+            Some(addr) => format!("not the Raft leader; the leader is {addr}"),
+            None => "not the Raft leader; no leader elected yet".to_string(),
+        });
+        if let Some(addr) = leader
+            && let Ok(value) = addr.parse()
+        {
+            status.metadata_mut().insert(LEADER_KEY, value);
+        }
+        status
+    }
+
+    fn require_leader(&self) -> Result<(), Status> {
+        if self.cluster.read().raft.is_leader() {
+            Ok(())
+        } else {
+            Err(self.not_leader())
+        }
+    }
+
+    async fn commit(&self, command: pb::cluster_command::Command) -> Result<(), Status> {
+        self.raft
+            .client_write(pb::ClusterCommand {
+                command: Some(command),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => self.not_leader(),
+                e => Status::unavailable(format!("raft: {e}")),
+            })
+    }
+
+    fn members(&self) -> Vec<pb::CoordinatorMember> {
+        self.cluster.read().raft.members.clone()
+    }
 }
 
 #[tonic::async_trait]
@@ -19,41 +67,142 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerReply>, Status> {
+        self.require_leader()?;
         let r = request.into_inner();
         let name = if r.name.is_empty() {
             r.grpc_addr.clone()
         } else {
             r.name.clone()
         };
-        let client = chainidx_node::connect_worker(&r.grpc_addr)
-            .await
-            .map_err(|e| {
-                Status::unavailable(format!("cannot reach worker at {}: {e}", r.grpc_addr))
-            })?;
-        let mut view = self.cluster.write();
-        if let Some(index) = view.workers.iter().position(|w| w.name == name) {
-            // A restarted worker: same data, new address. The driver hands its shards back; until they
-            // report ready again the cluster is not complete.
-            view.backfill_complete = false;
-            let existing = &mut view.workers[index];
-            existing.addr = r.grpc_addr.clone();
-            existing.client = client;
-            existing.generation += 1;
-            tracing::info!(worker = existing.id, addr = %r.grpc_addr, %name, "worker registered again");
-            return Ok(Response::new(pb::RegisterWorkerReply {
-                worker_id: existing.id,
-            }));
-        }
-        let id = view.workers.len() as u32;
-        view.workers.push(WorkerEntry {
-            id,
-            name: name.clone(),
-            addr: r.grpc_addr.clone(),
-            client,
-            generation: 0,
-        });
+        self.commit(pb::cluster_command::Command::RegisterWorker(
+            pb::WorkerRecord {
+                name: name.clone(),
+                grpc_addr: r.grpc_addr.clone(),
+                generation: 0,
+            },
+        ))
+        .await?;
+        let view = self.cluster.read();
+        let id = view
+            .workers
+            .iter()
+            .position(|w| w.name == name)
+            .unwrap_or_default() as u32;
         tracing::info!(worker = id, addr = %r.grpc_addr, %name, "worker registered");
         Ok(Response::new(pb::RegisterWorkerReply { worker_id: id }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatReply>, Status> {
+        self.require_leader()?;
+        // A deposed leader that has not noticed yet must not grant leases: confirm with a quorum first.
+        self.raft
+            .ensure_linearizable()
+            .await
+            .map_err(|_| self.not_leader())?;
+        let r = request.into_inner();
+        let mut view = self.cluster.write();
+        let Some(worker) = view.workers.iter().find(|w| w.name == r.name) else {
+            return Err(Status::not_found(format!(
+                "worker {} is not registered; register first",
+                r.name
+            )));
+        };
+        if worker.addr != r.grpc_addr {
+            return Err(Status::not_found(format!(
+                "worker {} is registered at {}, not {}; register again",
+                r.name, worker.addr, r.grpc_addr
+            )));
+        }
+        view.heartbeats.insert(r.name.clone(), std::time::Instant::now());
+        let shards = view
+            .state
+            .shards
+            .iter()
+            .filter(|s| s.replicas.iter().chain(&s.joining).any(|h| h == &r.name))
+            .map(|s| pb::ShardLease {
+                shard_id: crate::state::shard_status(s).shard_id,
+                epoch: s.epoch,
+            })
+            .collect();
+        let coordinators = view
+            .raft
+            .members
+            .iter()
+            .map(|m| m.grpc_addr.clone())
+            .collect();
+        Ok(Response::new(pb::HeartbeatReply {
+            lease_ms: crate::lease::GRANTED.as_millis() as u32,
+            shards,
+            coordinators,
+        }))
+    }
+
+    async fn add_coordinator(
+        &self,
+        request: Request<pb::AddCoordinatorRequest>,
+    ) -> Result<Response<pb::MembershipReply>, Status> {
+        self.require_leader()?;
+        let r = request.into_inner();
+        let node = CoordinatorNode {
+            grpc: r.grpc_addr,
+            http: r.http_addr,
+        };
+        let map = |e: RaftError<u64, ClientWriteError<u64, CoordinatorNode>>| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => self.not_leader(),
+            e => Status::unavailable(format!("membership change: {e}")),
+        };
+        // Catch up as a learner first, then become a voter (joint consensus inside openraft).
+        self.raft.add_learner(r.id, node, true).await.map_err(map)?;
+        let mut voters: std::collections::BTreeSet<u64> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        voters.insert(r.id);
+        self.raft.change_membership(voters, false).await.map_err(map)?;
+        tracing::info!(id = r.id, "coordinator added");
+        crate::refresh_raft_view(&self.raft, &self.cluster);
+        Ok(Response::new(pb::MembershipReply {
+            members: self.members(),
+        }))
+    }
+
+    async fn remove_coordinator(
+        &self,
+        request: Request<pb::RemoveCoordinatorRequest>,
+    ) -> Result<Response<pb::MembershipReply>, Status> {
+        self.require_leader()?;
+        let id = request.into_inner().id;
+        let voters: std::collections::BTreeSet<u64> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|v| *v != id)
+            .collect();
+        if voters.is_empty() {
+            return Err(Status::invalid_argument("cannot remove the last coordinator"));
+        }
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| match e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => self.not_leader(),
+                e => Status::unavailable(format!("membership change: {e}")),
+            })?;
+        tracing::info!(id, "coordinator removed");
+        crate::refresh_raft_view(&self.raft, &self.cluster);
+        Ok(Response::new(pb::MembershipReply {
+            members: self.members(),
+        }))
     }
 
     async fn cluster_status(

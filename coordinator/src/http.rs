@@ -291,6 +291,10 @@ async fn cluster_status(State(router): State<QueryRouter>) -> Json<Value> {
                 "start_height": s.start_height,
                 "end_height": s.end_height,
                 "owner": s.owner,
+                "replicas": s.replicas,
+                "joining": s.joining,
+                "epoch": s.epoch,
+                "lag_blocks": s.end_height.min(status.tip_height + 1).saturating_sub(s.next_height),
                 "phase": chainidx_proto::ShardPhase::try_from(s.phase).map(|p| p.as_str_name()).unwrap_or("UNKNOWN"),
                 "indexed_blocks": s.next_height.saturating_sub(s.start_height),
                 "pending_inputs": s.pending_inputs,
@@ -308,6 +312,17 @@ async fn cluster_status(State(router): State<QueryRouter>) -> Json<Value> {
         "halted": if status.halted.is_empty() { Value::Null } else { json!(status.halted) },
         "backfill_complete": status.backfill_complete,
         "workers": status.workers,
+        "live_workers": status.live_workers,
+        "replication": status.replication,
+        "coordinator": {
+            "this": status.this_coordinator,
+            "leader": if status.leader == 0 { Value::Null } else { json!(status.leader) },
+            "leader_addr": status.leader_addr,
+            "term": status.raft_term,
+            "members": status.members.iter().map(|m| json!({
+                "id": m.id, "grpc": m.grpc_addr, "http": m.http_addr, "voter": m.voter,
+            })).collect::<Vec<_>>(),
+        },
         "shards": shards,
     }))
 }

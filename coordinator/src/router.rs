@@ -2,7 +2,7 @@
 //! and merges their answers. Shards are disjoint height ranges, so "newest first" across shards is simply
 //! "later shards first".
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Route};
 use crate::error::ApiError;
 use crate::mempool::Mempool;
 use chainidx_core::chain::ScriptHash;
@@ -13,7 +13,40 @@ use futures::future::join_all;
 use std::sync::Arc;
 use tonic::transport::Channel;
 
-type Route = (pb::ShardStatus, WorkerClient<Channel>);
+
+/// Calls the shard's serving replicas in order until one answers: a replica that is down (refused, reset,
+/// timed out) costs one failed attempt, not a failed query.
+async fn on_replica<T, F, Fut>(replicas: &[WorkerClient<Channel>], call: F) -> Result<T, tonic::Status>
+where
+    F: Fn(WorkerClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut last = tonic::Status::unavailable("no live replica holds this shard");
+    for client in replicas {
+        match tokio::time::timeout(REPLICA_TIMEOUT, call(client.clone())).await {
+            Ok(Ok(reply)) => return Ok(reply.into_inner()),
+            Ok(Err(status)) if replica_down(&status) => last = status,
+            Ok(Err(status)) => return Err(status),
+            Err(_) => last = tonic::Status::deadline_exceeded("replica did not answer in time"),
+        }
+    }
+    Err(last)
+}
+
+/// Long enough for a deep history page, short enough that a hung replica does not stall queries.
+const REPLICA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Errors that mean "this copy is unreachable or not serving", so another copy should be asked.
+fn replica_down(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::NotFound
+    )
+}
 
 /// A history position: (height, position in block). Pages continue strictly below it.
 pub type Cursor = (u32, u32);
@@ -41,7 +74,7 @@ impl QueryRouter {
     }
 
     fn routes(&self) -> Result<Vec<Route>, ApiError> {
-        if let Some(why) = self.cluster.read().halted.clone() {
+        if let Some(why) = self.cluster.halted() {
             return Err(ApiError::Unavailable(format!("index halted: {why}")));
         }
         let routes = self.cluster.routes();
@@ -60,16 +93,16 @@ impl QueryRouter {
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let routes = self.routes()?;
-        let replies = join_all(
-            routes
-                .iter()
-                .map(|(status, client)| call(status.shard_id, client.clone())),
-        )
+        let call = &call;
+        let replies = join_all(routes.iter().map(|(status, replicas)| {
+            let id = status.shard_id;
+            on_replica(replicas, move |client| call(id, client))
+        }))
         .await;
         routes
             .into_iter()
             .zip(replies)
-            .map(|(route, reply)| Ok((route, reply?.into_inner())))
+            .map(|(route, reply)| Ok((route, reply?)))
             .collect()
     }
 
@@ -120,7 +153,7 @@ impl QueryRouter {
             .collect();
         candidates.reverse();
         let mut page = Vec::new();
-        for (status, mut client) in candidates {
+        for (status, replicas) in candidates {
             if page.len() >= limit {
                 break;
             }
@@ -132,7 +165,12 @@ impl QueryRouter {
                 before_position: before.map_or(0, |c| c.1),
                 limit: (limit - page.len()) as u32,
             };
-            page.extend(client.address_history(request).await?.into_inner().txs);
+            let reply = on_replica(&replicas, |mut client| {
+                let request = request.clone();
+                async move { client.address_history(request).await }
+            })
+            .await?;
+            page.extend(reply.txs);
         }
         let next = if page.len() == limit {
             page.last()
@@ -152,16 +190,18 @@ impl QueryRouter {
             .filter(|(_, stats)| stats.funded_txo_count > 0)
             .map(|(route, _)| route)
             .collect();
-        let calls = candidates.into_iter().map(|(status, mut client)| {
+        let calls = candidates.into_iter().map(|(status, replicas)| {
             let request = pb::ShardAddressRequest {
                 shard_id: status.shard_id,
                 scripthash: sh.to_vec(),
             };
             async move {
-                client
-                    .address_utxos(request)
-                    .await
-                    .map(|r| r.into_inner().utxos)
+                on_replica(&replicas, |mut client| {
+                    let request = request.clone();
+                    async move { client.address_utxos(request).await }
+                })
+                .await
+                .map(|r| r.utxos)
             }
         });
         let mut utxos = Vec::new();
@@ -231,13 +271,17 @@ impl QueryRouter {
             .into_iter()
             .find(|(s, _)| s.start_height <= height && height < s.end_height)
             .ok_or_else(|| ApiError::NotFound(format!("block height {height} not found")))?;
-        let (status, mut client) = route;
+        let (status, replicas) = route;
         let request = pb::ShardBlockRequest {
             shard_id: status.shard_id,
             key: Some(pb::shard_block_request::Key::Height(height)),
             with_txids,
         };
-        let reply = client.get_block(request).await?.into_inner();
+        let reply = on_replica(&replicas, |mut client| {
+            let request = request.clone();
+            async move { client.get_block(request).await }
+        })
+        .await?;
         if !reply.found {
             return Err(ApiError::NotFound(format!(
                 "block height {height} not indexed yet"

@@ -34,10 +34,12 @@ pub enum Cf {
     History,
     /// scripthash → `AddressStats` for this shard.
     Stats,
+    /// Coordinator database only: Raft log index (8) → openraft entry (JSON).
+    RaftLog,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 12] = [
+    pub const ALL: [Cf; 13] = [
         Cf::Meta,
         Cf::Headers,
         Cf::BlockHashes,
@@ -50,6 +52,7 @@ impl Cf {
         Cf::Notices,
         Cf::History,
         Cf::Stats,
+        Cf::RaftLog,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +69,7 @@ impl Cf {
             Cf::Notices => "notices",
             Cf::History => "history",
             Cf::Stats => "stats",
+            Cf::RaftLog => "raft_log",
         }
     }
 }

@@ -50,6 +50,8 @@ pub enum ScanFrom<'a> {
     Last,
     /// Descending from the last key `<= key`.
     AtOrBefore(&'a [u8]),
+    /// Ascending from the first key `>= key`.
+    AtOrAfter(&'a [u8]),
 }
 
 pub trait Store: Send + Sync + 'static {

@@ -1,6 +1,7 @@
 //! Failpoints for crash tests: `CHAINIDX_FAILPOINTS="name=N[,name=N]"` makes the process abort — like
-//! kill -9, nothing flushed, no goodbye — the N-th time it reaches `failpoint(name)`. Unset, a failpoint
-//! costs one relaxed atomic load.
+//! kill -9, nothing flushed, no goodbye — the N-th time it reaches `failpoint(name)`; `name=sleep:MS`
+//! delays every pass instead (a slow disk, so fault tests can act in the middle of a backfill). Unset, a
+//! failpoint costs one relaxed atomic load.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -13,18 +14,26 @@ pub const RESOLVE_AFTER_LOOKUP: &str = "resolve:after-lookup";
 pub const RESOLVE_AFTER_APPLY: &str = "resolve:after-apply";
 pub const SPEND_AFTER_WRITE: &str = "spend:after-write";
 
-fn armed() -> &'static HashMap<String, (usize, AtomicUsize)> {
-    static ARMED: OnceLock<HashMap<String, (usize, AtomicUsize)>> = OnceLock::new();
+enum Action {
+    /// Abort on the n-th pass.
+    AbortAt(usize, AtomicUsize),
+    /// Sleep this many milliseconds on every pass.
+    Sleep(u64),
+}
+
+fn armed() -> &'static HashMap<String, Action> {
+    static ARMED: OnceLock<HashMap<String, Action>> = OnceLock::new();
     ARMED.get_or_init(|| {
         std::env::var("CHAINIDX_FAILPOINTS")
             .unwrap_or_default()
             .split(',')
             .filter_map(|spec| spec.split_once('='))
-            .filter_map(|(name, n)| {
-                Some((
-                    name.trim().to_string(),
-                    (n.trim().parse().ok()?, AtomicUsize::new(0)),
-                ))
+            .filter_map(|(name, action)| {
+                let action = match action.trim().strip_prefix("sleep:") {
+                    Some(ms) => Action::Sleep(ms.parse().ok()?),
+                    None => Action::AbortAt(action.trim().parse().ok()?, AtomicUsize::new(0)),
+                };
+                Some((name.trim().to_string(), action))
             })
             .collect()
     })
@@ -35,10 +44,12 @@ pub fn failpoint(name: &str) {
     if points.is_empty() {
         return;
     }
-    if let Some((at, hits)) = points.get(name)
-        && hits.fetch_add(1, Ordering::Relaxed) + 1 == *at
-    {
-        eprintln!("failpoint {name} reached {at} times: aborting");
-        std::process::abort();
+    match points.get(name) {
+        Some(Action::AbortAt(at, hits)) if hits.fetch_add(1, Ordering::Relaxed) + 1 == *at => {
+            eprintln!("failpoint {name} reached {at} times: aborting");
+            std::process::abort();
+        }
+        Some(Action::Sleep(ms)) => std::thread::sleep(std::time::Duration::from_millis(*ms)),
+        _ => {}
     }
 }

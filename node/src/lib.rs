@@ -9,6 +9,7 @@
 //! - [`service`]: the gRPC `Worker` service and `run(listener, shutdown)`.
 
 pub mod failpoint;
+pub mod fault;
 pub mod rocks;
 pub mod service;
 pub mod shard;

@@ -98,6 +98,10 @@ impl Store for RocksStore {
                 iter.seek_for_prev(key);
                 true
             }
+            ScanFrom::AtOrAfter(key) => {
+                iter.seek(key);
+                false
+            }
         };
         while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
             if !key.starts_with(prefix) || !visit(key, value) {

@@ -15,7 +15,10 @@ use tonic::{Request, Response, Status};
 impl From<WorkerError> for Status {
     fn from(error: WorkerError) -> Status {
         match error {
-            WorkerError::UnknownShard(_) => Status::not_found(error.to_string()),
+            WorkerError::UnknownShard(_) | WorkerError::Moved(_) => {
+                Status::not_found(error.to_string())
+            }
+            WorkerError::NoLease(_) => Status::unavailable(error.to_string()),
             WorkerError::Shard(ShardError::OutOfRange { .. }) => {
                 Status::invalid_argument(error.to_string())
             }
@@ -90,6 +93,8 @@ impl Worker for WorkerService {
     ) -> Result<Response<pb::WorkerStatusReply>, Status> {
         Ok(Response::new(pb::WorkerStatusReply {
             shards: self.node.statuses(),
+            write_spans: self.node.write_spans(),
+            lease_remaining_ms: self.node.lease_remaining_ms().unwrap_or(i64::MAX),
         }))
     }
 
@@ -99,8 +104,37 @@ impl Worker for WorkerService {
     ) -> Result<Response<pb::SpendOutputsReply>, Status> {
         let r = request.into_inner();
         let shard = self.shard(r.shard_id)?;
+        // A copy still being built cannot answer for its coins yet; the asker retries later.
+        if shard.state().phase == pb::ShardPhase::Indexing as i32 {
+            return Err(Status::unavailable(format!(
+                "shard {} is still indexing here",
+                r.shard_id
+            )));
+        }
+        self.node.check_write(r.shard_id)?;
         let found = blocking(move || Ok(shard.spend_outputs(&r.spends)?)).await?;
         Ok(Response::new(pb::SpendOutputsReply { found }))
+    }
+
+    async fn resend_spends(
+        &self,
+        request: Request<pb::ResendSpendsRequest>,
+    ) -> Result<Response<pb::ResendSpendsReply>, Status> {
+        let r = request.into_inner();
+        let to = r
+            .to
+            .ok_or_else(|| Status::invalid_argument("resend needs a target shard"))?;
+        let (sent, recorded) = self.node.resend_spends(r.shard_id, to).await?;
+        Ok(Response::new(pb::ResendSpendsReply { sent, recorded }))
+    }
+
+    async fn set_faults(
+        &self,
+        request: Request<pb::FaultFilter>,
+    ) -> Result<Response<pb::FaultFilter>, Status> {
+        let filter = request.into_inner();
+        self.node.set_isolated(filter.isolate_from_coordinators);
+        Ok(Response::new(filter))
     }
 
     async fn unspend_outputs(
@@ -228,10 +262,11 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let service = WorkerServer::new(WorkerService::new(node))
+    let service = WorkerServer::new(WorkerService::new(node.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
+        .layer(crate::fault::FaultLayer { node })
         .add_service(service)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

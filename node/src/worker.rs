@@ -12,7 +12,8 @@ use bitcoin::consensus::deserialize;
 use chainidx_core::source::{BlockSource, SourceError, SpentCoin};
 use chainidx_proto as pb;
 use chainidx_proto::worker_client::WorkerClient;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -53,6 +54,10 @@ pub enum WorkerError {
     },
     #[error("worker task failed: {0}")]
     Task(String),
+    #[error("shard {0} was given to another worker")]
+    Moved(u32),
+    #[error("no lease for shard {0}: cut off from the coordinators, writing nothing")]
+    NoLease(u32),
 }
 
 pub struct ShardSlot {
@@ -83,6 +88,7 @@ impl ShardSlot {
             pending_inputs: state.pending_inputs,
             error: error.unwrap_or_default(),
             cross_shard_inputs: state.cross_shard_inputs,
+            ..Default::default()
         }
     }
 
@@ -92,12 +98,28 @@ impl ShardSlot {
     }
 }
 
+/// What the Raft leader last granted: until when this worker may write, and which shards.
+#[derive(Default)]
+struct Lease {
+    /// Off for a worker run without coordinators (unit tests): every write is allowed.
+    enforced: bool,
+    until: Option<Instant>,
+    shards: HashSet<u32>,
+}
+
+/// A shard that stays off a valid lease this long was given to another worker: stop trying.
+const MOVED_AFTER: Duration = Duration::from_secs(3);
+
 pub struct WorkerNode {
     source: Arc<dyn BlockSource>,
     data_dir: PathBuf,
     shards: RwLock<HashMap<u32, Arc<ShardSlot>>>,
     index_permits: Semaphore,
     peers: Mutex<HashMap<String, WorkerClient<Channel>>>,
+    lease: Mutex<Lease>,
+    /// Fault filter: drop everything to and from the coordinators (peers still pass).
+    isolated: AtomicBool,
+    spans: Mutex<HashMap<u32, pb::WriteSpan>>,
 }
 
 impl WorkerNode {
@@ -108,7 +130,117 @@ impl WorkerNode {
             shards: RwLock::new(HashMap::new()),
             index_permits: Semaphore::new(1),
             peers: Mutex::new(HashMap::new()),
+            lease: Mutex::new(Lease::default()),
+            isolated: AtomicBool::new(false),
+            spans: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// From now on every write needs a lease from the coordinators' leader ([`WorkerNode::grant`]).
+    pub fn enforce_leases(&self) {
+        self.lease.lock().expect("lease lock").enforced = true;
+    }
+
+    /// A heartbeat reply: writes to `shards` are allowed until `sent_at + lease`, where `sent_at` is when
+    /// the heartbeat left (so this worker's lease always ends before the leader's view of it).
+    pub fn grant(&self, sent_at: Instant, lease: Duration, shards: impl IntoIterator<Item = u32>) {
+        let mut current = self.lease.lock().expect("lease lock");
+        current.until = Some(sent_at + lease);
+        current.shards = shards.into_iter().collect();
+    }
+
+    /// Time left on the lease (negative once expired); `None` if leases are not enforced.
+    pub fn lease_remaining_ms(&self) -> Option<i64> {
+        let lease = self.lease.lock().expect("lease lock");
+        if !lease.enforced {
+            return None;
+        }
+        let now = Instant::now();
+        Some(match lease.until {
+            Some(until) if until > now => (until - now).as_millis() as i64,
+            Some(until) => -((now - until).as_millis() as i64),
+            None => -1,
+        })
+    }
+
+    /// Whether this worker may write `shard_id` now: `Err(NoLease)` while the lease is expired (wait),
+    /// `Err(Moved)` if a valid lease leaves it out.
+    pub fn check_write(&self, shard_id: u32) -> Result<(), WorkerError> {
+        let lease = self.lease.lock().expect("lease lock");
+        if !lease.enforced {
+            return Ok(());
+        }
+        if !lease.until.is_some_and(|until| until > Instant::now()) {
+            return Err(WorkerError::NoLease(shard_id));
+        }
+        if !lease.shards.contains(&shard_id) {
+            return Err(WorkerError::Moved(shard_id));
+        }
+        Ok(())
+    }
+
+    /// Blocks (a blocking thread) until `shard_id` may be written; gives up once a valid lease has left the
+    /// shard out for [`MOVED_AFTER`].
+    pub fn wait_write(&self, shard_id: u32) -> Result<(), WorkerError> {
+        let mut moved_since: Option<Instant> = None;
+        let mut logged = false;
+        loop {
+            match self.check_write(shard_id) {
+                Ok(()) => return Ok(()),
+                Err(WorkerError::Moved(_)) => {
+                    let since = *moved_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > MOVED_AFTER {
+                        return Err(WorkerError::Moved(shard_id));
+                    }
+                }
+                Err(_) => {
+                    moved_since = None;
+                    if !logged {
+                        tracing::warn!(shard = shard_id, "lease expired: writes paused");
+                        logged = true;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    async fn wait_write_async(self: &Arc<Self>, shard_id: u32) -> Result<(), WorkerError> {
+        let node = self.clone();
+        tokio::task::spawn_blocking(move || node.wait_write(shard_id))
+            .await
+            .map_err(|e| WorkerError::Task(e.to_string()))?
+    }
+
+    fn wrote_block(&self, shard_id: u32) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or_default();
+        let mut spans = self.spans.lock().expect("spans lock");
+        let span = spans.entry(shard_id).or_insert_with(|| pb::WriteSpan {
+            shard_id,
+            first_write_us: now,
+            ..Default::default()
+        });
+        span.last_write_us = now;
+        span.blocks_written += 1;
+    }
+
+    /// When this process wrote each shard's blocks.
+    pub fn write_spans(&self) -> Vec<pb::WriteSpan> {
+        let mut spans: Vec<_> = self.spans.lock().expect("spans lock").values().cloned().collect();
+        spans.sort_by_key(|s| s.shard_id);
+        spans
+    }
+
+    pub fn set_isolated(&self, isolated: bool) {
+        self.isolated.store(isolated, Ordering::SeqCst);
+        tracing::warn!(isolated, "fault filter: cut off from the coordinators");
+    }
+
+    pub fn isolated(&self) -> bool {
+        self.isolated.load(Ordering::SeqCst)
     }
 
     pub fn slot(&self, shard_id: u32) -> Result<Arc<ShardSlot>, WorkerError> {
@@ -169,7 +301,7 @@ impl WorkerNode {
         Ok(())
     }
 
-    async fn index_phase(&self, slot: &Arc<ShardSlot>) -> Result<(), WorkerError> {
+    async fn index_phase(self: &Arc<Self>, slot: &Arc<ShardSlot>) -> Result<(), WorkerError> {
         let _permit = self
             .index_permits
             .acquire()
@@ -181,9 +313,18 @@ impl WorkerNode {
         }
         let source = self.source.clone();
         let span = tracing::info_span!("index", shard = shard.id);
-        tokio::task::spawn_blocking(move || span.in_scope(|| index_range(source.as_ref(), &shard)))
-            .await
-            .map_err(|e| WorkerError::Task(e.to_string()))??;
+        let node = self.clone();
+        let indexed = tokio::task::spawn_blocking(move || {
+            span.in_scope(|| index_range(source.as_ref(), &shard, &node))
+        })
+        .await
+        .map_err(|e| WorkerError::Task(e.to_string()))?;
+        if let Err(WorkerError::Moved(id)) = indexed {
+            tracing::warn!(shard = id, "shard given to another worker: closing it here");
+            self.shards.write().expect("shards lock").remove(&id);
+            return Ok(());
+        }
+        indexed?;
         slot.shard.set_phase(pb::ShardPhase::Indexed)?;
         tracing::info!(
             shard = slot.shard.id,
@@ -220,7 +361,7 @@ impl WorkerNode {
     }
 
     async fn resolve_phase(
-        &self,
+        self: &Arc<Self>,
         slot: &Arc<ShardSlot>,
         peers: Vec<pb::ShardPeer>,
     ) -> Result<(), WorkerError> {
@@ -241,6 +382,7 @@ impl WorkerNode {
             let outputs = self.lookup_spent(&batch, &earlier).await?;
             failpoint(failpoint::RESOLVE_AFTER_LOOKUP);
             let resolved: Vec<(PendingSpend, pb::TxOut)> = batch.into_iter().zip(outputs).collect();
+            self.wait_write_async(shard.id).await?;
             let writer = shard.clone();
             tokio::task::spawn_blocking(move || writer.apply_resolved(&resolved))
                 .await
@@ -248,6 +390,7 @@ impl WorkerNode {
             failpoint(failpoint::RESOLVE_AFTER_APPLY);
         }
         self.deliver_notices(&shard, &earlier).await?;
+        self.wait_write_async(shard.id).await?;
         shard.set_phase(pb::ShardPhase::Ready)?;
         tracing::info!(shard = shard.id, "shard ready");
         Ok(())
@@ -256,7 +399,7 @@ impl WorkerNode {
     /// Undo data already told this shard what its inputs spend; the owners of those coins (found by the
     /// coin's height, no search) must still record who spent them, for their UTXO and outspend answers.
     async fn deliver_notices(
-        &self,
+        self: &Arc<Self>,
         shard: &Arc<Shard>,
         earlier: &[pb::ShardPeer],
     ) -> Result<(), WorkerError> {
@@ -304,6 +447,7 @@ impl WorkerNode {
                 }
             }
             let done: Vec<PendingSpend> = batch.into_iter().map(|(spend, _)| spend).collect();
+            self.wait_write_async(shard.id).await?;
             let writer = shard.clone();
             tokio::task::spawn_blocking(move || writer.clear_notices(&done))
                 .await
@@ -314,12 +458,13 @@ impl WorkerNode {
     /// Following the tip: removes every block at or above `from` from this shard, newest first. Each
     /// block's spends of other shards' coins are undone at their owners before its rows go.
     pub async fn rollback(
-        &self,
+        self: &Arc<Self>,
         shard_id: u32,
         from: u32,
         peers: Vec<pb::ShardPeer>,
     ) -> Result<(), WorkerError> {
         let shard = self.slot(shard_id)?.shard.clone();
+        self.check_write(shard_id)?;
         let earlier = earlier_peers(&shard, peers);
         while shard.state().next_height > from.max(shard.start) {
             let height = shard.state().next_height - 1;
@@ -356,7 +501,7 @@ impl WorkerNode {
     /// Following the tip: indexes this shard up to `tip` (growing its range if it is the last shard) and
     /// resolves the new blocks' inputs; returns when the shard is ready again.
     pub async fn catch_up(
-        &self,
+        self: &Arc<Self>,
         shard_id: u32,
         tip: u32,
         extend: bool,
@@ -364,17 +509,47 @@ impl WorkerNode {
     ) -> Result<(), WorkerError> {
         let slot = self.slot(shard_id)?;
         let shard = slot.shard.clone();
+        self.check_write(shard_id)?;
         if extend {
             shard.extend_to(tip + 1)?;
         }
         shard.set_phase(pb::ShardPhase::Indexing)?;
         let source = self.source.clone();
         let indexer = shard.clone();
-        tokio::task::spawn_blocking(move || index_range(source.as_ref(), &indexer))
+        let node = self.clone();
+        tokio::task::spawn_blocking(move || index_range(source.as_ref(), &indexer, &node))
             .await
             .map_err(|e| WorkerError::Task(e.to_string()))??;
         shard.set_phase(pb::ShardPhase::Resolving)?;
         self.resolve_phase(&slot, peers).await
+    }
+
+    /// Sends every spend this shard's blocks make of other shards' coins to `to` (a shard rebuilt on another
+    /// worker), which records those it holds. Returns (sent, recorded).
+    pub async fn resend_spends(
+        self: &Arc<Self>,
+        shard_id: u32,
+        to: pb::ShardPeer,
+    ) -> Result<(u64, u64), WorkerError> {
+        let shard = self.slot(shard_id)?.shard.clone();
+        let (mut sent, mut recorded) = (0, 0);
+        let mut batch = Vec::new();
+        let state = shard.state();
+        for height in state.start_height..state.next_height {
+            let reader = shard.clone();
+            let spends = tokio::task::spawn_blocking(move || reader.remote_spends_of_block(height))
+                .await
+                .map_err(|e| WorkerError::Task(e.to_string()))??;
+            batch.extend(spends);
+            if batch.len() >= RESOLVE_BATCH || height + 1 == state.next_height {
+                sent += batch.len() as u64;
+                let reply = self
+                    .send_spends(&to, std::mem::take(&mut batch), Spends::Record)
+                    .await?;
+                recorded += reply.found.len() as u64;
+            }
+        }
+        Ok((sent, recorded))
     }
 
     /// Asks earlier shards, nearest first, for the outputs `batch` spends; each peer sees only what the
@@ -432,21 +607,31 @@ impl WorkerNode {
         spends: Vec<pb::SpendRef>,
         what: Spends,
     ) -> Result<pb::SpendOutputsReply, WorkerError> {
-        let mut client = self.peer(&peer.grpc_addr).await?;
+        // Every copy of the shard records (or forgets) the spends; the first copy's answer is used.
+        let mut addrs = peer.replica_addrs.clone();
+        if addrs.is_empty() {
+            addrs.push(peer.grpc_addr.clone());
+        }
         let request = pb::SpendOutputsRequest {
             shard_id: peer.shard_id,
             spends,
         };
-        let reply = match what {
-            Spends::Record => client.spend_outputs(request).await,
-            Spends::Forget => client.unspend_outputs(request).await,
-        };
-        reply
-            .map(|r| r.into_inner())
-            .map_err(|status| WorkerError::Peer {
-                addr: peer.grpc_addr.clone(),
-                detail: status.message().to_string(),
-            })
+        let mut first = None;
+        for addr in &addrs {
+            let mut client = self.peer(addr).await?;
+            let reply = match what {
+                Spends::Record => client.spend_outputs(request.clone()).await,
+                Spends::Forget => client.unspend_outputs(request.clone()).await,
+            };
+            let reply = reply
+                .map(|r| r.into_inner())
+                .map_err(|status| WorkerError::Peer {
+                    addr: addr.clone(),
+                    detail: status.message().to_string(),
+                })?;
+            first.get_or_insert(reply);
+        }
+        Ok(first.unwrap_or_default())
     }
 
     async fn peer(&self, addr: &str) -> Result<WorkerClient<Channel>, WorkerError> {
@@ -547,7 +732,7 @@ fn fetch(source: &dyn BlockSource, height: u32) -> Result<Fetched, WorkerError> 
 /// Phase 1 over the rest of the shard's range: a fetcher thread reads and decodes blocks ahead of the
 /// writer (bounded, so memory stays flat), the calling thread writes them in height order. A block is
 /// written whole or not at all, so a failed fetch leaves nothing half-written.
-fn index_range(source: &dyn BlockSource, shard: &Shard) -> Result<(), WorkerError> {
+fn index_range(source: &dyn BlockSource, shard: &Shard, node: &WorkerNode) -> Result<(), WorkerError> {
     let from = shard.state().next_height;
     let end = shard.end();
     std::thread::scope(|scope| {
@@ -563,7 +748,11 @@ fn index_range(source: &dyn BlockSource, shard: &Shard) -> Result<(), WorkerErro
         });
         for item in receiver {
             let (height, block, spent) = item?;
+            // Only under a lease: a worker cut off from the coordinators stops here before anyone else
+            // may take the shard over.
+            node.wait_write(shard.id)?;
             shard.index_block(height, &block, spent.as_deref())?;
+            node.wrote_block(shard.id);
         }
         Ok(())
     })
