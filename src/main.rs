@@ -351,7 +351,10 @@ async fn run() -> anyhow::Result<()> {
                 serde_json::to_string_pretty(&http_get(&server, &path).await?)?
             );
         }
-        Command::Members { coordinator, remove } => {
+        Command::Members {
+            coordinator,
+            remove,
+        } => {
             let mut target = coordinator.trim_start_matches("http://").to_string();
             let status = loop {
                 let mut client = chainidx_proto::coordinator_client::CoordinatorClient::connect(

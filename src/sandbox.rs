@@ -236,7 +236,11 @@ impl SandboxBuilder {
                 });
             }
             if Instant::now() > deadline {
-                bail!("coordinator {} did not start; see {}", i + 1, log_path.display());
+                bail!(
+                    "coordinator {} did not start; see {}",
+                    i + 1,
+                    log_path.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -435,7 +439,8 @@ impl Sandbox {
     pub async fn remove_coordinator(&self, id: u64) -> anyhow::Result<()> {
         let leader = self.leader().await?;
         let mut client =
-            CoordinatorClient::connect(format!("http://{}", self.coordinators[leader].grpc)).await?;
+            CoordinatorClient::connect(format!("http://{}", self.coordinators[leader].grpc))
+                .await?;
         client
             .remove_coordinator(chainidx_proto::RemoveCoordinatorRequest { id })
             .await?;
@@ -463,6 +468,19 @@ impl Sandbox {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The current gRPC address of worker process `i` (as registered under its data directory).
+    pub async fn worker_addr(&self, i: usize) -> anyhow::Result<String> {
+        let dir = self.data_dir.join(format!("worker-{i}"));
+        let name = std::fs::canonicalize(&dir)?.display().to_string();
+        let status = self.status().await?;
+        status
+            .worker_names
+            .iter()
+            .position(|n| *n == name)
+            .map(|at| status.workers[at].clone())
+            .ok_or_else(|| anyhow::anyhow!("worker {i} ({name}) is not registered"))
     }
 
     /// Cuts worker `i` off from the coordinators (or heals it) with its transport fault filter.

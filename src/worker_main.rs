@@ -41,7 +41,11 @@ pub async fn run_worker(
             .to_string()
     });
     let node = WorkerNode::new(source, args.data.clone());
-    let server = tokio::spawn(chainidx_node::service::run(node.clone(), listener, shutdown));
+    let server = tokio::spawn(chainidx_node::service::run(
+        node.clone(),
+        listener,
+        shutdown,
+    ));
     tracing::info!(%bound, %advertise, data = %args.data.display(), "worker listening");
 
     node.enforce_leases();
@@ -150,7 +154,9 @@ async fn keep_lease(
                     tracing::warn!(coordinator = %target, %error, "no lease renewal; trying the coordinators");
                 }
                 if !registered && started.elapsed() > REGISTER_DEADLINE && failures > 100 {
-                    anyhow::bail!("could not register with any coordinator of {coordinators:?}: {error}");
+                    anyhow::bail!(
+                        "could not register with any coordinator of {coordinators:?}: {error}"
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

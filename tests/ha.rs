@@ -99,7 +99,10 @@ async fn killing_the_raft_leader_mid_backfill_loses_no_shard_and_a_minority_can_
         indexed_blocks(s) >= total_blocks / 5
     })
     .await;
-    assert!(!status.backfill_complete, "the backfill must still be running");
+    assert!(
+        !status.backfill_complete,
+        "the backfill must still be running"
+    );
     let old_leader = sandbox.leader().await.unwrap();
     let old_id = sandbox.coordinators[old_leader].id;
     let before = indexed_blocks(&status);
@@ -114,7 +117,10 @@ async fn killing_the_raft_leader_mid_backfill_loses_no_shard_and_a_minority_can_
         "leader {old_id} killed at {before}/{total_blocks} blocks indexed; coordinator {} leads after {election:?}",
         status.leader
     );
-    assert!(election < Duration::from_secs(5), "new leader after {election:?}");
+    assert!(
+        election < Duration::from_secs(5),
+        "new leader after {election:?}"
+    );
 
     let status = sandbox
         .wait_for_backfill(Duration::from_secs(180), |_| {})
@@ -144,14 +150,20 @@ async fn killing_the_raft_leader_mid_backfill_loses_no_shard_and_a_minority_can_
     // The lost coordinator stays lost: replace it online (add a new member, remove the dead one).
     let added = sandbox.add_coordinator().await.unwrap();
     let added_id = sandbox.coordinators[added].id;
-    wait_until(&sandbox, Duration::from_secs(20), "the new member votes", |s| {
-        s.members.iter().any(|m| m.id == added_id && m.voter)
-    })
+    wait_until(
+        &sandbox,
+        Duration::from_secs(20),
+        "the new member votes",
+        |s| s.members.iter().any(|m| m.id == added_id && m.voter),
+    )
     .await;
     sandbox.remove_coordinator(old_id).await.unwrap();
-    let status = wait_until(&sandbox, Duration::from_secs(20), "the dead member is gone", |s| {
-        !s.members.iter().any(|m| m.id == old_id)
-    })
+    let status = wait_until(
+        &sandbox,
+        Duration::from_secs(20),
+        "the dead member is gone",
+        |s| !s.members.iter().any(|m| m.id == old_id),
+    )
     .await;
     assert_eq!(status.members.iter().filter(|m| m.voter).count(), 3);
     // The newcomer holds the replicated state: it answers like the others.
@@ -169,15 +181,30 @@ async fn killing_the_raft_leader_mid_backfill_loses_no_shard_and_a_minority_can_
     let leader_id = sandbox.coordinators[leader].id;
     sandbox.kill_coordinator(leader).await.unwrap();
     let killed_at = Instant::now();
-    let status = wait_until(&sandbox, Duration::from_secs(10), "another new leader", |s| {
-        s.leader != 0 && s.leader != leader_id
-    })
+    let status = wait_until(
+        &sandbox,
+        Duration::from_secs(10),
+        "another new leader",
+        |s| s.leader != 0 && s.leader != leader_id,
+    )
     .await;
     eprintln!("second leader change after {:?}", killed_at.elapsed());
     assert!(status.backfill_complete);
-    let (scripts, _) =
-        cluster_matches_reference(&sandbox.http_url(), &reference, bitcoin::Network::Regtest).await;
-    eprintln!("with 2 of 3 coordinators left: {scripts} scripts still match");
+    let api = Api::new(sandbox.http_url());
+    let sample: Vec<_> = reference
+        .scripts()
+        .into_iter()
+        .skip(3)
+        .step_by(20)
+        .collect();
+    for script in &sample {
+        common::check::check_script(&api, &reference, script.clone(), bitcoin::Network::Regtest)
+            .await;
+    }
+    eprintln!(
+        "with 2 of 3 coordinators left: a sample of {} scripts still matches",
+        sample.len()
+    );
     sandbox.shutdown().await;
 }
 
@@ -243,7 +270,7 @@ async fn with_two_replicas_killing_a_worker_under_load_fails_no_query_and_re_rep
         .await
         .unwrap();
     assert!(status.shards.iter().all(|s| s.replicas.len() == 2));
-    let victim_addr = status.workers[0].clone();
+    let victim_addr = sandbox.worker_addr(0).await.unwrap();
 
     let scripts = reference.scripts();
     let mut paths = Vec::new();
@@ -279,7 +306,10 @@ async fn with_two_replicas_killing_a_worker_under_load_fails_no_query_and_re_rep
     load.stop.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let outcomes = load.outcomes.lock().unwrap().clone();
-    let after: Vec<_> = outcomes.iter().filter(|(t, _, _)| *t >= killed_at).collect();
+    let after: Vec<_> = outcomes
+        .iter()
+        .filter(|(t, _, _)| *t >= killed_at)
+        .collect();
     let failed: Vec<_> = after.iter().filter(|(_, ok, _)| !ok).collect();
     eprintln!(
         "{} queries in all, {} after the kill, {} failed; re-replicated in {re_replicated:?}",
@@ -289,7 +319,11 @@ async fn with_two_replicas_killing_a_worker_under_load_fails_no_query_and_re_rep
     );
     // The failover window is zero: a query whose replica is gone is retried on the other one at once.
     assert!(after.len() > 100, "the load kept going");
-    assert!(failed.is_empty(), "failed queries: {:?}", &failed[..failed.len().min(5)]);
+    assert!(
+        failed.is_empty(),
+        "failed queries: {:?}",
+        &failed[..failed.len().min(5)]
+    );
     assert!(status.backfill_complete || status.following);
 
     // Every answer is still exact, now from the copies that survived and the rebuilt ones; those rebuilt
@@ -316,13 +350,18 @@ async fn a_worker_cut_off_from_the_coordinators_stops_writing_before_its_shards_
     .start()
     .await
     .unwrap();
-    let status = wait_until(&sandbox, Duration::from_secs(60), "the victim writes", |s| {
-        s.shards
-            .iter()
-            .any(|shard| shard.owner == s.workers[0] && shard.next_height > shard.start_height + 2)
-    })
+    let victim = sandbox.worker_addr(0).await.unwrap();
+    let status = wait_until(
+        &sandbox,
+        Duration::from_secs(60),
+        "the victim writes",
+        |s| {
+            s.shards
+                .iter()
+                .any(|shard| shard.owner == victim && shard.next_height > shard.start_height + 2)
+        },
+    )
     .await;
-    let victim = status.workers[0].clone();
     let victim_shards: Vec<u32> = status
         .shards
         .iter()

@@ -135,7 +135,12 @@ impl Driver {
             while self.state().workers.len() < self.plan.min_workers.max(1) {
                 tokio::time::sleep(POLL).await;
             }
-            let names: Vec<String> = self.state().workers.iter().map(|w| w.name.clone()).collect();
+            let names: Vec<String> = self
+                .state()
+                .workers
+                .iter()
+                .map(|w| w.name.clone())
+                .collect();
             let replication = (self.plan.replication.max(1) as usize).min(names.len());
             let shards = plan_shards(tip, self.plan.shard_blocks)
                 .into_iter()
@@ -213,7 +218,10 @@ impl Driver {
                     })
             });
         if !state.following && complete {
-            tracing::info!(tip = state.tip, "backfill complete; following the source's tip");
+            tracing::info!(
+                tip = state.tip,
+                "backfill complete; following the source's tip"
+            );
             self.commit(Command::Tip(pb::TipUpdate {
                 tip: state.tip,
                 following: true,
@@ -288,7 +296,8 @@ impl Driver {
                 self.resolve_sent.remove(&(id, worker.name.clone()));
             }
             if all {
-                self.generations.insert(worker.name.clone(), worker.generation);
+                self.generations
+                    .insert(worker.name.clone(), worker.generation);
             }
         }
     }
@@ -323,7 +332,10 @@ impl Driver {
             }
             let id = crate::state::shard_status(shard).shard_id;
             let keep = |list: &Vec<String>| -> Vec<String> {
-                list.iter().filter(|h| !expired.contains(h)).cloned().collect()
+                list.iter()
+                    .filter(|h| !expired.contains(h))
+                    .cloned()
+                    .collect()
             };
             tracing::warn!(shard = id, expired = ?expired, "lease expired: taking the shard away");
             self.commit(Command::SetReplicas(pb::ShardReplicas {
@@ -376,7 +388,9 @@ impl Driver {
             else {
                 continue;
             };
-            *load.entry(live.iter().find(|w| **w == target).expect("live")).or_default() += 1;
+            *load
+                .entry(live.iter().find(|w| **w == target).expect("live"))
+                .or_default() += 1;
             let id = crate::state::shard_status(shard).shard_id;
             let mut joining = shard.joining.clone();
             joining.push(target.clone());
@@ -488,7 +502,11 @@ impl Driver {
             let copies: Vec<(String, Option<pb::ShardStatus>)> = holders(shard)
                 .map(|h| (h.clone(), self.live(shard, h)))
                 .collect();
-            if copies.is_empty() || copies.iter().any(|(_, l)| !l.as_ref().is_some_and(|l| indexed(l.phase))) {
+            if copies.is_empty()
+                || copies
+                    .iter()
+                    .any(|(_, l)| !l.as_ref().is_some_and(|l| indexed(l.phase)))
+            {
                 break;
             }
             let id = crate::state::shard_status(shard).shard_id;
@@ -542,9 +560,11 @@ impl Driver {
                     replica_addrs: vec![entry.addr.clone()],
                 };
                 let mut resent = 0;
-                for later in state.shards.iter().filter(|l| {
-                    crate::state::shard_status(l).start_height >= status.end_height
-                }) {
+                for later in state
+                    .shards
+                    .iter()
+                    .filter(|l| crate::state::shard_status(l).start_height >= status.end_height)
+                {
                     let later_id = crate::state::shard_status(later).shard_id;
                     // One serving copy that has resolved is enough; copies that have not will send to
                     // every holder when they resolve.
@@ -567,7 +587,9 @@ impl Driver {
                             to: Some(to.clone()),
                         })
                         .await
-                        .map_err(|e| format!("resending spends of shard {later_id}: {}", e.message()));
+                        .map_err(|e| {
+                            format!("resending spends of shard {later_id}: {}", e.message())
+                        });
                     match reply {
                         Ok(reply) => resent += reply.into_inner().recorded,
                         Err(error) => {
@@ -582,7 +604,12 @@ impl Driver {
                 self.commit(Command::SetReplicas(pb::ShardReplicas {
                     shard_id: status.shard_id,
                     replicas,
-                    joining: shard.joining.iter().filter(|j| *j != joiner).cloned().collect(),
+                    joining: shard
+                        .joining
+                        .iter()
+                        .filter(|j| *j != joiner)
+                        .cloned()
+                        .collect(),
                 }))
                 .await?;
                 return Ok(()); // state changed: next round looks again

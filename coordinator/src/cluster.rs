@@ -251,6 +251,7 @@ impl Cluster {
                 })
                 .collect(),
             workers: view.workers.iter().map(|w| w.addr.clone()).collect(),
+            worker_names: view.workers.iter().map(|w| w.name.clone()).collect(),
             network: self.network.to_string(),
             halted: state.halted.clone(),
             source_tip: if state.source_tip > 0 {

@@ -2,12 +2,12 @@
 //! (the client-facing twin of the HTTP API).
 
 use crate::cluster::Cluster;
-use crate::raft::{CoordinatorNode, Raft};
-use openraft::error::{ClientWriteError, RaftError};
 use crate::error::ApiError;
+use crate::raft::{CoordinatorNode, Raft};
 use crate::router::{Cursor, QueryRouter, parse_hash};
 use chainidx_core::chain::{ScriptHash, parse_scripthash, script_for_address, scripthash};
 use chainidx_proto as pb;
+use openraft::error::{ClientWriteError, RaftError};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -116,7 +116,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 r.name, worker.addr, r.grpc_addr
             )));
         }
-        view.heartbeats.insert(r.name.clone(), std::time::Instant::now());
+        view.heartbeats
+            .insert(r.name.clone(), std::time::Instant::now());
         let shards = view
             .state
             .shards
@@ -165,7 +166,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .voter_ids()
             .collect();
         voters.insert(r.id);
-        self.raft.change_membership(voters, false).await.map_err(map)?;
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(map)?;
         tracing::info!(id = r.id, "coordinator added");
         crate::refresh_raft_view(&self.raft, &self.cluster);
         Ok(Response::new(pb::MembershipReply {
@@ -189,7 +193,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .filter(|v| *v != id)
             .collect();
         if voters.is_empty() {
-            return Err(Status::invalid_argument("cannot remove the last coordinator"));
+            return Err(Status::invalid_argument(
+                "cannot remove the last coordinator",
+            ));
         }
         self.raft
             .change_membership(voters, false)

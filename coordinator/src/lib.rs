@@ -104,7 +104,8 @@ pub async fn run(
     };
     std::fs::create_dir_all(&raft_dir).map_err(|e| storage_error(e.to_string()))?;
     let store: Arc<dyn chainidx_core::store::Store> = Arc::new(
-        chainidx_node::rocks::RocksStore::open(&raft_dir).map_err(|e| storage_error(e.to_string()))?,
+        chainidx_node::rocks::RocksStore::open(&raft_dir)
+            .map_err(|e| storage_error(e.to_string()))?,
     );
     let state_machine = raft::StateMachine::open(store.clone(), cluster.clone())
         .map_err(|e| storage_error(e.to_string()))?;
@@ -132,7 +133,10 @@ pub async fn run(
         grpc: grpc.local_addr()?.to_string(),
         http: http.local_addr()?.to_string(),
     };
-    let initialized = raft.is_initialized().await.map_err(|e| CoordinatorError::Raft(e.to_string()))?;
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| CoordinatorError::Raft(e.to_string()))?;
     if !initialized {
         match &config.join {
             None => {
@@ -248,7 +252,9 @@ async fn join_group(target: String, id: u64, me: raft::CoordinatorNode) {
                 }
                 tracing::warn!(attempt, error = %status.message(), "joining the coordinator group; retrying");
             }
-            Err(error) => tracing::warn!(attempt, %error, "joining the coordinator group; retrying"),
+            Err(error) => {
+                tracing::warn!(attempt, %error, "joining the coordinator group; retrying")
+            }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -353,8 +353,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
         let bytes = snapshot.into_inner();
-        let state: pb::ClusterState =
-            prost::Message::decode(bytes.as_slice()).map_err(read_err)?;
+        let state: pb::ClusterState = prost::Message::decode(bytes.as_slice()).map_err(read_err)?;
         put_json(
             self.store.as_ref(),
             SNAPSHOT_KEY,

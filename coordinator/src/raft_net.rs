@@ -4,11 +4,13 @@
 use crate::raft::{CoordinatorNode, NodeId, Raft, TypeConfig};
 use chainidx_proto as pb;
 use chainidx_proto::raft_client::RaftClient;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
-    InstallSnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -56,8 +58,8 @@ impl Peer {
         let client = self.client.as_mut().ok_or_else(|| {
             RPCError::Unreachable(Unreachable::new(&std::io::Error::other("bad peer address")))
         })?;
-        let json = serde_json::to_vec(request)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let json =
+            serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = Request::new(pb::RaftPayload { json });
         request.set_timeout(option.hard_ttl());
         let reply = match kind {
@@ -65,8 +67,8 @@ impl Peer {
             RpcKind::Vote => client.vote(request).await,
             RpcKind::Snapshot => client.install_snapshot(request).await,
         };
-        let reply =
-            reply.map_err(|status| RPCError::Unreachable(Unreachable::new(&StatusError(status))))?;
+        let reply = reply
+            .map_err(|status| RPCError::Unreachable(Unreachable::new(&StatusError(status))))?;
         let result: Result<Resp, RaftError<NodeId, E>> =
             serde_json::from_slice(&reply.into_inner().json)
                 .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;

@@ -13,10 +13,12 @@ use futures::future::join_all;
 use std::sync::Arc;
 use tonic::transport::Channel;
 
-
 /// Calls the shard's serving replicas in order until one answers: a replica that is down (refused, reset,
 /// timed out) costs one failed attempt, not a failed query.
-async fn on_replica<T, F, Fut>(replicas: &[WorkerClient<Channel>], call: F) -> Result<T, tonic::Status>
+async fn on_replica<T, F, Fut>(
+    replicas: &[WorkerClient<Channel>],
+    call: F,
+) -> Result<T, tonic::Status>
 where
     F: Fn(WorkerClient<Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,

@@ -121,9 +121,8 @@ impl Worker for WorkerService {
         request: Request<pb::ResendSpendsRequest>,
     ) -> Result<Response<pb::ResendSpendsReply>, Status> {
         let r = request.into_inner();
-        let to = r
-            .to
-            .ok_or_else(|| Status::invalid_argument("resend needs a target shard"))?;
+        let to =
+            r.to.ok_or_else(|| Status::invalid_argument("resend needs a target shard"))?;
         let (sent, recorded) = self.node.resend_spends(r.shard_id, to).await?;
         Ok(Response::new(pb::ResendSpendsReply { sent, recorded }))
     }

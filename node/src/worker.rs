@@ -13,10 +13,10 @@ use chainidx_core::source::{BlockSource, SourceError, SpentCoin};
 use chainidx_proto as pb;
 use chainidx_proto::worker_client::WorkerClient;
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 
@@ -229,7 +229,13 @@ impl WorkerNode {
 
     /// When this process wrote each shard's blocks.
     pub fn write_spans(&self) -> Vec<pb::WriteSpan> {
-        let mut spans: Vec<_> = self.spans.lock().expect("spans lock").values().cloned().collect();
+        let mut spans: Vec<_> = self
+            .spans
+            .lock()
+            .expect("spans lock")
+            .values()
+            .cloned()
+            .collect();
         spans.sort_by_key(|s| s.shard_id);
         spans
     }
@@ -732,7 +738,11 @@ fn fetch(source: &dyn BlockSource, height: u32) -> Result<Fetched, WorkerError> 
 /// Phase 1 over the rest of the shard's range: a fetcher thread reads and decodes blocks ahead of the
 /// writer (bounded, so memory stays flat), the calling thread writes them in height order. A block is
 /// written whole or not at all, so a failed fetch leaves nothing half-written.
-fn index_range(source: &dyn BlockSource, shard: &Shard, node: &WorkerNode) -> Result<(), WorkerError> {
+fn index_range(
+    source: &dyn BlockSource,
+    shard: &Shard,
+    node: &WorkerNode,
+) -> Result<(), WorkerError> {
     let from = shard.state().next_height;
     let end = shard.end();
     std::thread::scope(|scope| {
