@@ -413,7 +413,7 @@ async fn a_worker_cut_off_from_the_coordinators_stops_writing_before_its_shards_
     assert!(checked > 0, "the victim had written none of its shards");
     // After healing, the victim writes nothing of the shards it lost.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let later = write_spans(&[victim.clone()]).await;
+    let later = write_spans(std::slice::from_ref(&victim)).await;
     for id in &victim_shards {
         assert_eq!(
             later.get(&(*id, victim.clone())).map(|s| s.last_write_us),

@@ -6,6 +6,9 @@
 //! drives elections, replication, snapshots and joint-consensus membership changes itself; raft-rs leaves
 //! the Ready loop, the transport and the timers to the application and brings slog and rust-protobuf 2.
 
+// openraft's traits fix the error type (`StorageError`, large); the helpers here return it too.
+#![allow(clippy::result_large_err)]
+
 use crate::cluster::Cluster;
 use chainidx_core::schema::Cf;
 use chainidx_core::store::{Batch, ScanFrom, Store};

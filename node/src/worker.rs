@@ -170,7 +170,7 @@ impl WorkerNode {
         if !lease.enforced {
             return Ok(());
         }
-        if !lease.until.is_some_and(|until| until > Instant::now()) {
+        if lease.until.is_none_or(|until| until <= Instant::now()) {
             return Err(WorkerError::NoLease(shard_id));
         }
         if !lease.shards.contains(&shard_id) {
