@@ -298,6 +298,17 @@ impl Sandbox {
             .with_context(|| format!("starting worker {}", self.binary.display()))
     }
 
+    /// Starts one more worker process (index `workers`) and waits until it has registered.
+    pub async fn add_worker(&mut self) -> anyhow::Result<usize> {
+        let before = self.status().await?.workers.len();
+        let i = self.children.len();
+        let child = self.spawn_worker(i, None)?;
+        self.children.push(child);
+        self.wait_for_workers(before + 1, Duration::from_secs(60))
+            .await?;
+        Ok(i)
+    }
+
     /// Kills worker `i` with SIGKILL (no chance to flush or say goodbye), as a crash would.
     pub async fn kill_worker(&mut self, i: usize) -> anyhow::Result<()> {
         let child = &mut self.children[i];

@@ -426,3 +426,71 @@ async fn a_worker_cut_off_from_the_coordinators_stops_writing_before_its_shards_
     eprintln!("after the partition: {scripts} scripts and {txs} txs match the reference");
     sandbox.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_joins_gets_shards_moved_to_it_without_failing_a_query() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = chain(&dir.path().join("chain"), 120, 30, 24).await;
+    let mut sandbox = SandboxBuilder::new(
+        env!("CARGO_BIN_EXE_chainidx"),
+        format!("blk:{}", dir.path().join("chain").display()),
+        dir.path().join("cluster"),
+    )
+    .workers(2)
+    .shard_blocks(10)
+    .start()
+    .await
+    .unwrap();
+    sandbox
+        .wait_for_backfill(Duration::from_secs(120), |_| {})
+        .await
+        .unwrap();
+    let mut paths = Vec::new();
+    for script in reference.scripts().iter().step_by(5).take(300) {
+        let sh = scripthash_hex(script);
+        paths.push(format!("/scripthash/{sh}/txs"));
+        paths.push(format!("/scripthash/{sh}/utxo"));
+    }
+    let load = start_load(sandbox.http_url(), paths, 4);
+    let joined = sandbox.add_worker().await.unwrap();
+    let newcomer = sandbox.worker_addr(joined).await.unwrap();
+    let started = Instant::now();
+    let status = wait_until(
+        &sandbox,
+        Duration::from_secs(90),
+        "shards spread over 3 workers",
+        |s| {
+            let held = |w: &String| s.shards.iter().filter(|sh| sh.replicas.contains(w)).count();
+            held(&newcomer) == 4
+                && s.workers.iter().all(|w| held(w) == 4)
+                && s.shards
+                    .iter()
+                    .all(|sh| sh.joining.is_empty() && sh.replicas.len() == 1)
+        },
+    )
+    .await;
+    eprintln!(
+        "3 x 4 shards {:?} after the third worker joined",
+        started.elapsed()
+    );
+    load.stop.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let outcomes = load.outcomes.lock().unwrap().clone();
+    let failed: Vec<_> = outcomes.iter().filter(|(_, ok, _)| !ok).collect();
+    eprintln!(
+        "{} queries during the moves, {} failed",
+        outcomes.len(),
+        failed.len()
+    );
+    assert!(outcomes.len() > 100);
+    assert!(
+        failed.is_empty(),
+        "failed queries: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+    assert!(status.backfill_complete);
+    let (scripts, txs) =
+        cluster_matches_reference(&sandbox.http_url(), &reference, bitcoin::Network::Regtest).await;
+    eprintln!("after rebalancing: {scripts} scripts and {txs} txs match the reference");
+    sandbox.shutdown().await;
+}

@@ -405,6 +405,56 @@ impl Driver {
             self.assign(&updated, &target).await;
             self.resolve_sent.remove(&(id, target.clone()));
         }
+        self.rebalance(&live).await
+    }
+
+    /// Once the backfill is done and no copy is being built, a live worker holding at least two copies fewer
+    /// than another (one that just joined, say) gets one of its shards: built as a joining copy while the
+    /// old one serves, then promoted, and only then the old copy is dropped ([`Driver::promote_rebuilt`]).
+    /// One move at a time, so queries never lose a serving copy.
+    async fn rebalance(&mut self, live: &[String]) -> Result<(), String> {
+        let state = self.state();
+        if !state.following || live.len() < 2 || state.shards.iter().any(|s| !s.joining.is_empty())
+        {
+            return Ok(());
+        }
+        let mut load: HashMap<&String, usize> = live.iter().map(|w| (w, 0)).collect();
+        for shard in &state.shards {
+            for h in holders(shard) {
+                if let Some(n) = load.get_mut(h) {
+                    *n += 1;
+                }
+            }
+        }
+        let (Some((&most, &high)), Some((&least, &low))) = (
+            load.iter().max_by_key(|(w, n)| (**n, *w)),
+            load.iter().min_by_key(|(w, n)| (**n, *w)),
+        ) else {
+            return Ok(());
+        };
+        if high < low + 2 {
+            return Ok(());
+        }
+        let Some(shard) = state
+            .shards
+            .iter()
+            .rev()
+            .find(|s| s.replicas.contains(most) && !holders(s).any(|h| h == least))
+        else {
+            return Ok(());
+        };
+        let id = crate::state::shard_status(shard).shard_id;
+        tracing::info!(shard = id, from = %most, to = %least, "rebalancing: moving a copy");
+        self.commit(Command::SetReplicas(pb::ShardReplicas {
+            shard_id: id,
+            replicas: shard.replicas.clone(),
+            joining: vec![least.clone()],
+        }))
+        .await?;
+        let updated = self.state().shards[id as usize].clone();
+        let least = least.clone();
+        self.assign(&updated, &least).await;
+        self.resolve_sent.remove(&(id, least));
         Ok(())
     }
 
@@ -601,6 +651,12 @@ impl Driver {
                 tracing::info!(shard = status.shard_id, worker = %joiner, resent, "rebuilt copy ready: serving");
                 let mut replicas = shard.replicas.clone();
                 replicas.push(joiner.clone());
+                // A move (rebalancing) leaves one copy too many: drop the oldest, which stops writing as
+                // soon as its lease no longer lists the shard.
+                while replicas.len() > state.replication.max(1) as usize {
+                    let dropped = replicas.remove(0);
+                    tracing::info!(shard = status.shard_id, worker = %dropped, "copy moved away");
+                }
                 self.commit(Command::SetReplicas(pb::ShardReplicas {
                     shard_id: status.shard_id,
                     replicas,

@@ -7,7 +7,7 @@ use crate::raft::{CoordinatorNode, Raft};
 use crate::router::{Cursor, QueryRouter, parse_hash};
 use chainidx_core::chain::{ScriptHash, parse_scripthash, script_for_address, scripthash};
 use chainidx_proto as pb;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -54,6 +54,26 @@ impl CoordinatorService {
                 RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => self.not_leader(),
                 e => Status::unavailable(format!("raft: {e}")),
             })
+    }
+
+    /// Sets the voters, waiting out a membership change still finishing (openraft allows one at a time:
+    /// joint consensus, then the final config).
+    async fn change_voters(&self, voters: std::collections::BTreeSet<u64>) -> Result<(), Status> {
+        for _ in 0..50 {
+            match self.raft.change_membership(voters.clone(), false).await {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    ChangeMembershipError::InProgress(_),
+                ))) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                    return Err(self.not_leader());
+                }
+                Err(e) => return Err(Status::unavailable(format!("membership change: {e}"))),
+            }
+        }
+        Err(Status::unavailable(
+            "membership change: another change is still in progress after 5 s",
+        ))
     }
 
     fn members(&self) -> Vec<pb::CoordinatorMember> {
@@ -166,10 +186,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             .voter_ids()
             .collect();
         voters.insert(r.id);
-        self.raft
-            .change_membership(voters, false)
-            .await
-            .map_err(map)?;
+        self.change_voters(voters).await?;
         tracing::info!(id = r.id, "coordinator added");
         crate::refresh_raft_view(&self.raft, &self.cluster);
         Ok(Response::new(pb::MembershipReply {
@@ -197,13 +214,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
                 "cannot remove the last coordinator",
             ));
         }
-        self.raft
-            .change_membership(voters, false)
-            .await
-            .map_err(|e| match e {
-                RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => self.not_leader(),
-                e => Status::unavailable(format!("membership change: {e}")),
-            })?;
+        self.change_voters(voters).await?;
         tracing::info!(id, "coordinator removed");
         crate::refresh_raft_view(&self.raft, &self.cluster);
         Ok(Response::new(pb::MembershipReply {
