@@ -73,7 +73,7 @@ fn main() -> anyhow::Result<()> {
         // The same 16 shards whatever the worker count, so only the distribution differs between runs.
         let shard_blocks = blocks.div_ceil(16).max(1);
         let own_cpu_before = cpu_seconds(std::process::id());
-        let (elapsed, cross, worker_cpu, peak_rss) = runtime.block_on(async {
+        let (elapsed, cross, worker_cpu, peak_rss, peer_bytes) = runtime.block_on(async {
             let sandbox = SandboxBuilder::new(
                 env!("CARGO_BIN_EXE_chainidx"),
                 format!("blk:{}", chain.display()),
@@ -91,28 +91,43 @@ fn main() -> anyhow::Result<()> {
             let pids = sandbox.worker_pids();
             let worker_cpu: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
             let peak_rss = pids.iter().map(|p| peak_rss_bytes(*p)).max().unwrap_or(0);
+            let mut peer_bytes = 0;
+            for addr in &status.workers {
+                let mut client = chainidx_node::connect_worker(addr).await?;
+                peer_bytes += client
+                    .status(chainidx_proto::WorkerStatusRequest {})
+                    .await?
+                    .into_inner()
+                    .peer_bytes;
+            }
             sandbox.shutdown().await;
             let cross: u64 = status.shards.iter().map(|s| s.cross_shard_inputs).sum();
-            anyhow::Ok((elapsed, cross, worker_cpu, peak_rss))
+            anyhow::Ok((elapsed, cross, worker_cpu, peak_rss, peer_bytes))
         })?;
         // The coordinator runs in this process (with the bench's own polling): counted too.
         let cpu = worker_cpu + (cpu_seconds(std::process::id()) - own_cpu_before);
         let cpu_per_million = cpu / (summary.txs as f64 / 1e6);
-        let disk = dir_size(&cluster_dir);
+        let disk = data_bytes(&cluster_dir);
+        let compacted = compact_shards(&cluster_dir)?;
         let tx_s = summary.txs as f64 / elapsed;
         let per_worker = tx_s / workers as f64;
+        let per_tx = |bytes: u64| bytes as f64 / summary.txs as f64;
         println!(
             "backfill, {workers} worker(s), shards of {shard_blocks} blocks: {elapsed:.1}s, {tx_s:.0} tx/s total, \
-             {per_worker:.0} tx/s per worker ({:.2} of decode-only), {cross} cross-shard inputs, {:.0} bytes on disk per tx, \
+             {per_worker:.0} tx/s per worker ({:.2} of decode-only), {cross} cross-shard inputs, \
+             {:.0} bytes between workers per tx, {:.0} bytes on disk per tx ({:.0} after compaction), \
              {cpu_per_million:.1} CPU-s per million tx (all processes), worker peak RSS {:.0} MiB",
             per_worker / decode_tx_s,
-            disk as f64 / summary.txs as f64,
+            per_tx(peer_bytes),
+            per_tx(disk),
+            per_tx(compacted),
             peak_rss as f64 / (1 << 20) as f64
         );
         runs.push(json!({
             "workers": workers, "shard_blocks": shard_blocks, "seconds": elapsed, "tx_per_s": tx_s,
             "tx_per_s_per_worker": per_worker, "ratio_to_decode_only": per_worker / decode_tx_s,
-            "cross_shard_inputs": cross, "disk_bytes_per_tx": disk as f64 / summary.txs as f64,
+            "cross_shard_inputs": cross, "bytes_between_workers_per_tx": per_tx(peer_bytes),
+            "disk_bytes_per_tx": per_tx(disk), "disk_bytes_per_tx_compacted": per_tx(compacted),
             "cpu_seconds_per_million_tx": cpu_per_million, "worker_peak_rss_bytes": peak_rss,
         }));
     }
@@ -125,20 +140,36 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn dir_size(path: &std::path::Path) -> u64 {
+/// Bytes of RocksDB data under `path`: SST files and write-ahead logs (not RocksDB's info LOG files).
+fn data_bytes(path: &std::path::Path) -> u64 {
     let mut total = 0;
     if let Ok(entries) = std::fs::read_dir(path) {
         for entry in entries.flatten() {
-            let meta = match entry.metadata() {
-                Ok(meta) => meta,
-                Err(_) => continue,
+            let Ok(meta) = entry.metadata() else {
+                continue;
             };
-            total += if meta.is_dir() {
-                dir_size(&entry.path())
-            } else {
-                meta.len()
-            };
+            let name = entry.file_name().to_string_lossy().to_string();
+            if meta.is_dir() {
+                total += data_bytes(&entry.path());
+            } else if name.ends_with(".sst") || name.ends_with(".log") {
+                total += meta.len();
+            }
         }
     }
     total
+}
+
+/// Opens every shard database of a stopped cluster, compacts it fully, and returns the data bytes after.
+fn compact_shards(cluster: &std::path::Path) -> anyhow::Result<u64> {
+    for worker in std::fs::read_dir(cluster)?.flatten() {
+        let Ok(shards) = std::fs::read_dir(worker.path()) else {
+            continue;
+        };
+        for shard in shards.flatten() {
+            if shard.file_name().to_string_lossy().starts_with("shard-") {
+                chainidx_node::rocks::RocksStore::open(&shard.path())?.compact();
+            }
+        }
+    }
+    Ok(data_bytes(cluster))
 }

@@ -166,9 +166,30 @@ fn main() -> anyhow::Result<()> {
         ];
         let mut report = serde_json::Map::new();
         for (name, paths) in &cases {
+            let before = sandbox.status().await?;
             let (p50, p99) = measure(&client, &base, paths).await?;
-            println!("{name:>24}: p50 {p50:6.2} ms  p99 {p99:6.2} ms");
-            report.insert(name.to_string(), json!({"p50_ms": p50, "p99_ms": p99}));
+            let after = sandbox.status().await?;
+            // Shards ruled out by their per-shard stats, per history/UTXO query of this kind.
+            let queries = after.history_queries - before.history_queries;
+            let skipped = match queries {
+                0 => String::new(),
+                q => format!(
+                    "  shards skipped {:.1} of {} per query",
+                    (after.shards_skipped - before.shards_skipped) as f64 / q as f64,
+                    after.shards.len()
+                ),
+            };
+            println!("{name:>24}: p50 {p50:6.2} ms  p99 {p99:6.2} ms{skipped}");
+            report.insert(
+                name.to_string(),
+                json!({
+                    "p50_ms": p50, "p99_ms": p99,
+                    "shards": after.shards.len(),
+                    "shards_skipped_per_query": if queries == 0 { Value::Null } else {
+                        json!((after.shards_skipped - before.shards_skipped) as f64 / queries as f64)
+                    },
+                }),
+            );
         }
         // Throughput: 8 clients, 2,000 summaries in all.
         let paths = pick(&|a| format!("/address/{a}"));

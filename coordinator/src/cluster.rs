@@ -6,6 +6,7 @@ use chainidx_proto as pb;
 use chainidx_proto::worker_client::WorkerClient;
 use std::collections::HashMap;
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 use tonic::transport::Channel;
 
@@ -58,9 +59,27 @@ pub struct ClusterView {
     pub leader_since: Option<Instant>,
 }
 
+/// How much the per-shard stats save: shards ruled out before asking for history or UTXO rows.
+#[derive(Default)]
+pub struct FanOutCounters {
+    pub queries: AtomicU64,
+    pub asked: AtomicU64,
+    pub skipped: AtomicU64,
+}
+
+impl FanOutCounters {
+    pub fn count(&self, total: usize, asked: usize) {
+        self.queries.fetch_add(1, Ordering::Relaxed);
+        self.asked.fetch_add(asked as u64, Ordering::Relaxed);
+        self.skipped
+            .fetch_add((total - asked) as u64, Ordering::Relaxed);
+    }
+}
+
 pub struct Cluster {
     pub network: bitcoin::Network,
     pub view: RwLock<ClusterView>,
+    pub fan_out: FanOutCounters,
     clients: std::sync::Mutex<HashMap<String, WorkerClient<Channel>>>,
 }
 
@@ -73,6 +92,7 @@ impl Cluster {
             network,
             view: RwLock::new(ClusterView::default()),
             clients: Default::default(),
+            fan_out: FanOutCounters::default(),
         }
     }
 
@@ -267,6 +287,9 @@ impl Cluster {
             members: view.raft.members.clone(),
             replication: state.replication,
             live_workers,
+            history_queries: self.fan_out.queries.load(Ordering::Relaxed),
+            shards_asked: self.fan_out.asked.load(Ordering::Relaxed),
+            shards_skipped: self.fan_out.skipped.load(Ordering::Relaxed),
         }
     }
 }

@@ -313,6 +313,11 @@ async fn cluster_status(State(router): State<QueryRouter>) -> Json<Value> {
         "backfill_complete": status.backfill_complete,
         "workers": status.workers,
         "live_workers": status.live_workers,
+        "fan_out": {
+            "history_and_utxo_queries": status.history_queries,
+            "shards_asked": status.shards_asked,
+            "shards_skipped": status.shards_skipped,
+        },
         "replication": status.replication,
         "coordinator": {
             "this": status.this_coordinator,

@@ -144,15 +144,16 @@ impl QueryRouter {
         before: Option<Cursor>,
         limit: usize,
     ) -> Result<(Vec<pb::TxDetail>, Option<Cursor>), ApiError> {
-        let mut candidates: Vec<Route> = self
-            .shard_stats(sh)
-            .await?
+        let all = self.shard_stats(sh).await?;
+        let total = all.len();
+        let mut candidates: Vec<Route> = all
             .into_iter()
             .filter(|((status, _), stats)| {
                 stats.tx_count > 0 && before.is_none_or(|(h, _)| status.start_height <= h)
             })
             .map(|(route, _)| route)
             .collect();
+        self.cluster.fan_out.count(total, candidates.len());
         candidates.reverse();
         let mut page = Vec::new();
         for (status, replicas) in candidates {
@@ -185,13 +186,14 @@ impl QueryRouter {
     }
 
     pub async fn utxos(&self, sh: &ScriptHash) -> Result<Vec<pb::Utxo>, ApiError> {
-        let candidates: Vec<Route> = self
-            .shard_stats(sh)
-            .await?
+        let all = self.shard_stats(sh).await?;
+        let total = all.len();
+        let candidates: Vec<Route> = all
             .into_iter()
             .filter(|(_, stats)| stats.funded_txo_count > 0)
             .map(|(route, _)| route)
             .collect();
+        self.cluster.fan_out.count(total, candidates.len());
         let calls = candidates.into_iter().map(|(status, replicas)| {
             let request = pb::ShardAddressRequest {
                 shard_id: status.shard_id,

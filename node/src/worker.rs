@@ -120,6 +120,7 @@ pub struct WorkerNode {
     /// Fault filter: drop everything to and from the coordinators (peers still pass).
     isolated: AtomicBool,
     spans: Mutex<HashMap<u32, pb::WriteSpan>>,
+    peer_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl WorkerNode {
@@ -133,6 +134,7 @@ impl WorkerNode {
             lease: Mutex::new(Lease::default()),
             isolated: AtomicBool::new(false),
             spans: Mutex::new(HashMap::new()),
+            peer_bytes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -238,6 +240,11 @@ impl WorkerNode {
             .collect();
         spans.sort_by_key(|s| s.shard_id);
         spans
+    }
+
+    /// Protobuf bytes of the spend calls made to peers so far (what crosses between workers).
+    pub fn peer_bytes(&self) -> u64 {
+        self.peer_bytes.load(Ordering::Relaxed)
     }
 
     pub fn set_isolated(&self, isolated: bool) {
@@ -635,6 +642,11 @@ impl WorkerNode {
                     addr: addr.clone(),
                     detail: status.message().to_string(),
                 })?;
+            self.peer_bytes.fetch_add(
+                (prost::Message::encoded_len(&request) + prost::Message::encoded_len(&reply))
+                    as u64,
+                Ordering::Relaxed,
+            );
             first.get_or_insert(reply);
         }
         Ok(first.unwrap_or_default())
