@@ -144,37 +144,41 @@ impl QueryRouter {
         before: Option<Cursor>,
         limit: usize,
     ) -> Result<(Vec<pb::TxDetail>, Option<Cursor>), ApiError> {
-        let all = self.shard_stats(sh).await?;
+        // One round: every shard that can hold txs older than the cursor is asked for a page at once; each
+        // checks its own stats first and answers "absent" without scanning when the address never
+        // appears there. Shards are disjoint height ranges, so newest-first is later shards first.
+        let all = self.routes()?;
         let total = all.len();
-        let mut candidates: Vec<Route> = all
+        let routes: Vec<Route> = all
             .into_iter()
-            .filter(|((status, _), stats)| {
-                stats.tx_count > 0 && before.is_none_or(|(h, _)| status.start_height <= h)
-            })
-            .map(|(route, _)| route)
+            .filter(|(status, _)| before.is_none_or(|(h, _)| status.start_height <= h))
             .collect();
-        self.cluster.fan_out.count(total, candidates.len());
-        candidates.reverse();
-        let mut page = Vec::new();
-        for (status, replicas) in candidates {
-            if page.len() >= limit {
-                break;
-            }
+        let replies = join_all(routes.iter().map(|(status, replicas)| {
             let request = pb::ShardHistoryRequest {
                 shard_id: status.shard_id,
                 scripthash: sh.to_vec(),
                 has_cursor: before.is_some(),
                 before_height: before.map_or(0, |c| c.0),
                 before_position: before.map_or(0, |c| c.1),
-                limit: (limit - page.len()) as u32,
+                limit: limit as u32,
             };
-            let reply = on_replica(&replicas, |mut client| {
+            on_replica(replicas, move |mut client| {
                 let request = request.clone();
                 async move { client.address_history(request).await }
             })
-            .await?;
-            page.extend(reply.txs);
+        }))
+        .await;
+        let mut page = Vec::new();
+        let mut asked = 0;
+        for reply in replies.into_iter().rev() {
+            let reply = reply?;
+            if !reply.absent {
+                asked += 1;
+            }
+            let room = limit - page.len();
+            page.extend(reply.txs.into_iter().take(room));
         }
+        self.cluster.fan_out.count(total, asked);
         let next = if page.len() == limit {
             page.last()
                 .and_then(|tx| tx.status.as_ref())

@@ -197,8 +197,16 @@ impl Worker for WorkerService {
         let sh: ScriptHash = hash32(&r.scripthash, "scripthash")?;
         let before = r.has_cursor.then_some((r.before_height, r.before_position));
         let limit = r.limit.clamp(1, 1000) as usize;
-        let txs = blocking(move || Ok(shard.history(&sh, before, limit)?)).await?;
-        Ok(Response::new(pb::TxPage { txs }))
+        // The per-shard filter: no stats row (a bloom-filtered point lookup) means no history rows, so an
+        // absent address costs no scan.
+        let (txs, absent) = blocking(move || {
+            if shard.address_stats(&sh)?.tx_count == 0 {
+                return Ok((Vec::new(), true));
+            }
+            Ok((shard.history(&sh, before, limit)?, false))
+        })
+        .await?;
+        Ok(Response::new(pb::TxPage { txs, absent }))
     }
 
     async fn address_utxos(
