@@ -60,6 +60,12 @@ pub trait Store: Send + Sync + 'static {
     /// Atomically applies `batch`. `sync` forces it to stable storage before returning.
     fn write(&self, batch: Batch, sync: bool) -> Result<(), StoreError>;
 
+    /// Moves what is buffered in memory to disk; called when a shard finishes a phase, so a worker's
+    /// memory holds the shards it is writing, not every shard it ever wrote.
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Calls `visit(key, value)` for keys starting with `prefix`, in the order `from` says, until it returns false.
     fn scan(
         &self,

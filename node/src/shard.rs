@@ -158,7 +158,12 @@ impl Shard {
     pub fn set_phase(&self, phase: pb::ShardPhase) -> Result<(), ShardError> {
         let mut state = self.state();
         state.phase = phase as i32;
-        self.save_state(state)
+        self.save_state(state)?;
+        // A finished phase's rows go to disk now rather than sit in memtables while other shards run.
+        if phase == pb::ShardPhase::Indexed {
+            self.store.flush()?;
+        }
+        Ok(())
     }
 
     fn load_stats(&self, sh: &ScriptHash) -> Result<pb::AddressStats, ShardError> {
