@@ -76,6 +76,24 @@ impl CoordinatorService {
         ))
     }
 
+    fn voters(&self) -> std::collections::BTreeSet<u64> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    /// After a membership change: refresh the view and answer with the members.
+    fn membership_reply(&self) -> Response<pb::MembershipReply> {
+        crate::refresh_raft_view(&self.raft, &self.cluster);
+        Response::new(pb::MembershipReply {
+            members: self.members(),
+        })
+    }
+
     fn members(&self) -> Vec<pb::CoordinatorMember> {
         self.cluster.read().raft.members.clone()
     }
@@ -177,21 +195,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         };
         // Catch up as a learner first, then become a voter (joint consensus inside openraft).
         self.raft.add_learner(r.id, node, true).await.map_err(map)?;
-        let mut voters: std::collections::BTreeSet<u64> = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+        let mut voters = self.voters();
         voters.insert(r.id);
         self.change_voters(voters).await?;
         tracing::info!(id = r.id, "coordinator added");
-        crate::refresh_raft_view(&self.raft, &self.cluster);
-        Ok(Response::new(pb::MembershipReply {
-            members: self.members(),
-        }))
+        Ok(self.membership_reply())
     }
 
     async fn remove_coordinator(
@@ -200,15 +208,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::MembershipReply>, Status> {
         self.require_leader()?;
         let id = request.into_inner().id;
-        let voters: std::collections::BTreeSet<u64> = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .filter(|v| *v != id)
-            .collect();
+        let mut voters = self.voters();
+        voters.remove(&id);
         if voters.is_empty() {
             return Err(Status::invalid_argument(
                 "cannot remove the last coordinator",
@@ -216,10 +217,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         }
         self.change_voters(voters).await?;
         tracing::info!(id, "coordinator removed");
-        crate::refresh_raft_view(&self.raft, &self.cluster);
-        Ok(Response::new(pb::MembershipReply {
-            members: self.members(),
-        }))
+        Ok(self.membership_reply())
     }
 
     async fn cluster_status(
