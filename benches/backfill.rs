@@ -108,7 +108,7 @@ fn main() -> anyhow::Result<()> {
         let cpu = worker_cpu + (cpu_seconds(std::process::id()) - own_cpu_before);
         let cpu_per_million = cpu / (summary.txs as f64 / 1e6);
         let disk = data_bytes(&cluster_dir);
-        let compacted = compact_shards(&cluster_dir)?;
+        let (compacted, per_cf) = compact_shards(&cluster_dir)?;
         let tx_s = summary.txs as f64 / elapsed;
         let per_worker = tx_s / workers as f64;
         let per_tx = |bytes: u64| bytes as f64 / summary.txs as f64;
@@ -123,11 +123,21 @@ fn main() -> anyhow::Result<()> {
             per_tx(compacted),
             peak_rss as f64 / (1 << 20) as f64
         );
+        let breakdown: Vec<String> = per_cf
+            .iter()
+            .filter(|(_, bytes)| *bytes > 0)
+            .map(|(cf, bytes)| format!("{cf} {:.1}", per_tx(*bytes)))
+            .collect();
+        println!(
+            "  after compaction, bytes per tx by column family: {}",
+            breakdown.join(", ")
+        );
         runs.push(json!({
             "workers": workers, "shard_blocks": shard_blocks, "seconds": elapsed, "tx_per_s": tx_s,
             "tx_per_s_per_worker": per_worker, "ratio_to_decode_only": per_worker / decode_tx_s,
             "cross_shard_inputs": cross, "bytes_between_workers_per_tx": per_tx(peer_bytes),
             "disk_bytes_per_tx": per_tx(disk), "disk_bytes_per_tx_compacted": per_tx(compacted),
+            "disk_bytes_per_tx_by_cf": per_cf.iter().map(|(cf, b)| (cf.clone(), per_tx(*b))).collect::<std::collections::BTreeMap<_, _>>(),
             "cpu_seconds_per_million_tx": cpu_per_million, "worker_peak_rss_bytes": peak_rss,
         }));
     }
@@ -159,17 +169,23 @@ fn data_bytes(path: &std::path::Path) -> u64 {
     total
 }
 
-/// Opens every shard database of a stopped cluster, compacts it fully, and returns the data bytes after.
-fn compact_shards(cluster: &std::path::Path) -> anyhow::Result<u64> {
+/// Opens every shard database of a stopped cluster, compacts it fully, and returns the data bytes after
+/// and the SST bytes per column family.
+fn compact_shards(cluster: &std::path::Path) -> anyhow::Result<(u64, Vec<(String, u64)>)> {
+    let mut per_cf: std::collections::BTreeMap<String, u64> = Default::default();
     for worker in std::fs::read_dir(cluster)?.flatten() {
         let Ok(shards) = std::fs::read_dir(worker.path()) else {
             continue;
         };
         for shard in shards.flatten() {
             if shard.file_name().to_string_lossy().starts_with("shard-") {
-                chainidx_node::rocks::RocksStore::open(&shard.path())?.compact();
+                let store = chainidx_node::rocks::RocksStore::open(&shard.path())?;
+                store.compact();
+                for (cf, bytes) in store.sst_bytes_per_cf() {
+                    *per_cf.entry(cf.name().to_string()).or_default() += bytes;
+                }
             }
         }
     }
-    Ok(data_bytes(cluster))
+    Ok((data_bytes(cluster), per_cf.into_iter().collect()))
 }

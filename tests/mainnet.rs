@@ -10,7 +10,7 @@ use chainidx::sandbox::SandboxBuilder;
 use chainidx_core::chain::{ScriptType, address_of, script_for_address, scripthash};
 use chainidx_core::schema::Hash32;
 use chainidx_node::rocks::RocksStore;
-use chainidx_node::shard::Shard;
+use chainidx_node::shard::{Shard, Write};
 use chainidx_proto as pb;
 use common::reference::Reference;
 use std::collections::HashMap;
@@ -52,11 +52,22 @@ fn read_tsv(path: &Path) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// A one-block shard in a fresh RocksDB, indexed through the production path.
+/// A one-block shard in a fresh RocksDB, indexed through the production path. Tx bodies are read back from
+/// the block written as a blk file (mainnet magic), as a worker reads them from its source.
 fn index_single_block(dir: &Path, height: u32, block: &Block) -> Shard {
-    let store = Arc::new(RocksStore::open(dir).unwrap());
-    let shard = Shard::open(store, 0, height, height + 1).unwrap();
-    shard.index_block(height, block, None).unwrap();
+    let blocks = dir.join("blocks");
+    std::fs::create_dir_all(&blocks).unwrap();
+    let raw = bitcoin::consensus::serialize(block);
+    let mut framed = vec![0xf9, 0xbe, 0xb4, 0xd9];
+    framed.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+    framed.extend_from_slice(&raw);
+    std::fs::write(blocks.join("blk00000.dat"), framed).unwrap();
+    let source = Arc::new(chainidx_core::source::BlkDirSource::open(&blocks).unwrap());
+    let store = Arc::new(RocksStore::open(&dir.join("shard")).unwrap());
+    let shard = Shard::open(store, source, 0, height, height + 1).unwrap();
+    shard
+        .index_block(height, block, None, Write::Logged)
+        .unwrap();
     shard
 }
 

@@ -5,7 +5,7 @@
 //! are stored in rust-bitcoin's internal byte order (the reverse of how they are displayed).
 
 /// Bumped whenever a row layout changes; a database of another version is refused, never misread.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Cf {
@@ -15,15 +15,15 @@ pub enum Cf {
     Headers,
     /// block hash → height.
     BlockHashes,
-    /// height ‖ position → txid.
+    /// height ‖ position → txid ‖ offset ‖ length: where the tx's bytes are in its block (in the source).
     TxPositions,
-    /// txid → `StoredTx` (height, position, raw bytes).
+    /// txid → height ‖ position.
     Txs,
     /// txid ‖ vout → `TxOut`; every output but OP_RETURN.
     Outputs,
     /// txid ‖ vout → spender txid ‖ vin ‖ height; in the shard that *created* the output.
     Outspends,
-    /// spender txid ‖ vin → `TxOut` it spends; in the shard of the spending tx.
+    /// spender height ‖ position ‖ vin → `TxOut` it spends; in the shard of the spending tx.
     Prevouts,
     /// height ‖ position ‖ vin → prev txid ‖ prev vout ‖ spender txid; inputs awaiting cross-shard resolution.
     Pending,
@@ -91,6 +91,32 @@ pub fn position_key(height: u32, position: u32) -> [u8; 8] {
     key[..4].copy_from_slice(&height.to_be_bytes());
     key[4..].copy_from_slice(&position.to_be_bytes());
     key
+}
+
+/// Value of a `tx_positions` row: the txid and where its bytes are inside the block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TxLocation {
+    pub txid: Hash32,
+    pub offset: u32,
+    pub len: u32,
+}
+
+impl TxLocation {
+    pub fn encode(&self) -> [u8; 40] {
+        let mut value = [0u8; 40];
+        value[..32].copy_from_slice(&self.txid);
+        value[32..36].copy_from_slice(&self.offset.to_be_bytes());
+        value[36..].copy_from_slice(&self.len.to_be_bytes());
+        value
+    }
+
+    pub fn decode(value: &[u8]) -> Option<TxLocation> {
+        (value.len() == 40).then(|| TxLocation {
+            txid: value[..32].try_into().expect("32 bytes"),
+            offset: be_u32(&value[32..36]),
+            len: be_u32(&value[36..40]),
+        })
+    }
 }
 
 /// txid ‖ index: an outpoint (index = vout) or an input (index = vin).
@@ -243,5 +269,11 @@ mod tests {
         };
         assert_eq!(PendingInput::decode(&pending.encode()), Some(pending));
         assert_eq!(SpentBy::decode(&[0u8; 3]), None);
+        let location = TxLocation {
+            txid: [4; 32],
+            offset: 81,
+            len: 250,
+        };
+        assert_eq!(TxLocation::decode(&location.encode()), Some(location));
     }
 }

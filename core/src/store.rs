@@ -16,6 +16,9 @@ pub enum StoreError {
 pub enum Op {
     Put(Cf, Vec<u8>, Vec<u8>),
     Delete(Cf, Vec<u8>),
+    /// Combines the value with the stored one by the column family's merge rule, without reading it first.
+    /// Only `stats` has one: a field-wise sum of `AddressStats` (the engine is given the rule).
+    Merge(Cf, Vec<u8>, Vec<u8>),
 }
 
 /// Writes applied atomically: a block's rows and its checkpoint land together or not at all.
@@ -31,6 +34,10 @@ impl Batch {
 
     pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
         self.ops.push(Op::Delete(cf, key.into()));
+    }
+
+    pub fn merge(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Merge(cf, key.into(), value.into()));
     }
 
     pub fn len(&self) -> usize {
@@ -59,6 +66,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Atomically applies `batch`. `sync` forces it to stable storage before returning.
     fn write(&self, batch: Batch, sync: bool) -> Result<(), StoreError>;
+
+    /// Applies `batch` atomically but without the write-ahead log: a crash loses it unless a flush came
+    /// first. Only for writes that carry their own checkpoint (a backfill block with the shard's
+    /// `next_height`), in an engine whose flushes cover every column family at once, so what survives is
+    /// always a prefix of the blocks and the checkpoint says which.
+    fn write_unlogged(&self, batch: Batch) -> Result<(), StoreError> {
+        self.write(batch, false)
+    }
 
     /// Moves what is buffered in memory to disk; called when a shard finishes a phase, so a worker's
     /// memory holds the shards it is writing, not every shard it ever wrote.

@@ -22,6 +22,8 @@ impl From<WorkerError> for Status {
             WorkerError::Shard(ShardError::OutOfRange { .. }) => {
                 Status::invalid_argument(error.to_string())
             }
+            // Tx bodies are read from the source: a node that is down or restarting is worth a retry.
+            WorkerError::Shard(ShardError::Source(_)) => Status::unavailable(error.to_string()),
             _ => Status::internal(error.to_string()),
         }
     }

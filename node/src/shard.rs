@@ -6,13 +6,14 @@
 use crate::failpoint::{self, failpoint};
 use bitcoin::consensus::{deserialize, serialize};
 use bitcoin::hashes::Hash;
-use bitcoin::{Block, Transaction};
+use bitcoin::{Block, BlockHash, Transaction};
 use chainidx_core::chain::{ScriptHash, scripthash};
 use chainidx_core::schema::{
     self, Cf, FORMAT_VERSION, Hash32, KIND_FUNDING, KIND_SPENDING, PendingInput, SHARD_STATE_KEY,
-    SpentBy, be_u64, history_key, parse_history_key, pending_key, position_key, txid_index_key,
+    SpentBy, TxLocation, be_u64, history_key, parse_history_key, pending_key, position_key,
+    txid_index_key,
 };
-use chainidx_core::source::SpentCoin;
+use chainidx_core::source::{BlockSource, SourceError, SpentCoin};
 use chainidx_core::store::{Batch, ScanFrom, Store, StoreError};
 use chainidx_proto as pb;
 use prost::Message;
@@ -34,6 +35,8 @@ pub enum ShardError {
     },
     #[error("corrupt {what}: {detail}")]
     Corrupt { what: &'static str, detail: String },
+    #[error("reading tx bodies from the source: {0}")]
+    Source(#[from] SourceError),
 }
 
 fn corrupt(what: &'static str, detail: impl ToString) -> ShardError {
@@ -65,17 +68,36 @@ impl PendingSpend {
     }
 }
 
+/// How a block's batch is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// Backfill phase 1: no WAL. A crash loses the blocks written since the last flush, and the checkpoint
+    /// written with them, so the shard resumes from the last block that reached disk. Nobody else reads or
+    /// writes the shard until it reports `Indexed`, which [`Shard::set_phase`] flushes first.
+    Bulk,
+    /// Following the tip: every block through the WAL (the coordinator counts on a block once reported).
+    Logged,
+}
+
 pub struct Shard {
     pub id: u32,
     pub start: u32,
     store: Arc<dyn Store>,
+    /// Where tx bodies are read from: the shard stores each tx's location in its block, not its bytes.
+    source: Arc<dyn BlockSource>,
     state: Mutex<pb::ShardState>,
 }
 
 impl Shard {
     /// Opens the shard's database, creating its state on first use. A database written by another format
     /// version, or for another shard or range, is refused.
-    pub fn open(store: Arc<dyn Store>, id: u32, start: u32, end: u32) -> Result<Shard, ShardError> {
+    pub fn open(
+        store: Arc<dyn Store>,
+        source: Arc<dyn BlockSource>,
+        id: u32,
+        start: u32,
+        end: u32,
+    ) -> Result<Shard, ShardError> {
         let state = match store.get(Cf::Meta, SHARD_STATE_KEY)? {
             Some(bytes) => {
                 let state = pb::ShardState::decode(bytes.as_slice())
@@ -123,6 +145,7 @@ impl Shard {
             id,
             start,
             store,
+            source,
             state: Mutex::new(state),
         })
     }
@@ -156,14 +179,14 @@ impl Shard {
 
     /// Persists a phase change (with the rest of the state) durably.
     pub fn set_phase(&self, phase: pb::ShardPhase) -> Result<(), ShardError> {
-        let mut state = self.state();
-        state.phase = phase as i32;
-        self.save_state(state)?;
-        // A finished phase's rows go to disk now rather than sit in memtables while other shards run.
+        // Phase 1's blocks were written without the WAL ([`Write::Bulk`]): they reach disk before anything
+        // logged says the phase is done. It also frees their memtables while other shards run.
         if phase == pb::ShardPhase::Indexed {
             self.store.flush()?;
         }
-        Ok(())
+        let mut state = self.state();
+        state.phase = phase as i32;
+        self.save_state(state)
     }
 
     fn load_stats(&self, sh: &ScriptHash) -> Result<pb::AddressStats, ShardError> {
@@ -175,22 +198,11 @@ impl Shard {
         }
     }
 
-    /// Adds this batch's per-address deltas to the stored totals.
-    fn merge_stats(
-        &self,
-        batch: &mut Batch,
-        deltas: HashMap<ScriptHash, pb::AddressStats>,
-    ) -> Result<(), ShardError> {
+    /// Adds this batch's per-address deltas to the stored totals (a merge: no read).
+    fn merge_stats(&self, batch: &mut Batch, deltas: HashMap<ScriptHash, pb::AddressStats>) {
         for (sh, delta) in deltas {
-            let mut stats = self.load_stats(&sh)?;
-            stats.funded_txo_count += delta.funded_txo_count;
-            stats.funded_sum += delta.funded_sum;
-            stats.spent_txo_count += delta.spent_txo_count;
-            stats.spent_sum += delta.spent_sum;
-            stats.tx_count += delta.tx_count;
-            batch.put(Cf::Stats, sh, stats.encode_to_vec());
+            batch.merge(Cf::Stats, sh, delta.encode_to_vec());
         }
-        Ok(())
     }
 
     /// Phase 1 for one block: every row of the block plus the checkpoint, in one atomic write. Inputs whose
@@ -202,6 +214,7 @@ impl Shard {
         height: u32,
         block: &Block,
         spent: Option<&[Vec<SpentCoin>]>,
+        write: Write,
     ) -> Result<(), ShardError> {
         let end = self.end();
         if height < self.start || height >= end {
@@ -246,16 +259,24 @@ impl Shard {
         );
         batch.put(Cf::BlockHashes, block_hash, schema::height_key(height));
 
+        // Byte offset of each tx in the block: after the header and the tx count.
+        let mut offset = 80 + bitcoin::consensus::encode::VarInt(block.txdata.len() as u64).size();
         for (position, tx) in block.txdata.iter().enumerate() {
             let position = position as u32;
             let txid = tx.compute_txid().to_byte_array();
-            batch.put(Cf::TxPositions, position_key(height, position), txid);
-            let stored = pb::StoredTx {
-                height,
-                position,
-                raw: serialize(tx),
+            let len = tx.total_size();
+            let location = TxLocation {
+                txid,
+                offset: offset as u32,
+                len: len as u32,
             };
-            batch.put(Cf::Txs, txid, stored.encode_to_vec());
+            offset += len;
+            batch.put(
+                Cf::TxPositions,
+                position_key(height, position),
+                location.encode(),
+            );
+            batch.put(Cf::Txs, txid, position_key(height, position));
             let mut touched: Vec<ScriptHash> = Vec::new();
 
             if !tx.is_coinbase() {
@@ -312,7 +333,7 @@ impl Shard {
                             }
                             batch.put(
                                 Cf::Prevouts,
-                                txid_index_key(&txid, vin),
+                                pending_key(height, position, vin),
                                 out.encode_to_vec(),
                             );
                         }
@@ -363,7 +384,7 @@ impl Shard {
                 deltas.entry(sh).or_default().tx_count += 1;
             }
         }
-        self.merge_stats(&mut batch, deltas)?;
+        self.merge_stats(&mut batch, deltas);
 
         let mut state = self.state();
         state.next_height = height + 1;
@@ -371,7 +392,10 @@ impl Shard {
         state.cross_shard_inputs += pending;
         batch.put(Cf::Meta, SHARD_STATE_KEY, state.encode_to_vec());
         failpoint(failpoint::INDEX_BEFORE_WRITE);
-        self.store.write(batch, false)?;
+        match write {
+            Write::Bulk => self.store.write_unlogged(batch)?,
+            Write::Logged => self.store.write(batch, false)?,
+        }
         failpoint(failpoint::INDEX_AFTER_WRITE);
         *self.state.lock().expect("state lock") = state;
         Ok(())
@@ -454,7 +478,6 @@ impl Shard {
         let mut counted: HashSet<(ScriptHash, u32, u32)> = HashSet::new();
         for (spend, out) in resolved {
             let sh = scripthash(bitcoin::Script::from_bytes(&out.script));
-            let txid = spend.input.spender_txid;
             // The tx counts once per address: only if neither phase 1 nor this batch already has a row for it.
             if !counted.contains(&(sh, spend.height, spend.position)) {
                 let mut prefix = sh.to_vec();
@@ -480,7 +503,7 @@ impl Shard {
             delta.spent_sum += out.value;
             batch.put(
                 Cf::Prevouts,
-                txid_index_key(&txid, spend.vin),
+                pending_key(spend.height, spend.position, spend.vin),
                 out.encode_to_vec(),
             );
             batch.delete(
@@ -488,7 +511,7 @@ impl Shard {
                 pending_key(spend.height, spend.position, spend.vin),
             );
         }
-        self.merge_stats(&mut batch, deltas)?;
+        self.merge_stats(&mut batch, deltas);
         let mut state = self.state();
         state.pending_inputs = state.pending_inputs.saturating_sub(resolved.len() as u64);
         batch.put(Cf::Meta, SHARD_STATE_KEY, state.encode_to_vec());
@@ -535,36 +558,21 @@ impl Shard {
         Ok(found)
     }
 
-    /// The txs of block `height`, in block order.
+    /// The txs of block `height`, in block order, read back from the source by the hash this shard indexed
+    /// (so a block a reorg took off the best chain is still found).
     fn block_txs(&self, height: u32) -> Result<Vec<(u32, Hash32, Transaction)>, ShardError> {
-        let mut txids = Vec::new();
-        self.store.scan(
-            Cf::TxPositions,
-            &schema::height_key(height),
-            ScanFrom::First,
-            &mut |key, value| {
-                txids.push((schema::be_u32(&key[4..8]), value.to_vec()));
-                true
-            },
-        )?;
-        let mut txs = Vec::with_capacity(txids.len());
-        for (position, txid) in txids {
-            let txid: Hash32 = txid
-                .as_slice()
-                .try_into()
-                .map_err(|_| corrupt("tx position", "txid is not 32 bytes"))?;
-            let bytes = self
-                .store
-                .get(Cf::Txs, &txid)?
-                .ok_or_else(|| corrupt("tx", format!("{height}:{position} missing")))?;
-            let stored = pb::StoredTx::decode(bytes.as_slice()).map_err(|e| corrupt("tx", e))?;
-            txs.push((
-                position,
-                txid,
-                deserialize(&stored.raw).map_err(|e| corrupt("tx", e))?,
-            ));
-        }
-        Ok(txs)
+        let meta = self
+            .block_meta(height)?
+            .ok_or_else(|| corrupt("block", format!("no header at height {height}")))?;
+        let hash = block_hash(&meta)?;
+        let block: Block =
+            deserialize(&self.source.block_by_hash(&hash)?).map_err(|e| corrupt("block", e))?;
+        Ok(block
+            .txdata
+            .into_iter()
+            .enumerate()
+            .map(|(position, tx)| (position as u32, tx.compute_txid().to_byte_array(), tx))
+            .collect())
     }
 
     /// Spends by block `height` of coins other shards hold: their owners must forget them on rollback.
@@ -612,7 +620,7 @@ impl Shard {
             if !tx.is_coinbase() {
                 for (vin, input) in tx.input.iter().enumerate() {
                     let vin = vin as u32;
-                    let input_key = txid_index_key(&txid, vin);
+                    let input_key = pending_key(height, position, vin);
                     if let Some(bytes) = self.store.get(Cf::Prevouts, &input_key)? {
                         let out = pb::TxOut::decode(bytes.as_slice())
                             .map_err(|e| corrupt("prevout", e))?;
@@ -745,43 +753,87 @@ impl Shard {
         })
     }
 
-    fn txid_at(&self, height: u32, position: u32) -> Result<Hash32, ShardError> {
+    fn location_at(&self, height: u32, position: u32) -> Result<TxLocation, ShardError> {
         let bytes = self
             .store
             .get(Cf::TxPositions, &position_key(height, position))?
             .ok_or_else(|| corrupt("tx position", format!("no tx at {height}:{position}")))?;
-        bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| corrupt("tx position", "txid is not 32 bytes"))
+        TxLocation::decode(&bytes).ok_or_else(|| corrupt("tx position", "not 40 bytes"))
+    }
+
+    fn txid_at(&self, height: u32, position: u32) -> Result<Hash32, ShardError> {
+        Ok(self.location_at(height, position)?.txid)
+    }
+
+    fn position_of(&self, txid: &Hash32) -> Result<Option<(u32, u32)>, ShardError> {
+        self.store
+            .get(Cf::Txs, txid)?
+            .map(|bytes| match bytes.len() {
+                8 => Ok((schema::be_u32(&bytes[..4]), schema::be_u32(&bytes[4..]))),
+                _ => Err(corrupt("tx", "position is not 8 bytes")),
+            })
+            .transpose()
+    }
+
+    /// The tx at (height, position), its bytes read from the source and checked against the stored txid.
+    fn tx_body(
+        &self,
+        height: u32,
+        position: u32,
+    ) -> Result<(Vec<u8>, Transaction, pb::TxStatus), ShardError> {
+        let location = self.location_at(height, position)?;
+        let status = self.tx_status(height, position)?;
+        let hash =
+            BlockHash::from_slice(&status.block_hash).map_err(|e| corrupt("block meta", e))?;
+        let raw = self
+            .source
+            .block_slice(&hash, location.offset, location.len)?;
+        let tx: Transaction =
+            deserialize(&raw).map_err(|e| corrupt("tx body from the source", e))?;
+        if tx.compute_txid().to_byte_array() != location.txid {
+            return Err(corrupt(
+                "tx body from the source",
+                format!("block {hash} has another tx at {height}:{position}"),
+            ));
+        }
+        Ok((raw, tx, status))
     }
 
     pub fn tx(&self, txid: &Hash32) -> Result<Option<pb::TxDetail>, ShardError> {
-        let Some(bytes) = self.store.get(Cf::Txs, txid)? else {
-            return Ok(None);
-        };
-        let stored = pb::StoredTx::decode(bytes.as_slice()).map_err(|e| corrupt("tx", e))?;
-        let tx: Transaction = deserialize(&stored.raw).map_err(|e| corrupt("tx", e))?;
-        let mut prevouts = Vec::with_capacity(tx.input.len());
-        if !tx.is_coinbase() {
-            for vin in 0..tx.input.len() as u32 {
-                let prevout = match self.store.get(Cf::Prevouts, &txid_index_key(txid, vin))? {
-                    Some(bytes) => {
-                        pb::TxOut::decode(bytes.as_slice()).map_err(|e| corrupt("prevout", e))?
-                    }
-                    None => pb::TxOut::default(), // not yet resolved (shard still in phase 1 or 2)
-                };
-                prevouts.push(prevout);
-            }
-        } else {
-            prevouts.push(pb::TxOut::default());
+        match self.position_of(txid)? {
+            Some((height, position)) => self.tx_detail_at(height, position).map(Some),
+            None => Ok(None),
         }
-        let status = self.tx_status(stored.height, stored.position)?;
-        Ok(Some(pb::TxDetail {
-            raw: stored.raw,
+    }
+
+    fn tx_detail_at(&self, height: u32, position: u32) -> Result<pb::TxDetail, ShardError> {
+        let (raw, tx, status) = self.tx_body(height, position)?;
+        // Inputs not yet resolved (shard still in phase 1 or 2) stay empty.
+        let mut prevouts = vec![pb::TxOut::default(); tx.input.len()];
+        if !tx.is_coinbase() {
+            let mut bad = None;
+            self.store.scan(
+                Cf::Prevouts,
+                &position_key(height, position),
+                ScanFrom::First,
+                &mut |key, value| {
+                    let vin = key.get(8..12).map(schema::be_u32).unwrap_or(u32::MAX) as usize;
+                    match (prevouts.get_mut(vin), pb::TxOut::decode(value)) {
+                        (Some(slot), Ok(out)) => *slot = out,
+                        _ => bad = Some(hex::encode(key)),
+                    }
+                    bad.is_none()
+                },
+            )?;
+            if let Some(key) = bad {
+                return Err(corrupt("prevout", key));
+            }
+        }
+        Ok(pb::TxDetail {
+            raw,
             prevouts,
             status: Some(status),
-        }))
+        })
     }
 
     /// Distinct txs touching `sh`, newest first, strictly before `before` (height, position) if given.
@@ -809,15 +861,10 @@ impl Shard {
             }
             true
         })?;
-        let mut txs = Vec::with_capacity(positions.len());
-        for (height, position) in positions {
-            let txid = self.txid_at(height, position)?;
-            let tx = self
-                .tx(&txid)?
-                .ok_or_else(|| corrupt("history", format!("tx {height}:{position} missing")))?;
-            txs.push(tx);
-        }
-        Ok(txs)
+        positions
+            .into_iter()
+            .map(|(height, position)| self.tx_detail_at(height, position))
+            .collect()
     }
 
     /// Outputs paying `sh` that nobody has spent (as far as resolution has got).
@@ -877,7 +924,7 @@ impl Shard {
                 &schema::height_key(height),
                 ScanFrom::First,
                 &mut |_, value| {
-                    txids.push(value.to_vec());
+                    txids.push(value.get(..32).unwrap_or_default().to_vec());
                     true
                 },
             )?;
@@ -892,11 +939,10 @@ impl Shard {
     }
 
     pub fn outspends(&self, txid: &Hash32) -> Result<Option<Vec<pb::Outspend>>, ShardError> {
-        let Some(bytes) = self.store.get(Cf::Txs, txid)? else {
+        let Some((height, position)) = self.position_of(txid)? else {
             return Ok(None);
         };
-        let stored = pb::StoredTx::decode(bytes.as_slice()).map_err(|e| corrupt("tx", e))?;
-        let tx: Transaction = deserialize(&stored.raw).map_err(|e| corrupt("tx", e))?;
+        let (_, tx, _) = self.tx_body(height, position)?;
         let mut outspends = Vec::with_capacity(tx.output.len());
         for vout in 0..tx.output.len() as u32 {
             let spend = match self.store.get(Cf::Outspends, &txid_index_key(txid, vout))? {
@@ -916,6 +962,25 @@ impl Shard {
         }
         Ok(Some(outspends))
     }
+}
+
+fn block_hash(meta: &pb::BlockMeta) -> Result<BlockHash, ShardError> {
+    BlockHash::from_slice(&meta.hash).map_err(|e| corrupt("block meta", e))
+}
+
+/// The merge rule of the `stats` column family: `AddressStats` summed field by field. A value that does not
+/// decode fails the merge (the engine then reports the row corrupt) rather than being dropped.
+pub fn add_stats<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
+    let mut total = pb::AddressStats::default();
+    for value in values {
+        let stats = pb::AddressStats::decode(value).ok()?;
+        total.funded_txo_count += stats.funded_txo_count;
+        total.funded_sum += stats.funded_sum;
+        total.spent_txo_count += stats.spent_txo_count;
+        total.spent_sum += stats.spent_sum;
+        total.tx_count += stats.tx_count;
+    }
+    Some(total.encode_to_vec())
 }
 
 /// A txid in a peer's request, which must be 32 bytes.

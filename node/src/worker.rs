@@ -6,7 +6,7 @@
 
 use crate::failpoint::{self, failpoint};
 use crate::rocks::RocksStore;
-use crate::shard::{PendingSpend, Shard, ShardError};
+use crate::shard::{PendingSpend, Shard, ShardError, Write};
 use bitcoin::Block;
 use bitcoin::consensus::deserialize;
 use chainidx_core::source::{BlockSource, SourceError, SpentCoin};
@@ -129,7 +129,7 @@ impl WorkerNode {
             source,
             data_dir,
             shards: RwLock::new(HashMap::new()),
-            index_permits: Semaphore::new(1),
+            index_permits: Semaphore::new(2),
             peers: Mutex::new(HashMap::new()),
             lease: Mutex::new(Lease::default()),
             isolated: AtomicBool::new(false),
@@ -297,7 +297,13 @@ impl WorkerNode {
             )))
         })?;
         let store = Arc::new(RocksStore::open(&path).map_err(ShardError::from)?);
-        let shard = Arc::new(Shard::open(store, shard_id, start, end)?);
+        let shard = Arc::new(Shard::open(
+            store,
+            self.source.clone(),
+            shard_id,
+            start,
+            end,
+        )?);
         let slot = Arc::new(ShardSlot {
             shard,
             error: Mutex::new(None),
@@ -328,7 +334,7 @@ impl WorkerNode {
         let span = tracing::info_span!("index", shard = shard.id);
         let node = self.clone();
         let indexed = tokio::task::spawn_blocking(move || {
-            span.in_scope(|| index_range(source.as_ref(), &shard, &node))
+            span.in_scope(|| index_range(source.as_ref(), &shard, &node, Write::Bulk))
         })
         .await
         .map_err(|e| WorkerError::Task(e.to_string()))?;
@@ -530,9 +536,11 @@ impl WorkerNode {
         let source = self.source.clone();
         let indexer = shard.clone();
         let node = self.clone();
-        tokio::task::spawn_blocking(move || index_range(source.as_ref(), &indexer, &node))
-            .await
-            .map_err(|e| WorkerError::Task(e.to_string()))??;
+        tokio::task::spawn_blocking(move || {
+            index_range(source.as_ref(), &indexer, &node, Write::Logged)
+        })
+        .await
+        .map_err(|e| WorkerError::Task(e.to_string()))??;
         shard.set_phase(pb::ShardPhase::Resolving)?;
         self.resolve_phase(&slot, peers).await
     }
@@ -754,6 +762,7 @@ fn index_range(
     source: &dyn BlockSource,
     shard: &Shard,
     node: &WorkerNode,
+    write: Write,
 ) -> Result<(), WorkerError> {
     let from = shard.state().next_height;
     let end = shard.end();
@@ -773,7 +782,7 @@ fn index_range(
             // Only under a lease: a worker cut off from the coordinators stops here before anyone else
             // may take the shard over.
             node.wait_write(shard.id)?;
-            shard.index_block(height, &block, spent.as_deref())?;
+            shard.index_block(height, &block, spent.as_deref(), write)?;
             node.wrote_block(shard.id);
         }
         Ok(())

@@ -22,6 +22,8 @@ pub struct BlkDirSource {
     pub(super) files: Vec<PathBuf>,
     /// The best chain, by height.
     pub(super) chain: Vec<(BlockHash, Location)>,
+    /// Every block in the files, on the best chain or not.
+    by_hash: HashMap<BlockHash, Location>,
     /// Bitcoin Core >= 28 XORs every byte of blocks/ with this key (`blocks/xor.dat`); zeros = plain files.
     pub(super) xor: [u8; 8],
 }
@@ -63,12 +65,41 @@ impl BlkDirSource {
                 .into(),
         })?;
         tracing::info!(dir = %dir.display(), files = files.len(), blocks = headers.len(), tip = chain.len() - 1, "indexed blk files");
+        let by_hash = headers
+            .into_iter()
+            .map(|(hash, (_, location))| (hash, location))
+            .collect();
         Ok(BlkDirSource {
             dir,
             files,
             chain,
+            by_hash,
             xor,
         })
+    }
+
+    fn location_of(&self, hash: &BlockHash) -> Result<Location, SourceError> {
+        self.by_hash
+            .get(hash)
+            .copied()
+            .ok_or_else(|| SourceError::BadHash {
+                hash: *hash,
+                detail: format!("not in the blk files of {}", self.dir.display()),
+            })
+    }
+
+    fn read_location(
+        &self,
+        location: Location,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, SourceError> {
+        let path = &self.files[location.file];
+        let file = File::open(path).map_err(|source| SourceError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        read_at(&file, path, location.offset + offset, len, &self.xor)
     }
 
     fn location(&self, height: u32) -> Result<Location, SourceError> {
@@ -251,26 +282,45 @@ impl BlockSource for BlkDirSource {
 
     fn block_bytes(&self, height: u32) -> Result<Vec<u8>, SourceError> {
         let location = self.location(height)?;
-        let path = &self.files[location.file];
-        let file = File::open(path).map_err(|source| SourceError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let bytes = read_at(
-            &file,
-            path,
-            location.offset,
-            location.len as usize,
-            &self.xor,
-        )?;
+        let bytes = self.read_location(location, 0, location.len as usize)?;
         let hash = BlockHash::hash(&bytes[..80]);
         if hash != self.chain[height as usize].0 {
             return Err(SourceError::BadBlock {
                 height,
-                detail: format!("{} changed on disk since it was scanned", path.display()),
+                detail: format!(
+                    "{} changed on disk since it was scanned",
+                    self.files[location.file].display()
+                ),
             });
         }
         Ok(bytes)
+    }
+
+    fn block_by_hash(&self, hash: &BlockHash) -> Result<Vec<u8>, SourceError> {
+        let location = self.location_of(hash)?;
+        let bytes = self.read_location(location, 0, location.len as usize)?;
+        if BlockHash::hash(&bytes[..80]) != *hash {
+            return Err(SourceError::BadHash {
+                hash: *hash,
+                detail: format!(
+                    "{} changed on disk since it was scanned",
+                    self.files[location.file].display()
+                ),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// One pread of just the tx's bytes (the caller checks the txid of what it decodes).
+    fn block_slice(&self, hash: &BlockHash, offset: u32, len: u32) -> Result<Vec<u8>, SourceError> {
+        let location = self.location_of(hash)?;
+        if offset as u64 + len as u64 > location.len as u64 {
+            return Err(SourceError::BadHash {
+                hash: *hash,
+                detail: format!("{} bytes, no [{offset}, +{len})", location.len),
+            });
+        }
+        self.read_location(location, offset as u64, len as usize)
     }
 }
 

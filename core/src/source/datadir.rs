@@ -163,6 +163,14 @@ impl BlockSource for DatadirSource {
         self.blocks.block_bytes(height)
     }
 
+    fn block_by_hash(&self, hash: &BlockHash) -> Result<Vec<u8>, SourceError> {
+        self.blocks.block_by_hash(hash)
+    }
+
+    fn block_slice(&self, hash: &BlockHash, offset: u32, len: u32) -> Result<Vec<u8>, SourceError> {
+        self.blocks.block_slice(hash, offset, len)
+    }
+
     fn spent_coins(&self, height: u32) -> Result<Option<Vec<Vec<SpentCoin>>>, SourceError> {
         let hash = self.blocks.block_hash(height)?;
         let Some((path, offset, len)) = self.undo.get(&hash) else {

@@ -33,6 +33,8 @@ pub enum SourceError {
     BeyondTip { height: u32, tip: u32 },
     #[error("block at height {height}: {detail}")]
     BadBlock { height: u32, detail: String },
+    #[error("block {hash}: {detail}")]
+    BadHash { hash: BlockHash, detail: String },
     #[error("node RPC {method}: {detail}")]
     Rpc { method: String, detail: String },
 }
@@ -44,6 +46,14 @@ pub trait BlockSource: Send + Sync {
     fn block_hash(&self, height: u32) -> Result<BlockHash, SourceError>;
     /// The consensus-serialized block at `height` of the source's best chain.
     fn block_bytes(&self, height: u32) -> Result<Vec<u8>, SourceError>;
+    /// The block with this hash, on the best chain or not: rolling a reorged block back needs the old branch.
+    fn block_by_hash(&self, hash: &BlockHash) -> Result<Vec<u8>, SourceError>;
+    /// Bytes `[offset, offset + len)` of block `hash`: one transaction. Shards keep only where each tx is,
+    /// not its bytes (most of a tx is signatures nobody queries by), and read bodies from here.
+    fn block_slice(&self, hash: &BlockHash, offset: u32, len: u32) -> Result<Vec<u8>, SourceError> {
+        let block = self.block_by_hash(hash)?;
+        slice_of(&block, hash, offset, len)
+    }
     /// The coins the block's inputs spend (one list per non-coinbase tx, in input order), when the source
     /// has them (undo data); `None` means the indexer must resolve inputs itself.
     fn spent_coins(&self, _height: u32) -> Result<Option<Vec<Vec<SpentCoin>>>, SourceError> {
@@ -57,6 +67,23 @@ pub trait BlockSource: Send + Sync {
     fn mempool_tx(&self, _txid: &bitcoin::Txid) -> Result<Option<Vec<u8>>, SourceError> {
         Ok(None)
     }
+}
+
+/// `[offset, offset + len)` of a block's bytes, or an error naming the block if it is shorter.
+pub(crate) fn slice_of(
+    block: &[u8],
+    hash: &BlockHash,
+    offset: u32,
+    len: u32,
+) -> Result<Vec<u8>, SourceError> {
+    let (start, end) = (offset as usize, offset as usize + len as usize);
+    block
+        .get(start..end)
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| SourceError::BadHash {
+            hash: *hash,
+            detail: format!("{} bytes, no [{start}, {end})", block.len()),
+        })
 }
 
 /// A coin an input spends, as undo data records it.

@@ -20,6 +20,7 @@ pub struct RpcSource {
     rpc: Client,
     rest: Client,
     rest_works: AtomicBool,
+    recent: std::sync::Mutex<std::collections::VecDeque<(BlockHash, std::sync::Arc<Vec<u8>>)>>,
 }
 
 impl RpcSource {
@@ -50,6 +51,7 @@ impl RpcSource {
             rpc: client(0)?,
             rest: client(0)?,
             rest_works: AtomicBool::new(true),
+            recent: Default::default(),
         })
     }
 
@@ -75,6 +77,31 @@ impl RpcSource {
             .get("result")
             .cloned()
             .ok_or_else(|| err("reply has no result".into()))
+    }
+
+    /// A block by hash over REST, or `getblock <hash> 0` if REST is off; checked against the hash.
+    fn fetch_block(&self, hash: &BlockHash) -> Result<Vec<u8>, SourceError> {
+        let bad = |detail: String| SourceError::BadHash {
+            hash: *hash,
+            detail,
+        };
+        let bytes = match self.rest_block(hash) {
+            Some(bytes) => bytes,
+            None => {
+                let hex_block = self.call("getblock", json!([hash.to_string(), 0]))?;
+                hex_block
+                    .as_str()
+                    .and_then(|s| hex::decode(s).ok())
+                    .ok_or_else(|| bad("getblock reply is not hex".into()))?
+            }
+        };
+        if bytes.len() < 80 || <BlockHash as bitcoin::hashes::Hash>::hash(&bytes[..80]) != *hash {
+            return Err(bad(format!(
+                "node sent {} bytes that are not block {hash}",
+                bytes.len()
+            )));
+        }
+        Ok(bytes)
     }
 
     fn rest_block(&self, hash: &BlockHash) -> Option<Vec<u8>> {
@@ -145,28 +172,44 @@ impl BlockSource for RpcSource {
 
     fn block_bytes(&self, height: u32) -> Result<Vec<u8>, SourceError> {
         let hash = self.block_hash(height)?;
-        let bytes = match self.rest_block(&hash) {
-            Some(bytes) => bytes,
+        self.fetch_block(&hash).map_err(|error| match error {
+            SourceError::BadHash { detail, .. } => SourceError::BadBlock { height, detail },
+            other => other,
+        })
+    }
+
+    fn block_by_hash(&self, hash: &BlockHash) -> Result<Vec<u8>, SourceError> {
+        self.fetch_block(hash)
+    }
+
+    /// Tx bodies come from whole blocks here: the last few are kept, since a history page reads several
+    /// txs of the same blocks and every call to the node costs a connection.
+    fn block_slice(&self, hash: &BlockHash, offset: u32, len: u32) -> Result<Vec<u8>, SourceError> {
+        let cached = self
+            .recent
+            .lock()
+            .expect("recent blocks lock")
+            .iter()
+            .find(|(h, _)| h == hash)
+            .map(|(_, block)| block.clone());
+        let block = match cached {
+            Some(block) => block,
             None => {
-                let hex_block = self.call("getblock", json!([hash.to_string(), 0]))?;
-                hex_block
-                    .as_str()
-                    .and_then(|s| hex::decode(s).ok())
-                    .ok_or_else(|| SourceError::BadBlock {
-                        height,
-                        detail: "getblock reply is not hex".into(),
-                    })?
+                let block = std::sync::Arc::new(self.fetch_block(hash)?);
+                let mut recent = self.recent.lock().expect("recent blocks lock");
+                if recent.len() == RECENT_BLOCKS {
+                    recent.pop_front();
+                }
+                recent.push_back((*hash, block.clone()));
+                block
             }
         };
-        if bytes.len() < 80 || <BlockHash as bitcoin::hashes::Hash>::hash(&bytes[..80]) != hash {
-            return Err(SourceError::BadBlock {
-                height,
-                detail: format!("node sent {} bytes that are not block {hash}", bytes.len()),
-            });
-        }
-        Ok(bytes)
+        super::slice_of(&block, hash, offset, len)
     }
 }
+
+/// Whole blocks [`RpcSource`] keeps for tx lookups.
+const RECENT_BLOCKS: usize = 16;
 
 #[cfg(test)]
 mod tests {
