@@ -103,20 +103,31 @@ pub struct TxLocation {
 
 impl TxLocation {
     pub fn encode(&self) -> [u8; 40] {
-        let mut value = [0u8; 40];
-        value[..32].copy_from_slice(&self.txid);
-        value[32..36].copy_from_slice(&self.offset.to_be_bytes());
-        value[36..].copy_from_slice(&self.len.to_be_bytes());
-        value
+        txid_and_two(&self.txid, self.offset, self.len)
     }
 
     pub fn decode(value: &[u8]) -> Option<TxLocation> {
-        (value.len() == 40).then(|| TxLocation {
-            txid: value[..32].try_into().expect("32 bytes"),
-            offset: be_u32(&value[32..36]),
-            len: be_u32(&value[36..40]),
-        })
+        split_txid_and_two(value).map(|(txid, offset, len)| TxLocation { txid, offset, len })
     }
+}
+
+/// txid (32) ‖ a (4) ‖ b (4): the shape of `tx_positions` and `outspends` values.
+fn txid_and_two(txid: &Hash32, a: u32, b: u32) -> [u8; 40] {
+    let mut value = [0u8; 40];
+    value[..32].copy_from_slice(txid);
+    value[32..36].copy_from_slice(&a.to_be_bytes());
+    value[36..].copy_from_slice(&b.to_be_bytes());
+    value
+}
+
+fn split_txid_and_two(value: &[u8]) -> Option<(Hash32, u32, u32)> {
+    (value.len() == 40).then(|| {
+        (
+            value[..32].try_into().expect("32 bytes"),
+            be_u32(&value[32..36]),
+            be_u32(&value[36..40]),
+        )
+    })
 }
 
 /// txid ‖ index: an outpoint (index = vout) or an input (index = vin).
@@ -183,19 +194,11 @@ pub struct SpentBy {
 
 impl SpentBy {
     pub fn encode(&self) -> [u8; 40] {
-        let mut value = [0u8; 40];
-        value[..32].copy_from_slice(&self.txid);
-        value[32..36].copy_from_slice(&self.vin.to_be_bytes());
-        value[36..].copy_from_slice(&self.height.to_be_bytes());
-        value
+        txid_and_two(&self.txid, self.vin, self.height)
     }
 
     pub fn decode(value: &[u8]) -> Option<SpentBy> {
-        (value.len() == 40).then(|| SpentBy {
-            txid: value[..32].try_into().expect("32 bytes"),
-            vin: be_u32(&value[32..36]),
-            height: be_u32(&value[36..40]),
-        })
+        split_txid_and_two(value).map(|(txid, vin, height)| SpentBy { txid, vin, height })
     }
 }
 
