@@ -24,6 +24,9 @@ pub struct BlkDirSource {
     pub(super) chain: Vec<(BlockHash, Location)>,
     /// Every block in the files, on the best chain or not.
     by_hash: HashMap<BlockHash, Location>,
+    /// Files opened once and kept: tx lookups read a few hundred bytes at a time, and an open per read
+    /// cost more than the read.
+    open_files: Vec<std::sync::OnceLock<File>>,
     /// Bitcoin Core >= 28 XORs every byte of blocks/ with this key (`blocks/xor.dat`); zeros = plain files.
     pub(super) xor: [u8; 8],
 }
@@ -71,6 +74,7 @@ impl BlkDirSource {
             .collect();
         Ok(BlkDirSource {
             dir,
+            open_files: files.iter().map(|_| std::sync::OnceLock::new()).collect(),
             files,
             chain,
             by_hash,
@@ -95,11 +99,18 @@ impl BlkDirSource {
         len: usize,
     ) -> Result<Vec<u8>, SourceError> {
         let path = &self.files[location.file];
-        let file = File::open(path).map_err(|source| SourceError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        read_at(&file, path, location.offset + offset, len, &self.xor)
+        let slot = &self.open_files[location.file];
+        let file = match slot.get() {
+            Some(file) => file,
+            None => {
+                let file = File::open(path).map_err(|source| SourceError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                slot.get_or_init(|| file)
+            }
+        };
+        read_at(file, path, location.offset + offset, len, &self.xor)
     }
 
     fn location(&self, height: u32) -> Result<Location, SourceError> {
