@@ -79,8 +79,23 @@ impl RpcSource {
             .ok_or_else(|| err("reply has no result".into()))
     }
 
-    /// A block by hash over REST, or `getblock <hash> 0` if REST is off; checked against the hash.
+    /// A block by hash, retried a few times: queries read tx bodies through here, and a busy node answers
+    /// "work queue depth exceeded" (HTTP 503, not JSON) to bursts of calls.
     fn fetch_block(&self, hash: &BlockHash) -> Result<Vec<u8>, SourceError> {
+        let mut attempt = 0;
+        loop {
+            match self.fetch_block_once(hash) {
+                Err(SourceError::Rpc { .. }) if attempt < 4 => {
+                    std::thread::sleep(Duration::from_millis(25 << attempt));
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// A block by hash over REST, or `getblock <hash> 0` if REST is off; checked against the hash.
+    fn fetch_block_once(&self, hash: &BlockHash) -> Result<Vec<u8>, SourceError> {
         let bad = |detail: String| SourceError::BadHash {
             hash: *hash,
             detail,
