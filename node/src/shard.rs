@@ -564,7 +564,7 @@ impl Shard {
         let meta = self
             .block_meta(height)?
             .ok_or_else(|| corrupt("block", format!("no header at height {height}")))?;
-        let hash = block_hash(&meta)?;
+        let hash = block_hash(&meta.hash)?;
         let block: Block =
             deserialize(&self.source.block_by_hash(&hash)?).map_err(|e| corrupt("block", e))?;
         Ok(block
@@ -783,8 +783,7 @@ impl Shard {
     ) -> Result<(Vec<u8>, Transaction, pb::TxStatus), ShardError> {
         let location = self.location_at(height, position)?;
         let status = self.tx_status(height, position)?;
-        let hash =
-            BlockHash::from_slice(&status.block_hash).map_err(|e| corrupt("block meta", e))?;
+        let hash = block_hash(&status.block_hash)?;
         let raw = self
             .source
             .block_slice(&hash, location.offset, location.len)?;
@@ -964,8 +963,8 @@ impl Shard {
     }
 }
 
-fn block_hash(meta: &pb::BlockMeta) -> Result<BlockHash, ShardError> {
-    BlockHash::from_slice(&meta.hash).map_err(|e| corrupt("block meta", e))
+fn block_hash(hash: &[u8]) -> Result<BlockHash, ShardError> {
+    BlockHash::from_slice(hash).map_err(|e| corrupt("block meta", e))
 }
 
 /// The merge rule of the `stats` column family: `AddressStats` summed field by field. A value that does not
