@@ -84,7 +84,14 @@ pub struct Cluster {
 }
 
 /// A shard as queries see it: its checkpoint and the clients of its serving replicas, first choice first.
-pub type Route = (pb::ShardStatus, Vec<WorkerClient<Channel>>);
+pub type Route = (pb::ShardStatus, Vec<Replica>);
+
+/// One serving copy of a shard: the worker's name groups a query's shards into one call per worker.
+#[derive(Clone)]
+pub struct Replica {
+    pub worker: String,
+    pub client: WorkerClient<Channel>,
+}
 
 impl Cluster {
     pub fn new(network: bitcoin::Network) -> Cluster {
@@ -167,7 +174,10 @@ impl Cluster {
                     .replicas
                     .iter()
                     .filter_map(|name| view.workers.iter().find(|w| &w.name == name))
-                    .map(|w| w.client.clone())
+                    .map(|w| Replica {
+                        worker: w.name.clone(),
+                        client: w.client.clone(),
+                    })
                     .collect();
                 (crate::state::shard_status(s), clients)
             })

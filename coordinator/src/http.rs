@@ -117,7 +117,10 @@ async fn block_txids(
     Ok(Json(json!(txids)))
 }
 
-async fn tx(State(router): State<QueryRouter>, Path(txid): Path<String>) -> ApiResult<Json<Value>> {
+async fn tx(
+    State(router): State<QueryRouter>,
+    Path(txid): Path<String>,
+) -> ApiResult<Json<esplora::Tx>> {
     let txid = parse_hash(&txid, "txid")?;
     let network = router.cluster().network;
     Ok(Json(esplora::tx_json(&router.tx(&txid).await?, network)?))
@@ -175,7 +178,7 @@ async fn txs_page(
     which: Which,
 ) -> ApiResult<Response> {
     let network = router.cluster().network;
-    let mut txs: Vec<Value> = Vec::new();
+    let mut txs: Vec<esplora::Tx> = Vec::new();
     if which != Which::Chain {
         let unconfirmed = router
             .mempool()

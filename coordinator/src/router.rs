@@ -2,7 +2,7 @@
 //! and merges their answers. Shards are disjoint height ranges, so "newest first" across shards is simply
 //! "later shards first".
 
-use crate::cluster::{Cluster, Route};
+use crate::cluster::{Cluster, Replica, Route};
 use crate::error::ApiError;
 use crate::mempool::Mempool;
 use chainidx_core::chain::ScriptHash;
@@ -10,22 +10,20 @@ use chainidx_core::schema::Hash32;
 use chainidx_proto as pb;
 use chainidx_proto::worker_client::WorkerClient;
 use futures::future::join_all;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use tonic::transport::Channel;
 
 /// Calls the shard's serving replicas in order until one answers: a replica that is down (refused, reset,
 /// timed out) costs one failed attempt, not a failed query.
-async fn on_replica<T, F, Fut>(
-    replicas: &[WorkerClient<Channel>],
-    call: F,
-) -> Result<T, tonic::Status>
+async fn on_replica<T, F, Fut>(replicas: &[Replica], call: F) -> Result<T, tonic::Status>
 where
     F: Fn(WorkerClient<Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let mut last = tonic::Status::unavailable("no live replica holds this shard");
-    for client in replicas {
-        match tokio::time::timeout(REPLICA_TIMEOUT, call(client.clone())).await {
+    for replica in replicas {
+        match tokio::time::timeout(REPLICA_TIMEOUT, call(replica.client.clone())).await {
             Ok(Ok(reply)) => return Ok(reply.into_inner()),
             Ok(Err(status)) if replica_down(&status) => last = status,
             Ok(Err(status)) => return Err(status),
@@ -48,6 +46,59 @@ fn replica_down(status: &tonic::Status) -> bool {
             | tonic::Code::DeadlineExceeded
             | tonic::Code::NotFound
     )
+}
+
+/// Asks the given shards with one call per worker: each shard goes to its first serving replica, and the
+/// calls run concurrently. The shards of a worker that is down (or no longer serves one of them) are asked
+/// again of their next replica, grouped the same way. Returns one answer per call that succeeded.
+async fn per_worker<T, F, Fut>(routes: &[Route], call: F) -> Result<Vec<T>, tonic::Status>
+where
+    F: Fn(Vec<u32>, WorkerClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let replicas: HashMap<u32, &[Replica]> = routes
+        .iter()
+        .map(|(status, replicas)| (status.shard_id, replicas.as_slice()))
+        .collect();
+    let mut pending: Vec<u32> = routes.iter().map(|(status, _)| status.shard_id).collect();
+    let mut answers = Vec::new();
+    let mut last = tonic::Status::unavailable("no live replica holds this shard");
+    for attempt in 0.. {
+        if pending.is_empty() {
+            break;
+        }
+        let mut calls: BTreeMap<&str, (WorkerClient<Channel>, Vec<u32>)> = BTreeMap::new();
+        for shard in pending.drain(..) {
+            let Some(replica) = replicas[&shard].get(attempt) else {
+                return Err(last);
+            };
+            calls
+                .entry(&replica.worker)
+                .or_insert_with(|| (replica.client.clone(), Vec::new()))
+                .1
+                .push(shard);
+        }
+        let replies = join_all(calls.into_values().map(|(client, shards)| async {
+            let reply = tokio::time::timeout(REPLICA_TIMEOUT, call(shards.clone(), client)).await;
+            (shards, reply)
+        }))
+        .await;
+        for (shards, reply) in replies {
+            match reply {
+                Ok(Ok(reply)) => answers.push(reply.into_inner()),
+                Ok(Err(status)) if replica_down(&status) => {
+                    last = status;
+                    pending.extend(shards);
+                }
+                Ok(Err(status)) => return Err(status),
+                Err(_) => {
+                    last = tonic::Status::deadline_exceeded("replica did not answer in time");
+                    pending.extend(shards);
+                }
+            }
+        }
+    }
+    Ok(answers)
 }
 
 /// A history position: (height, position in block). Pages continue strictly below it.
@@ -108,81 +159,59 @@ impl QueryRouter {
             .collect()
     }
 
-    /// Per-shard stats of every shard, in height order.
-    async fn shard_stats(
-        &self,
-        sh: &ScriptHash,
-    ) -> Result<Vec<(Route, pb::AddressStats)>, ApiError> {
-        self.ask_every_shard(|shard_id, mut client| {
+    pub async fn address_stats(&self, sh: &ScriptHash) -> Result<pb::AddressStats, ApiError> {
+        let routes = self.routes()?;
+        let sums = per_worker(&routes, |shard_ids, mut client| {
             let request = pb::ShardAddressRequest {
-                shard_id,
+                shard_ids,
                 scripthash: sh.to_vec(),
             };
             async move { client.address_summary(request).await }
         })
-        .await
-    }
-
-    pub async fn address_stats(&self, sh: &ScriptHash) -> Result<pb::AddressStats, ApiError> {
+        .await?;
         let mut total = pb::AddressStats::default();
-        for (_, stats) in self.shard_stats(sh).await? {
-            total.funded_txo_count += stats.funded_txo_count;
-            total.funded_sum += stats.funded_sum;
-            total.spent_txo_count += stats.spent_txo_count;
-            total.spent_sum += stats.spent_sum;
-            total.tx_count += stats.tx_count;
+        for sum in &sums {
+            chainidx_node::service::add_to(&mut total, sum);
         }
         Ok(total)
     }
 
-    /// Up to `limit` txs touching `sh`, newest first, strictly older than `before`. Shards whose stats say
-    /// the address never appears there are skipped. Returns the page and the cursor of its last tx if more
-    /// may follow.
+    /// Up to `limit` txs touching `sh`, newest first, strictly older than `before`. Returns the page and
+    /// the cursor of its last tx if more may follow.
     pub async fn history(
         &self,
         sh: &ScriptHash,
         before: Option<Cursor>,
         limit: usize,
     ) -> Result<(Vec<pb::TxDetail>, Option<Cursor>), ApiError> {
-        // One round: every shard that can hold txs older than the cursor is asked for a page at once; each
-        // checks its own stats first and answers "absent" without scanning when the address never
-        // appears there. Shards are disjoint height ranges, so newest-first is later shards first.
+        // One round: every worker is asked for its newest `limit` txs over its shards that can hold txs
+        // older than the cursor (it skips shards whose stats rule the address out, and stops reading once
+        // its page is full). The page is the newest `limit` of those answers.
         let all = self.routes()?;
         let total = all.len();
         let routes: Vec<Route> = all
             .into_iter()
             .filter(|(status, _)| before.is_none_or(|(h, _)| status.start_height <= h))
             .collect();
-        let replies = join_all(routes.iter().map(|(status, replicas)| {
+        let pages = per_worker(&routes, |shard_ids, mut client| {
             let request = pb::ShardHistoryRequest {
-                shard_id: status.shard_id,
+                shard_ids,
                 scripthash: sh.to_vec(),
                 has_cursor: before.is_some(),
                 before_height: before.map_or(0, |c| c.0),
                 before_position: before.map_or(0, |c| c.1),
                 limit: limit as u32,
             };
-            on_replica(replicas, move |mut client| {
-                let request = request.clone();
-                async move { client.address_history(request).await }
-            })
-        }))
-        .await;
-        let mut page = Vec::new();
-        let mut asked = 0;
-        for reply in replies.into_iter().rev() {
-            let reply = reply?;
-            if !reply.absent {
-                asked += 1;
-            }
-            let room = limit - page.len();
-            page.extend(reply.txs.into_iter().take(room));
-        }
-        self.cluster.fan_out.count(total, asked);
+            async move { client.address_history(request).await }
+        })
+        .await?;
+        let scanned = pages.iter().map(|p| p.shards_scanned as usize).sum();
+        self.cluster.fan_out.count(total, scanned);
+        let mut page: Vec<pb::TxDetail> = pages.into_iter().flat_map(|p| p.txs).collect();
+        page.sort_by_key(|tx| std::cmp::Reverse(position(tx)));
+        page.truncate(limit);
         let next = if page.len() == limit {
-            page.last()
-                .and_then(|tx| tx.status.as_ref())
-                .map(|s| (s.height, s.position))
+            page.last().map(position)
         } else {
             None
         };
@@ -190,32 +219,18 @@ impl QueryRouter {
     }
 
     pub async fn utxos(&self, sh: &ScriptHash) -> Result<Vec<pb::Utxo>, ApiError> {
-        let all = self.shard_stats(sh).await?;
-        let total = all.len();
-        let candidates: Vec<Route> = all
-            .into_iter()
-            .filter(|(_, stats)| stats.funded_txo_count > 0)
-            .map(|(route, _)| route)
-            .collect();
-        self.cluster.fan_out.count(total, candidates.len());
-        let calls = candidates.into_iter().map(|(status, replicas)| {
+        let routes = self.routes()?;
+        let lists = per_worker(&routes, |shard_ids, mut client| {
             let request = pb::ShardAddressRequest {
-                shard_id: status.shard_id,
+                shard_ids,
                 scripthash: sh.to_vec(),
             };
-            async move {
-                on_replica(&replicas, |mut client| {
-                    let request = request.clone();
-                    async move { client.address_utxos(request).await }
-                })
-                .await
-                .map(|r| r.utxos)
-            }
-        });
-        let mut utxos = Vec::new();
-        for reply in join_all(calls).await {
-            utxos.extend(reply?);
-        }
+            async move { client.address_utxos(request).await }
+        })
+        .await?;
+        let scanned = lists.iter().map(|l| l.shards_scanned as usize).sum();
+        self.cluster.fan_out.count(routes.len(), scanned);
+        let mut utxos: Vec<pb::Utxo> = lists.into_iter().flat_map(|l| l.utxos).collect();
         // Newest first, like the history.
         utxos.sort_by_key(|u| {
             let s = u.status.clone().unwrap_or_default();
@@ -224,22 +239,22 @@ impl QueryRouter {
         Ok(utxos)
     }
 
-    /// Asks every shard; a txid lives in exactly one (for BIP30 duplicates, the newest wins). Not in any
-    /// shard: the mempool, unconfirmed.
+    /// Asks every worker for its shards; a txid lives in exactly one shard (for BIP30 duplicates, the
+    /// newest wins). Not in any shard: the mempool, unconfirmed.
     pub async fn tx(&self, txid: &Hash32) -> Result<pb::TxDetail, ApiError> {
-        let replies = self
-            .ask_every_shard(|shard_id, mut client| {
-                let request = pb::ShardTxRequest {
-                    shard_id,
-                    txid: txid.to_vec(),
-                };
-                async move { client.get_tx(request).await }
-            })
-            .await?;
+        let routes = self.routes()?;
+        let replies = per_worker(&routes, |shard_ids, mut client| {
+            let request = pb::ShardTxRequest {
+                shard_ids,
+                txid: txid.to_vec(),
+            };
+            async move { client.get_tx(request).await }
+        })
+        .await?;
         if let Some(found) = replies
             .into_iter()
-            .filter_map(|(_, reply)| reply.tx.filter(|_| reply.found))
-            .next_back()
+            .filter_map(|reply| reply.tx.filter(|_| reply.found))
+            .max_by_key(position)
         {
             return Ok(found);
         }
@@ -252,20 +267,21 @@ impl QueryRouter {
     }
 
     pub async fn outspends(&self, txid: &Hash32) -> Result<Vec<pb::Outspend>, ApiError> {
-        let replies = self
-            .ask_every_shard(|shard_id, mut client| {
-                let request = pb::ShardTxRequest {
-                    shard_id,
-                    txid: txid.to_vec(),
-                };
-                async move { client.outspends(request).await }
-            })
-            .await?;
+        let routes = self.routes()?;
+        let replies = per_worker(&routes, |shard_ids, mut client| {
+            let request = pb::ShardTxRequest {
+                shard_ids,
+                txid: txid.to_vec(),
+            };
+            async move { client.outspends(request).await }
+        })
+        .await?;
+        // Two replies only for a BIP30 duplicate: its outputs are the later tx's.
         replies
             .into_iter()
-            .filter(|(_, reply)| reply.found)
-            .map(|(_, reply)| reply.outspends)
-            .next_back()
+            .filter(|reply| reply.found)
+            .max_by_key(|reply| reply.height)
+            .map(|reply| reply.outspends)
             .ok_or_else(|| ApiError::NotFound(format!("transaction {} not found", display(txid))))
     }
 
@@ -331,6 +347,13 @@ impl QueryRouter {
 }
 
 /// Display order (byte-reversed hex) of a txid or block hash.
+/// Where a tx sits in the chain: pages are ordered by it, newest first.
+fn position(tx: &pb::TxDetail) -> Cursor {
+    tx.status
+        .as_ref()
+        .map_or((0, 0), |s| (s.height, s.position))
+}
+
 pub fn display(hash: &Hash32) -> String {
     let mut reversed = *hash;
     reversed.reverse();

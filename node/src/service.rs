@@ -57,6 +57,17 @@ impl WorkerService {
     fn shard(&self, id: u32) -> Result<Arc<crate::shard::Shard>, Status> {
         Ok(self.node.slot(id)?.shard.clone())
     }
+
+    /// The shards a query names, later heights first; a shard this worker does not serve fails the call
+    /// (NOT_FOUND), so the coordinator asks another replica.
+    fn shards_newest_first(&self, ids: &[u32]) -> Result<Vec<Arc<crate::shard::Shard>>, Status> {
+        let mut shards = ids
+            .iter()
+            .map(|id| self.shard(*id))
+            .collect::<Result<Vec<_>, _>>()?;
+        shards.sort_by_key(|shard| std::cmp::Reverse(shard.start));
+        Ok(shards)
+    }
 }
 
 #[tonic::async_trait]
@@ -183,11 +194,17 @@ impl Worker for WorkerService {
         request: Request<pb::ShardAddressRequest>,
     ) -> Result<Response<pb::AddressStats>, Status> {
         let r = request.into_inner();
-        let shard = self.shard(r.shard_id)?;
+        let shards = self.shards_newest_first(&r.shard_ids)?;
         let sh: ScriptHash = hash32(&r.scripthash, "scripthash")?;
-        Ok(Response::new(
-            blocking(move || Ok(shard.address_stats(&sh)?)).await?,
-        ))
+        let total = blocking(move || {
+            let mut total = pb::AddressStats::default();
+            for shard in shards {
+                add_to(&mut total, &shard.address_stats(&sh)?);
+            }
+            Ok(total)
+        })
+        .await?;
+        Ok(Response::new(total))
     }
 
     async fn address_history(
@@ -195,31 +212,52 @@ impl Worker for WorkerService {
         request: Request<pb::ShardHistoryRequest>,
     ) -> Result<Response<pb::TxPage>, Status> {
         let r = request.into_inner();
-        let shard = self.shard(r.shard_id)?;
+        let shards = self.shards_newest_first(&r.shard_ids)?;
         let sh: ScriptHash = hash32(&r.scripthash, "scripthash")?;
         let before = r.has_cursor.then_some((r.before_height, r.before_position));
         let limit = r.limit.clamp(1, 1000) as usize;
-        // The per-shard filter: no stats row (a bloom-filtered point lookup) means no history rows, so an
-        // absent address costs no scan.
-        let (txs, absent) = blocking(move || {
-            if shard.address_stats(&sh)?.tx_count == 0 {
-                return Ok((Vec::new(), true));
+        // Shards are disjoint height ranges: newest shard first, and stop once the page is full, so only
+        // the txs on the page have their bodies read. No stats row (a bloom-filtered point lookup) means no
+        // history rows: the per-shard filter that spares the scan.
+        let page = blocking(move || {
+            let mut page = pb::TxPage::default();
+            for shard in shards {
+                let room = limit - page.txs.len();
+                if room == 0 {
+                    break;
+                }
+                if shard.address_stats(&sh)?.tx_count == 0 {
+                    continue;
+                }
+                page.shards_scanned += 1;
+                page.txs.extend(shard.history(&sh, before, room)?);
             }
-            Ok((shard.history(&sh, before, limit)?, false))
+            Ok(page)
         })
         .await?;
-        Ok(Response::new(pb::TxPage { txs, absent }))
+        Ok(Response::new(page))
     }
 
     async fn address_utxos(
         &self,
         request: Request<pb::ShardAddressRequest>,
-    ) -> Result<Response<pb::UtxoList>, Status> {
+    ) -> Result<Response<pb::ShardUtxoList>, Status> {
         let r = request.into_inner();
-        let shard = self.shard(r.shard_id)?;
+        let shards = self.shards_newest_first(&r.shard_ids)?;
         let sh: ScriptHash = hash32(&r.scripthash, "scripthash")?;
-        let utxos = blocking(move || Ok(shard.utxos(&sh)?)).await?;
-        Ok(Response::new(pb::UtxoList { utxos }))
+        let list = blocking(move || {
+            let mut list = pb::ShardUtxoList::default();
+            for shard in shards {
+                if shard.address_stats(&sh)?.funded_txo_count == 0 {
+                    continue;
+                }
+                list.shards_scanned += 1;
+                list.utxos.extend(shard.utxos(&sh)?);
+            }
+            Ok(list)
+        })
+        .await?;
+        Ok(Response::new(list))
     }
 
     async fn get_tx(
@@ -227,9 +265,18 @@ impl Worker for WorkerService {
         request: Request<pb::ShardTxRequest>,
     ) -> Result<Response<pb::TxLookup>, Status> {
         let r = request.into_inner();
-        let shard = self.shard(r.shard_id)?;
+        let shards = self.shards_newest_first(&r.shard_ids)?;
         let txid = hash32(&r.txid, "txid")?;
-        let tx = blocking(move || Ok(shard.tx(&txid)?)).await?;
+        // Newest first: of two BIP30 duplicates, the later one is the tx.
+        let tx = blocking(move || {
+            for shard in shards {
+                if let Some(tx) = shard.tx(&txid)? {
+                    return Ok(Some(tx));
+                }
+            }
+            Ok(None)
+        })
+        .await?;
         Ok(Response::new(pb::TxLookup {
             found: tx.is_some(),
             tx,
@@ -256,14 +303,33 @@ impl Worker for WorkerService {
         request: Request<pb::ShardTxRequest>,
     ) -> Result<Response<pb::OutspendList>, Status> {
         let r = request.into_inner();
-        let shard = self.shard(r.shard_id)?;
+        let shards = self.shards_newest_first(&r.shard_ids)?;
         let txid = hash32(&r.txid, "txid")?;
-        let outspends = blocking(move || Ok(shard.outspends(&txid)?)).await?;
+        let outspends = blocking(move || {
+            for shard in shards {
+                if let Some(outspends) = shard.outspends(&txid)? {
+                    return Ok(Some(outspends));
+                }
+            }
+            Ok(None)
+        })
+        .await?;
+        let (height, outspends) = outspends.unzip();
         Ok(Response::new(pb::OutspendList {
-            found: outspends.is_some(),
+            found: height.is_some(),
             outspends: outspends.unwrap_or_default(),
+            height: height.unwrap_or_default(),
         }))
     }
+}
+
+/// Adds one shard's totals for an address to the sum over shards.
+pub fn add_to(total: &mut pb::AddressStats, stats: &pb::AddressStats) {
+    total.funded_txo_count += stats.funded_txo_count;
+    total.funded_sum += stats.funded_sum;
+    total.spent_txo_count += stats.spent_txo_count;
+    total.spent_sum += stats.spent_sum;
+    total.tx_count += stats.tx_count;
 }
 
 /// Serves the worker's gRPC API on `listener` until `shutdown` completes (mini-redis style).

@@ -937,7 +937,8 @@ impl Shard {
         })
     }
 
-    pub fn outspends(&self, txid: &Hash32) -> Result<Option<Vec<pb::Outspend>>, ShardError> {
+    /// Who spends each output of `txid`, with the height of the tx.
+    pub fn outspends(&self, txid: &Hash32) -> Result<Option<(u32, Vec<pb::Outspend>)>, ShardError> {
         let Some((height, position)) = self.position_of(txid)? else {
             return Ok(None);
         };
@@ -959,7 +960,7 @@ impl Shard {
             };
             outspends.push(spend);
         }
-        Ok(Some(outspends))
+        Ok(Some((height, outspends)))
     }
 }
 
