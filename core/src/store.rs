@@ -75,6 +75,14 @@ pub trait Store: Send + Sync + 'static {
         self.write(batch, false)
     }
 
+    /// Writes puts around the memtable: each column family's rows sorted (the last of equal keys wins) into
+    /// a table file that the engine takes over as is. Durable on return, but NOT atomic across column
+    /// families: only for rows that are the same bytes when written again, whose checkpoint is written
+    /// after them (a backfill window's rows). Other ops are refused.
+    fn bulk_load(&self, batch: Batch) -> Result<(), StoreError> {
+        self.write(batch, true)
+    }
+
     /// Moves what is buffered in memory to disk; called when a shard finishes a phase, so a worker's
     /// memory holds the shards it is writing, not every shard it ever wrote.
     fn flush(&self) -> Result<(), StoreError> {

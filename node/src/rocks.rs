@@ -23,6 +23,11 @@ fn shared_block_cache() -> &'static rocksdb::Cache {
 
 const BLOCK_CACHE_BYTES: usize = 128 << 20;
 
+/// Where `bulk_load` writes table files before the database takes them over (moves them in). Files left
+/// there by a crash are removed when the database is opened.
+const BULK_DIR: &str = "bulk";
+static BULK_FILES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn merge_stats(
     _key: &[u8],
     existing: Option<&[u8]>,
@@ -72,6 +77,11 @@ impl RocksStore {
             .iter()
             .map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf)));
         let db = DB::open_cf_descriptors(&options, path, descriptors).map_err(engine)?;
+        let bulk = path.join(BULK_DIR);
+        if bulk.exists() {
+            std::fs::remove_dir_all(&bulk).map_err(|e| StoreError::Engine(e.to_string()))?;
+        }
+        std::fs::create_dir_all(&bulk).map_err(|e| StoreError::Engine(e.to_string()))?;
         Ok(RocksStore { db })
     }
 
@@ -137,6 +147,53 @@ impl Store for RocksStore {
         self.db
             .write_opt(self.rocks_batch(batch), &options)
             .map_err(engine)
+    }
+
+    fn bulk_load(&self, batch: Batch) -> Result<(), StoreError> {
+        let mut by_cf: Vec<Vec<(Vec<u8>, Vec<u8>)>> = vec![Vec::new(); Cf::ALL.len()];
+        for op in batch.ops {
+            match op {
+                Op::Put(cf, key, value) => {
+                    let index = Cf::ALL.iter().position(|c| *c == cf).expect("in ALL");
+                    by_cf[index].push((key, value));
+                }
+                Op::Delete(cf, _) | Op::Merge(cf, _, _) => {
+                    return Err(StoreError::Engine(format!(
+                        "bulk load into {} takes puts only",
+                        cf.name()
+                    )));
+                }
+            }
+        }
+        let mut ingest = rocksdb::IngestExternalFileOptions::default();
+        ingest.set_move_files(true);
+        for (cf, mut rows) in Cf::ALL.iter().copied().zip(by_cf) {
+            if rows.is_empty() {
+                continue;
+            }
+            // Stable: among equal keys the last written stays last, and is the one kept.
+            rows.sort_by(|a, b| a.0.cmp(&b.0));
+            let path = self.db.path().join(BULK_DIR).join(format!(
+                "{}-{}.sst",
+                cf.name(),
+                BULK_FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            // The table format of the column family (compression, bloom filter).
+            let options = cf_options(cf);
+            let mut writer = rocksdb::SstFileWriter::create(&options);
+            writer.open(&path).map_err(engine)?;
+            for (i, (key, value)) in rows.iter().enumerate() {
+                if rows.get(i + 1).is_some_and(|next| next.0 == *key) {
+                    continue;
+                }
+                writer.put(key, value).map_err(engine)?;
+            }
+            writer.finish().map_err(engine)?;
+            self.db
+                .ingest_external_file_cf_opts(self.handle(cf), &ingest, vec![&path])
+                .map_err(engine)?;
+        }
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), StoreError> {

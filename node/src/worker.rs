@@ -214,7 +214,10 @@ impl WorkerNode {
             .map_err(|e| WorkerError::Task(e.to_string()))?
     }
 
-    fn wrote_block(&self, shard_id: u32) {
+    fn wrote_blocks(&self, shard_id: u32, blocks: u64) {
+        if blocks == 0 {
+            return;
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
@@ -226,7 +229,7 @@ impl WorkerNode {
             ..Default::default()
         });
         span.last_write_us = now;
-        span.blocks_written += 1;
+        span.blocks_written += blocks;
     }
 
     /// When this process wrote each shard's blocks.
@@ -777,14 +780,33 @@ fn index_range(
                 }
             }
         });
+        let mut window = shard.window(write);
+        let mut blocks = 0;
         for item in receiver {
-            let (height, block, spent) = item?;
+            let (height, block, spent) = match item {
+                Ok(fetched) => fetched,
+                Err(error) => {
+                    // Keep the whole blocks already read: a retry resumes after them.
+                    node.wait_write(shard.id)?;
+                    window.commit()?;
+                    node.wrote_blocks(shard.id, blocks);
+                    return Err(error);
+                }
+            };
             // Only under a lease: a worker cut off from the coordinators stops here before anyone else
             // may take the shard over.
             node.wait_write(shard.id)?;
-            shard.index_block(height, &block, spent.as_deref(), write)?;
-            node.wrote_block(shard.id);
+            window.add(height, &block, spent.as_deref())?;
+            blocks += 1;
+            if window.is_full() {
+                node.wait_write(shard.id)?;
+                window.commit()?;
+                node.wrote_blocks(shard.id, std::mem::take(&mut blocks));
+            }
         }
+        node.wait_write(shard.id)?;
+        window.commit()?;
+        node.wrote_blocks(shard.id, blocks);
         Ok(())
     })
 }
