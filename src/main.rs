@@ -9,6 +9,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// Indexing allocates and frees millions of small rows per window; glibc's allocator spent ~18% of a
+/// worker's CPU in `--bench backfill` on that (consolidating, and returning pages the next window faults
+/// back in).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "chainidx",
@@ -95,6 +101,10 @@ enum Command {
         /// Identity kept across restarts (default: the data directory).
         #[arg(long)]
         name: Option<String>,
+        /// Shards indexed at once (default: the machine's cores). Lower it when several workers share a
+        /// machine, so they do not fight over its cores and caches.
+        #[arg(long)]
+        index_threads: Option<usize>,
     },
     /// Query a running cluster over its HTTP API.
     Query {
@@ -314,6 +324,7 @@ async fn run() -> anyhow::Result<()> {
             listen,
             advertise,
             name,
+            index_threads,
         } => {
             run_worker(
                 WorkerArgs {
@@ -323,6 +334,7 @@ async fn run() -> anyhow::Result<()> {
                     listen,
                     advertise,
                     name,
+                    index_threads,
                 },
                 shutdown_signal(),
             )

@@ -272,6 +272,12 @@ pub struct Sandbox {
 
 impl Sandbox {
     /// Starts worker `i` as a child process, logging to `worker-i/worker.log` (appended across restarts).
+    /// This machine's cores divided among the workers started on it (at least one each).
+    fn index_threads(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        (cores / self.config.workers.max(1)).max(1)
+    }
+
     fn spawn_worker(&self, i: usize, failpoints: Option<&str>) -> anyhow::Result<Child> {
         let dir = self.data_dir.join(format!("worker-{i}"));
         std::fs::create_dir_all(&dir)?;
@@ -286,6 +292,9 @@ impl Sandbox {
             .arg("--data")
             .arg(&dir)
             .args(["--listen", "127.0.0.1:0"])
+            // The sandbox packs every worker onto this machine: they share its cores, as separate
+            // machines would not.
+            .args(["--index-threads", &self.index_threads().to_string()])
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

@@ -17,6 +17,8 @@ pub struct WorkerArgs {
     /// Identity kept across restarts, so the coordinator hands the same shards back; defaults to the
     /// data directory.
     pub name: Option<String>,
+    /// Shards indexed at once; default: the machine's cores.
+    pub index_threads: Option<usize>,
 }
 
 pub async fn run_worker(
@@ -40,7 +42,10 @@ pub async fn run_worker(
             .display()
             .to_string()
     });
-    let node = WorkerNode::new(source, args.data.clone());
+    let index_threads = args
+        .index_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let node = WorkerNode::with_index_threads(source, args.data.clone(), index_threads);
     let server = tokio::spawn(chainidx_node::service::run(
         node.clone(),
         listener,

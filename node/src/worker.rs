@@ -125,11 +125,20 @@ pub struct WorkerNode {
 
 impl WorkerNode {
     pub fn new(source: Arc<dyn BlockSource>, data_dir: PathBuf) -> Arc<WorkerNode> {
+        WorkerNode::with_index_threads(source, data_dir, 2)
+    }
+
+    /// `index_threads`: how many shards are indexed at once (phase 1 keeps one core busy per shard).
+    pub fn with_index_threads(
+        source: Arc<dyn BlockSource>,
+        data_dir: PathBuf,
+        index_threads: usize,
+    ) -> Arc<WorkerNode> {
         Arc::new(WorkerNode {
             source,
             data_dir,
             shards: RwLock::new(HashMap::new()),
-            index_permits: Semaphore::new(2),
+            index_permits: Semaphore::new(index_threads.max(1)),
             peers: Mutex::new(HashMap::new()),
             lease: Mutex::new(Lease::default()),
             isolated: AtomicBool::new(false),
