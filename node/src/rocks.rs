@@ -245,3 +245,35 @@ impl Store for RocksStore {
         iter.status().map_err(engine)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bulk_load_keeps_the_last_of_equal_keys_and_refuses_anything_but_puts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path()).unwrap();
+        let mut batch = Batch::default();
+        batch.put(Cf::Txs, b"b".to_vec(), b"first".to_vec());
+        batch.put(Cf::Txs, b"a".to_vec(), b"only".to_vec());
+        batch.put(Cf::Txs, b"b".to_vec(), b"second".to_vec());
+        batch.put(Cf::History, b"h".to_vec(), b"row".to_vec());
+        store.bulk_load(batch).unwrap();
+        assert_eq!(store.get(Cf::Txs, b"a").unwrap().unwrap(), b"only");
+        assert_eq!(store.get(Cf::Txs, b"b").unwrap().unwrap(), b"second");
+        assert_eq!(store.get(Cf::History, b"h").unwrap().unwrap(), b"row");
+        // The files were moved into the database: nothing is left behind to clean up.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(BULK_DIR))
+                .unwrap()
+                .count(),
+            0
+        );
+
+        let mut batch = Batch::default();
+        batch.delete(Cf::Txs, b"a".to_vec());
+        assert!(store.bulk_load(batch).is_err());
+        assert!(store.get(Cf::Txs, b"a").unwrap().is_some());
+    }
+}

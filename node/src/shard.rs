@@ -1,5 +1,5 @@
-//! One shard: a block range [start, end) in its own database. Phase 1 ([`Shard::index_block`]) writes each
-//! block's rows in one atomic batch with the checkpoint; inputs spending outputs of earlier shards are parked
+//! One shard: a block range [start, end) in its own database. Phase 1 ([`IndexWindow`]) writes the rows of
+//! a window of blocks, then the checkpoint after them; inputs spending outputs of earlier shards are parked
 //! in `pending`. Phase 2 ([`Shard::next_pending`], [`Shard::apply_resolved`]) attributes them once the owning
 //! shards have answered. [`Shard::spend_outputs`] answers those questions for other shards.
 
@@ -71,11 +71,13 @@ impl PendingSpend {
 /// How a block's batch is written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Write {
-    /// Backfill phase 1: no WAL. A crash loses the blocks written since the last flush, and the checkpoint
-    /// written with them, so the shard resumes from the last block that reached disk. Nobody else reads or
+    /// Backfill phase 1: a window's rows are ingested as table files, its stats and checkpoint written
+    /// without WAL. A crash loses the checkpoints since the last flush, so the shard re-indexes from the
+    /// last one that reached disk, rewriting the same rows. Nobody else reads or
     /// writes the shard until it reports `Indexed`, which [`Shard::set_phase`] flushes first.
     Bulk,
-    /// Following the tip: every block through the WAL (the coordinator counts on a block once reported).
+    /// Following the tip: every block in one WAL batch with its checkpoint (the coordinator counts on a
+    /// block once reported).
     Logged,
 }
 

@@ -6,7 +6,7 @@
 
 use crate::failpoint::{self, failpoint};
 use crate::rocks::RocksStore;
-use crate::shard::{PendingSpend, Shard, ShardError, Write};
+use crate::shard::{IndexWindow, PendingSpend, Shard, ShardError, Write};
 use bitcoin::Block;
 use bitcoin::consensus::deserialize;
 use chainidx_core::source::{BlockSource, SourceError, SpentCoin};
@@ -791,31 +791,30 @@ fn index_range(
         });
         let mut window = shard.window(write);
         let mut blocks = 0;
+        // Only under a lease: a worker cut off from the coordinators stops here before anyone else may
+        // take the shard over.
+        let commit = |window: &mut IndexWindow, blocks: &mut u64| -> Result<(), WorkerError> {
+            node.wait_write(shard.id)?;
+            window.commit()?;
+            node.wrote_blocks(shard.id, std::mem::take(blocks));
+            Ok(())
+        };
         for item in receiver {
             let (height, block, spent) = match item {
                 Ok(fetched) => fetched,
                 Err(error) => {
                     // Keep the whole blocks already read: a retry resumes after them.
-                    node.wait_write(shard.id)?;
-                    window.commit()?;
-                    node.wrote_blocks(shard.id, blocks);
+                    commit(&mut window, &mut blocks)?;
                     return Err(error);
                 }
             };
-            // Only under a lease: a worker cut off from the coordinators stops here before anyone else
-            // may take the shard over.
             node.wait_write(shard.id)?;
             window.add(height, &block, spent.as_deref())?;
             blocks += 1;
             if window.is_full() {
-                node.wait_write(shard.id)?;
-                window.commit()?;
-                node.wrote_blocks(shard.id, std::mem::take(&mut blocks));
+                commit(&mut window, &mut blocks)?;
             }
         }
-        node.wait_write(shard.id)?;
-        window.commit()?;
-        node.wrote_blocks(shard.id, blocks);
-        Ok(())
+        commit(&mut window, &mut blocks)
     })
 }
