@@ -113,6 +113,10 @@ fn every_mainnet_block_decodes_to_its_expected_rows() {
                     .unwrap()
                     .unwrap_or_else(|| panic!("tx {txid} not stored"));
                 assert_eq!(detail.status.as_ref().unwrap().height, height);
+                // Keys hold a 12-byte txid prefix: a txid sharing it but not the rest is not this tx.
+                let mut twin = txid_bytes(&txid);
+                twin[31] ^= 1;
+                assert!(shard.tx(&twin).unwrap().is_none(), "{txid}'s prefix twin");
                 deserialize(&detail.raw).unwrap()
             });
             assert_eq!(tx.output[vout].value.to_sat(), value, "{txid}:{vout}");

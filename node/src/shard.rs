@@ -10,8 +10,8 @@ use bitcoin::{Block, BlockHash, Transaction};
 use chainidx_core::chain::{ScriptHash, scripthash};
 use chainidx_core::schema::{
     self, Cf, FORMAT_VERSION, Hash32, KIND_FUNDING, KIND_SPENDING, PendingInput, SHARD_STATE_KEY,
-    SpentBy, TxLocation, be_u64, history_key, parse_history_key, pending_key, position_key,
-    txid_index_key,
+    SpentBy, TxLocation, addr_key, decode_amount, encode_amount, history_key, outpoint_key,
+    parse_history_key, pending_key, position_key, txid_key,
 };
 use chainidx_core::source::{BlockSource, SourceError, SpentCoin};
 use chainidx_core::store::{Batch, ScanFrom, Store, StoreError};
@@ -192,7 +192,7 @@ impl Shard {
     }
 
     fn load_stats(&self, sh: &ScriptHash) -> Result<pb::AddressStats, ShardError> {
-        match self.store.get(Cf::Stats, sh)? {
+        match self.store.get(Cf::Stats, &addr_key(sh))? {
             Some(bytes) => {
                 pb::AddressStats::decode(bytes.as_slice()).map_err(|e| corrupt("address stats", e))
             }
@@ -203,7 +203,7 @@ impl Shard {
     /// Adds this batch's per-address deltas to the stored totals (a merge: no read).
     fn merge_stats(&self, batch: &mut Batch, deltas: HashMap<ScriptHash, pb::AddressStats>) {
         for (sh, delta) in deltas {
-            batch.merge(Cf::Stats, sh, delta.encode_to_vec());
+            batch.merge(Cf::Stats, addr_key(&sh), delta.encode_to_vec());
         }
     }
 
@@ -314,7 +314,7 @@ impl Shard {
             let sh = scripthash(bitcoin::Script::from_bytes(&out.script));
             // The tx counts once per address: only if neither phase 1 nor this batch already has a row for it.
             if !counted.contains(&(sh, spend.height, spend.position)) {
-                let mut prefix = sh.to_vec();
+                let mut prefix = addr_key(&sh).to_vec();
                 prefix.extend_from_slice(&position_key(spend.height, spend.position));
                 let mut exists = false;
                 self.store
@@ -330,7 +330,7 @@ impl Shard {
             batch.put(
                 Cf::History,
                 history_key(&sh, spend.height, spend.position, KIND_SPENDING, spend.vin),
-                out.value.to_be_bytes(),
+                encode_amount(out.value),
             );
             let delta = deltas.entry(sh).or_default();
             delta.spent_txo_count += 1;
@@ -365,7 +365,7 @@ impl Shard {
         for (index, spend) in spends.iter().enumerate() {
             let prev_txid = request_txid(&spend.prev_txid, "spend request")?;
             let spender = request_txid(&spend.spender_txid, "spend request")?;
-            let key = txid_index_key(&prev_txid, spend.prev_vout);
+            let key = outpoint_key(&prev_txid, spend.prev_vout);
             if let Some(bytes) = self.store.get(Cf::Outputs, &key)? {
                 let out = pb::TxOut::decode(bytes.as_slice()).map_err(|e| corrupt("output", e))?;
                 batch.put(
@@ -473,7 +473,7 @@ impl Shard {
                         batch.delete(Cf::Prevouts, input_key);
                     }
                     let prev_txid = input.previous_output.txid.to_byte_array();
-                    let prev_key = txid_index_key(&prev_txid, input.previous_output.vout);
+                    let prev_key = outpoint_key(&prev_txid, input.previous_output.vout);
                     if self.holds_tx(&prev_txid)? {
                         // The coin is unspent again. A coin spent in the window that created it never
                         // had an `outputs` row: it gets one now (a rollback of its creator removes it).
@@ -492,7 +492,7 @@ impl Shard {
                 }
                 let vout = vout as u32;
                 let sh = scripthash(&output.script_pubkey);
-                let key = txid_index_key(&txid, vout);
+                let key = outpoint_key(&txid, vout);
                 batch.delete(Cf::Outputs, key);
                 batch.delete(Cf::Outspends, key);
                 batch.delete(
@@ -509,7 +509,7 @@ impl Shard {
             for sh in touched {
                 minus.entry(sh).or_default().tx_count += 1;
             }
-            batch.delete(Cf::Txs, txid);
+            batch.delete(Cf::Txs, txid_key(&txid));
             batch.delete(Cf::TxPositions, position_key(height, position));
         }
         if let Some(meta) = self.block_meta(height)? {
@@ -528,9 +528,9 @@ impl Shard {
             stats.spent_sum = sub(stats.spent_sum, m.spent_sum)?;
             stats.tx_count = sub(stats.tx_count, m.tx_count)?;
             if stats == pb::AddressStats::default() {
-                batch.delete(Cf::Stats, sh);
+                batch.delete(Cf::Stats, addr_key(&sh));
             } else {
-                batch.put(Cf::Stats, sh, stats.encode_to_vec());
+                batch.put(Cf::Stats, addr_key(&sh), stats.encode_to_vec());
             }
         }
         state.next_height = height;
@@ -547,7 +547,7 @@ impl Shard {
         let mut batch = Batch::default();
         for (index, spend) in spends.iter().enumerate() {
             let prev_txid = request_txid(&spend.prev_txid, "unspend request")?;
-            let key = txid_index_key(&prev_txid, spend.prev_vout);
+            let key = outpoint_key(&prev_txid, spend.prev_vout);
             if self.store.get(Cf::Outputs, &key)?.is_none() {
                 continue;
             }
@@ -607,17 +607,19 @@ impl Shard {
 
     /// Whether `txid` is one of this shard's txs: then this shard holds its coins.
     fn holds_tx(&self, txid: &Hash32) -> Result<bool, ShardError> {
-        Ok(self.store.get(Cf::Txs, txid)?.is_some())
+        Ok(self.store.get(Cf::Txs, &txid_key(txid))?.is_some())
     }
 
+    /// Where `txid` is in this shard. `txs` is keyed by a txid prefix, so the full txid is compared.
     fn position_of(&self, txid: &Hash32) -> Result<Option<(u32, u32)>, ShardError> {
-        self.store
-            .get(Cf::Txs, txid)?
-            .map(|bytes| match bytes.len() {
-                8 => Ok((schema::be_u32(&bytes[..4]), schema::be_u32(&bytes[4..]))),
-                _ => Err(corrupt("tx", "position is not 8 bytes")),
-            })
-            .transpose()
+        let Some(bytes) = self.store.get(Cf::Txs, &txid_key(txid))? else {
+            return Ok(None);
+        };
+        if bytes.len() != 8 {
+            return Err(corrupt("tx", "position is not 8 bytes"));
+        }
+        let (height, position) = (schema::be_u32(&bytes[..4]), schema::be_u32(&bytes[4..]));
+        Ok((self.txid_at(height, position)? == *txid).then_some((height, position)))
     }
 
     /// The tx at (height, position), its bytes read from the source and checked against the stored txid.
@@ -693,18 +695,19 @@ impl Shard {
             Some(key) => ScanFrom::AtOrBefore(key),
             None => ScanFrom::Last,
         };
-        self.store.scan(Cf::History, sh, from, &mut |key, _| {
-            if let Some(row) = parse_history_key(key) {
-                let at = (row.height, row.position);
-                if before.is_none_or(|b| at < b) && positions.last() != Some(&at) {
-                    if positions.len() == limit {
-                        return false;
+        self.store
+            .scan(Cf::History, &addr_key(sh), from, &mut |key, _| {
+                if let Some(row) = parse_history_key(key) {
+                    let at = (row.height, row.position);
+                    if before.is_none_or(|b| at < b) && positions.last() != Some(&at) {
+                        if positions.len() == limit {
+                            return false;
+                        }
+                        positions.push(at);
                     }
-                    positions.push(at);
                 }
-            }
-            true
-        })?;
+                true
+            })?;
         positions
             .into_iter()
             .map(|(height, position)| self.tx_detail_at(height, position))
@@ -714,21 +717,32 @@ impl Shard {
     /// Outputs paying `sh` that nobody has spent (as far as resolution has got).
     pub fn utxos(&self, sh: &ScriptHash) -> Result<Vec<pb::Utxo>, ShardError> {
         let mut funding = Vec::new();
-        self.store
-            .scan(Cf::History, sh, ScanFrom::First, &mut |key, value| {
+        let mut bad = None;
+        self.store.scan(
+            Cf::History,
+            &addr_key(sh),
+            ScanFrom::First,
+            &mut |key, value| {
                 if let Some(row) = parse_history_key(key)
                     && row.kind == KIND_FUNDING
                 {
-                    funding.push((row, be_u64(value)));
+                    match decode_amount(value) {
+                        Some(amount) => funding.push((row, amount)),
+                        None => bad = Some(hex::encode(key)),
+                    }
                 }
-                true
-            })?;
+                bad.is_none()
+            },
+        )?;
+        if let Some(key) = bad {
+            return Err(corrupt("history amount", key));
+        }
         let mut utxos = Vec::new();
         for (row, value) in funding {
             let txid = self.txid_at(row.height, row.position)?;
             if self
                 .store
-                .get(Cf::Outspends, &txid_index_key(&txid, row.index))?
+                .get(Cf::Outspends, &outpoint_key(&txid, row.index))?
                 .is_none()
             {
                 let status = self.tx_status(row.height, row.position)?;
@@ -790,7 +804,7 @@ impl Shard {
         let (_, tx, _) = self.tx_body(height, position)?;
         let mut outspends = Vec::with_capacity(tx.output.len());
         for vout in 0..tx.output.len() as u32 {
-            let spend = match self.store.get(Cf::Outspends, &txid_index_key(txid, vout))? {
+            let spend = match self.store.get(Cf::Outspends, &outpoint_key(txid, vout))? {
                 Some(value) => {
                     let by =
                         SpentBy::decode(&value).ok_or_else(|| corrupt("outspend", "bad length"))?;
@@ -819,7 +833,7 @@ pub struct IndexWindow<'a> {
     write: Write,
     rows: Batch,
     /// Coins created in the window and not (yet) spent in it.
-    outputs: HashMap<[u8; 36], pb::TxOut>,
+    outputs: HashMap<[u8; 16], pb::TxOut>,
     deltas: HashMap<ScriptHash, pb::AddressStats>,
     pending: u64,
     /// The checkpoint after the last block added.
@@ -902,14 +916,14 @@ impl IndexWindow<'_> {
                 position_key(height, position),
                 location.encode(),
             );
-            batch.put(Cf::Txs, txid, position_key(height, position));
+            batch.put(Cf::Txs, txid_key(&txid), position_key(height, position));
             let mut touched: Vec<ScriptHash> = Vec::new();
 
             if !tx.is_coinbase() {
                 for (vin, input) in tx.input.iter().enumerate() {
                     let vin = vin as u32;
                     let prev_txid = input.previous_output.txid.to_byte_array();
-                    let prev_key = txid_index_key(&prev_txid, input.previous_output.vout);
+                    let prev_key = outpoint_key(&prev_txid, input.previous_output.vout);
                     let undo = spent.map(|s| &s[position as usize - 1][vin as usize]);
                     if let Some(coin) = undo.filter(|c| c.height < shard.start) {
                         let parked = PendingInput {
@@ -945,7 +959,7 @@ impl IndexWindow<'_> {
                             batch.put(
                                 Cf::History,
                                 history_key(&sh, height, position, KIND_SPENDING, vin),
-                                out.value.to_be_bytes(),
+                                encode_amount(out.value),
                             );
                             let delta = deltas.entry(sh).or_default();
                             delta.spent_txo_count += 1;
@@ -993,11 +1007,11 @@ impl IndexWindow<'_> {
                     script: output.script_pubkey.to_bytes(),
                 };
                 // Written at commit unless spent inside the window.
-                window_outputs.insert(txid_index_key(&txid, vout), out);
+                window_outputs.insert(outpoint_key(&txid, vout), out);
                 batch.put(
                     Cf::History,
                     history_key(&sh, height, position, KIND_FUNDING, vout),
-                    value.to_be_bytes(),
+                    encode_amount(value),
                 );
                 let delta = deltas.entry(sh).or_default();
                 delta.funded_txo_count += 1;
