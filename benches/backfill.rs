@@ -3,7 +3,7 @@
 //! coordinator + worker processes over loopback gRPC, RocksDB, every input resolved).
 //!
 //! Run: `cargo bench --profile dev --bench backfill` (env: CHAINIDX_BENCH_BLOCKS, default 60;
-//! CHAINIDX_BENCH_WORKERS, default "1,2,4,8"). Prints figures and writes target/bench-backfill.json.
+//! CHAINIDX_BENCH_WORKERS, default "1,2,4,8"; CHAINIDX_BENCH_KEEP=1 keeps the data and logs). Prints figures and writes target/bench-backfill.json.
 
 use bitcoin::Block;
 use bitcoin::consensus::deserialize;
@@ -11,6 +11,7 @@ use chainidx::sandbox::{SandboxBuilder, cpu_seconds, peak_rss_bytes};
 use chainidx_core::generator::{GenConfig, generate};
 use chainidx_core::source::{BlkDirSource, BlockSource};
 use serde_json::json;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -28,6 +29,15 @@ fn main() -> anyhow::Result<()> {
         .filter_map(|w| w.trim().parse().ok())
         .collect();
     let dir = tempfile::tempdir()?;
+    // CHAINIDX_BENCH_KEEP=1 keeps the clusters' directories (worker logs say how long each phase took).
+    let dir = match std::env::var_os("CHAINIDX_BENCH_KEEP") {
+        Some(_) => {
+            let kept = dir.keep();
+            println!("keeping {}", kept.display());
+            Kept::Path(kept)
+        }
+        None => Kept::Temp(dir),
+    };
     let chain = dir.path().join("chain");
     let started = Instant::now();
     let summary = generate(
@@ -188,4 +198,19 @@ fn compact_shards(cluster: &std::path::Path) -> anyhow::Result<(u64, Vec<(String
         }
     }
     Ok((data_bytes(cluster), per_cf.into_iter().collect()))
+}
+
+/// The bench's directory: removed at the end unless CHAINIDX_BENCH_KEEP is set.
+enum Kept {
+    Temp(tempfile::TempDir),
+    Path(std::path::PathBuf),
+}
+
+impl Kept {
+    fn path(&self) -> &Path {
+        match self {
+            Kept::Temp(dir) => dir.path(),
+            Kept::Path(path) => path,
+        }
+    }
 }

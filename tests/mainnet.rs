@@ -185,7 +185,7 @@ fn check_prevouts(height: u32) {
             )
         })
         .collect();
-    shard.apply_resolved(&resolved).unwrap();
+    shard.apply_resolved(&resolved, Write::Bulk).unwrap();
     assert_eq!(shard.state().pending_inputs, 0);
 
     for tx in block.txdata.iter().skip(1) {

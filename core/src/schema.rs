@@ -25,7 +25,8 @@ pub enum Cf {
     Outspends,
     /// spender height ‖ position ‖ vin → `TxOut` it spends; in the shard of the spending tx.
     Prevouts,
-    /// height ‖ position ‖ vin → prev txid ‖ prev vout ‖ spender txid; inputs awaiting cross-shard resolution.
+    /// height ‖ position ‖ vin → prev txid ‖ prev vout ‖ spender txid ‖ address keys the tx already counts;
+    /// inputs awaiting cross-shard resolution.
     Pending,
     /// height ‖ position ‖ vin → prev txid ‖ prev vout ‖ spender txid ‖ creating height; inputs already
     /// attributed from undo data whose owner shard must still record the spend.
@@ -282,6 +283,30 @@ impl PendingInput {
     }
 }
 
+/// A `pending` row's value: the input, then the address keys its tx already counts in `tx_count` from
+/// phase 1 (its outputs' and its attributed inputs' addresses), so that phase 2 counts the tx once per
+/// address without reading `history` back.
+pub fn encode_pending(input: &PendingInput, counted: &[[u8; KEY_HASH_LEN]]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(68 + KEY_HASH_LEN * counted.len());
+    value.extend_from_slice(&input.encode());
+    for key in counted {
+        value.extend_from_slice(key);
+    }
+    value
+}
+
+pub fn decode_pending(value: &[u8]) -> Option<(PendingInput, Vec<[u8; KEY_HASH_LEN]>)> {
+    let (input, rest) = value.split_at_checked(68)?;
+    if !rest.len().is_multiple_of(KEY_HASH_LEN) {
+        return None;
+    }
+    let counted = rest
+        .chunks_exact(KEY_HASH_LEN)
+        .map(|key| key.try_into().expect("12 bytes"))
+        .collect();
+    Some((PendingInput::decode(input)?, counted))
+}
+
 pub fn be_u32(bytes: &[u8]) -> u32 {
     u32::from_be_bytes(bytes[..4].try_into().expect("4 bytes"))
 }
@@ -342,6 +367,19 @@ mod tests {
             spender_txid: [3; 32],
         };
         assert_eq!(PendingInput::decode(&pending.encode()), Some(pending));
+        let counted = vec![[8u8; KEY_HASH_LEN], [9u8; KEY_HASH_LEN]];
+        assert_eq!(
+            decode_pending(&encode_pending(&pending, &counted)),
+            Some((pending, counted))
+        );
+        assert_eq!(
+            decode_pending(&encode_pending(&pending, &[]).as_slice()[..67]),
+            None
+        );
+        assert_eq!(
+            decode_pending(&[encode_pending(&pending, &[]), vec![1]].concat()),
+            None
+        );
         assert_eq!(SpentBy::decode(&[0u8; 3]), None);
         let location = TxLocation {
             txid: [4; 32],

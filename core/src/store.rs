@@ -19,6 +19,8 @@ pub enum Op {
     /// Combines the value with the stored one by the column family's merge rule, without reading it first.
     /// Only `stats` has one: a field-wise sum of `AddressStats` (the engine is given the rule).
     Merge(Cf, Vec<u8>, Vec<u8>),
+    /// Deletes every key in `[from, to)`: one range tombstone instead of a delete per key.
+    DeleteRange(Cf, Vec<u8>, Vec<u8>),
 }
 
 /// Writes applied atomically: a block's rows and its checkpoint land together or not at all.
@@ -38,6 +40,10 @@ impl Batch {
 
     pub fn merge(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
         self.ops.push(Op::Merge(cf, key.into(), value.into()));
+    }
+
+    pub fn delete_range(&mut self, cf: Cf, from: impl Into<Vec<u8>>, to: impl Into<Vec<u8>>) {
+        self.ops.push(Op::DeleteRange(cf, from.into(), to.into()));
     }
 
     pub fn len(&self) -> usize {
@@ -63,6 +69,11 @@ pub enum ScanFrom<'a> {
 
 pub trait Store: Send + Sync + 'static {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// [`Store::get`] of many keys at once (the engine can share the work of finding them).
+    fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        keys.iter().map(|key| self.get(cf, key)).collect()
+    }
 
     /// Atomically applies `batch`. `sync` forces it to stable storage before returning.
     fn write(&self, batch: Batch, sync: bool) -> Result<(), StoreError>;

@@ -10,6 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// Where the crash tests can stop a worker.
 pub const INDEX_BEFORE_WRITE: &str = "index:before-write";
 pub const INDEX_AFTER_WRITE: &str = "index:after-write";
+/// A backfill window's rows are ingested; its stats and checkpoint are not written yet.
+pub const INDEX_AFTER_INGEST: &str = "index:after-ingest";
+/// A resolution batch's rows are ingested; its stats and the removal of its `pending` rows are not.
+pub const RESOLVE_AFTER_INGEST: &str = "resolve:after-ingest";
 pub const RESOLVE_AFTER_LOOKUP: &str = "resolve:after-lookup";
 pub const RESOLVE_AFTER_APPLY: &str = "resolve:after-apply";
 pub const SPEND_AFTER_WRITE: &str = "spend:after-write";

@@ -342,6 +342,7 @@ impl WorkerNode {
         if shard.state().phase != pb::ShardPhase::Indexing as i32 {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let source = self.source.clone();
         let span = tracing::info_span!("index", shard = shard.id);
         let node = self.clone();
@@ -360,6 +361,7 @@ impl WorkerNode {
         tracing::info!(
             shard = slot.shard.id,
             pending = slot.shard.state().pending_inputs,
+            seconds = started.elapsed().as_secs_f64(),
             "shard indexed"
         );
         Ok(())
@@ -383,7 +385,7 @@ impl WorkerNode {
         slot.shard.set_phase(pb::ShardPhase::Resolving)?;
         let node = self.clone();
         tokio::spawn(async move {
-            if let Err(error) = node.resolve_phase(&slot, peers).await {
+            if let Err(error) = node.resolve_phase(&slot, peers, Write::Bulk).await {
                 slot.fail(&error);
             }
             slot.resolving.store(false, Ordering::SeqCst);
@@ -395,8 +397,10 @@ impl WorkerNode {
         self: &Arc<Self>,
         slot: &Arc<ShardSlot>,
         peers: Vec<pb::ShardPeer>,
+        write: Write,
     ) -> Result<(), WorkerError> {
         let shard = slot.shard.clone();
+        let started = std::time::Instant::now();
         let mut earlier: Vec<pb::ShardPeer> = peers
             .into_iter()
             .filter(|p| p.end_height <= shard.start)
@@ -415,7 +419,7 @@ impl WorkerNode {
             let resolved: Vec<(PendingSpend, pb::TxOut)> = batch.into_iter().zip(outputs).collect();
             self.wait_write_async(shard.id).await?;
             let writer = shard.clone();
-            tokio::task::spawn_blocking(move || writer.apply_resolved(&resolved))
+            tokio::task::spawn_blocking(move || writer.apply_resolved(&resolved, write))
                 .await
                 .map_err(|e| WorkerError::Task(e.to_string()))??;
             failpoint(failpoint::RESOLVE_AFTER_APPLY);
@@ -423,7 +427,11 @@ impl WorkerNode {
         self.deliver_notices(&shard, &earlier).await?;
         self.wait_write_async(shard.id).await?;
         shard.set_phase(pb::ShardPhase::Ready)?;
-        tracing::info!(shard = shard.id, "shard ready");
+        tracing::info!(
+            shard = shard.id,
+            seconds = started.elapsed().as_secs_f64(),
+            "shard ready"
+        );
         Ok(())
     }
 
@@ -554,7 +562,7 @@ impl WorkerNode {
         .await
         .map_err(|e| WorkerError::Task(e.to_string()))??;
         shard.set_phase(pb::ShardPhase::Resolving)?;
-        self.resolve_phase(&slot, peers).await
+        self.resolve_phase(&slot, peers, Write::Logged).await
     }
 
     /// Sends every spend this shard's blocks make of other shards' coins to `to` (a shard rebuilt on another
