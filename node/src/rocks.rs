@@ -21,7 +21,19 @@ fn shared_block_cache() -> &'static rocksdb::Cache {
     CACHE.get_or_init(|| rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES))
 }
 
-const BLOCK_CACHE_BYTES: usize = 128 << 20;
+const BLOCK_CACHE_BYTES: usize = 64 << 20;
+
+/// One memtable budget for every shard of this process. Each shard has a memtable per column family (stats
+/// merges, spends recorded for peers, rows of the tip), so without a cap a worker's memory grew with the
+/// number of shards it held; past the budget the largest memtables are flushed.
+fn shared_write_buffers() -> &'static rocksdb::WriteBufferManager {
+    static MANAGER: std::sync::OnceLock<rocksdb::WriteBufferManager> = std::sync::OnceLock::new();
+    MANAGER.get_or_init(|| {
+        rocksdb::WriteBufferManager::new_write_buffer_manager(WRITE_BUFFER_BYTES, false)
+    })
+}
+
+const WRITE_BUFFER_BYTES: usize = 64 << 20;
 
 /// Where `bulk_load` writes table files before the database takes them over (moves them in). Files left
 /// there by a crash are removed when the database is opened.
@@ -45,6 +57,11 @@ fn cf_options(cf: Cf) -> Options {
     options.set_bottommost_compression_type(rocksdb::DBCompressionType::Lz4);
     let mut table = BlockBasedOptions::default();
     table.set_block_cache(shared_block_cache());
+    // Index and filter blocks live in the (bounded) block cache rather than beside every open table file,
+    // where they grew with the data; L0's, read by every lookup, stay pinned.
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_cache_index_and_filter_blocks_with_high_priority(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     // Point lookups (outputs, txs, outspends) mostly miss in shards that do not hold the row.
     if matches!(
         cf,
@@ -62,6 +79,12 @@ fn cf_options(cf: Cf) -> Options {
     options.set_write_buffer_size(8 << 20);
 
     options.set_max_write_buffer_number(6);
+    // A backfill ingests a table file per window and per resolution batch; compacting every 4 of them
+    // rewrote the growing lower level again and again. 16 halves that work; reads that must merge L0
+    // files are scans (`history`), point lookups check each file's bloom filter first.
+    options.set_level_zero_file_num_compaction_trigger(16);
+    options.set_level_zero_slowdown_writes_trigger(48);
+    options.set_level_zero_stop_writes_trigger(64);
     options
 }
 
@@ -71,6 +94,7 @@ impl RocksStore {
         options.create_if_missing(true);
         options.create_missing_column_families(true);
         options.set_max_background_jobs(2);
+        options.set_write_buffer_manager(shared_write_buffers());
         options.set_max_open_files(256);
         // One writer per shard: the plain (non-CAS) skiplist insert is cheaper.
         options.set_allow_concurrent_memtable_write(false);

@@ -715,25 +715,20 @@ impl Shard {
 
     fn tx_detail_at(&self, height: u32, position: u32) -> Result<pb::TxDetail, ShardError> {
         let (raw, tx, status) = self.tx_body(height, position)?;
-        // Inputs not yet resolved (shard still in phase 1 or 2) stay empty.
+        // Inputs not yet resolved (shard still in phase 1 or 2) stay empty. Point lookups, not a scan:
+        // they skip table files by their bloom filters, which an iterator cannot.
         let mut prevouts = vec![pb::TxOut::default(); tx.input.len()];
         if !tx.is_coinbase() {
-            let mut bad = None;
-            self.store.scan(
-                Cf::Prevouts,
-                &position_key(height, position),
-                ScanFrom::First,
-                &mut |key, value| {
-                    let vin = key.get(8..12).map(schema::be_u32).unwrap_or(u32::MAX) as usize;
-                    match (prevouts.get_mut(vin), pb::TxOut::decode(value)) {
-                        (Some(slot), Ok(out)) => *slot = out,
-                        _ => bad = Some(hex::encode(key)),
-                    }
-                    bad.is_none()
-                },
-            )?;
-            if let Some(key) = bad {
-                return Err(corrupt("prevout", key));
+            let keys: Vec<[u8; 12]> = (0..tx.input.len() as u32)
+                .map(|vin| pending_key(height, position, vin))
+                .collect();
+            let key_refs: Vec<&[u8]> = keys.iter().map(|key| key.as_slice()).collect();
+            let values = self.store.multi_get(Cf::Prevouts, &key_refs)?;
+            for ((slot, key), value) in prevouts.iter_mut().zip(&keys).zip(values) {
+                if let Some(bytes) = value {
+                    *slot = pb::TxOut::decode(bytes.as_slice())
+                        .map_err(|_| corrupt("prevout", hex::encode(key)))?;
+                }
             }
         }
         Ok(pb::TxDetail {

@@ -115,6 +115,9 @@ pub struct WorkerNode {
     data_dir: PathBuf,
     shards: RwLock<HashMap<u32, Arc<ShardSlot>>>,
     index_permits: Semaphore,
+    /// Resolution batches in flight at once (as many as indexing threads): each holds ~20k inputs and
+    /// their answers, and with every shard of a worker resolving together, memory grew with shard size.
+    resolve_permits: Semaphore,
     peers: Mutex<HashMap<String, WorkerClient<Channel>>>,
     lease: Mutex<Lease>,
     /// Fault filter: drop everything to and from the coordinators (peers still pass).
@@ -139,6 +142,7 @@ impl WorkerNode {
             data_dir,
             shards: RwLock::new(HashMap::new()),
             index_permits: Semaphore::new(index_threads.max(1)),
+            resolve_permits: Semaphore::new(index_threads.max(1)),
             peers: Mutex::new(HashMap::new()),
             lease: Mutex::new(Lease::default()),
             isolated: AtomicBool::new(false),
@@ -407,6 +411,11 @@ impl WorkerNode {
             .collect();
         earlier.sort_by_key(|p| std::cmp::Reverse(p.start_height));
         loop {
+            let _permit = self
+                .resolve_permits
+                .acquire()
+                .await
+                .map_err(|e| WorkerError::Task(e.to_string()))?;
             let reader = shard.clone();
             let batch = tokio::task::spawn_blocking(move || reader.next_pending(RESOLVE_BATCH))
                 .await
@@ -443,6 +452,11 @@ impl WorkerNode {
         earlier: &[pb::ShardPeer],
     ) -> Result<(), WorkerError> {
         loop {
+            let _permit = self
+                .resolve_permits
+                .acquire()
+                .await
+                .map_err(|e| WorkerError::Task(e.to_string()))?;
             let reader = shard.clone();
             let batch = tokio::task::spawn_blocking(move || reader.next_notices(RESOLVE_BATCH))
                 .await
