@@ -295,6 +295,9 @@ impl Sandbox {
             // The sandbox packs every worker onto this machine: they share its cores, as separate
             // machines would not.
             .args(["--index-threads", &self.index_threads().to_string()])
+            // The async runtime too: eight workers with two runtime threads each on two cores spent
+            // their CPU switching between them.
+            .env("TOKIO_WORKER_THREADS", self.index_threads().to_string())
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
