@@ -83,37 +83,47 @@ fn main() -> anyhow::Result<()> {
         // The same 16 shards whatever the worker count, so only the distribution differs between runs.
         let shard_blocks = blocks.div_ceil(16).max(1);
         let own_cpu_before = cpu_seconds(std::process::id());
-        let (elapsed, cross, worker_cpu, peak_rss, peer_bytes) = runtime.block_on(async {
-            let sandbox = SandboxBuilder::new(
-                env!("CARGO_BIN_EXE_chainidx"),
-                format!("blk:{}", chain.display()),
-                &cluster_dir,
-            )
-            .workers(workers)
-            .shard_blocks(shard_blocks)
-            .start()
-            .await?;
-            let started = Instant::now();
-            let status = sandbox
-                .wait_for_backfill(Duration::from_secs(3600), |_| {})
+        let (elapsed, cross, worker_cpu, peak_rss, peer_bytes, engine) =
+            runtime.block_on(async {
+                let sandbox = SandboxBuilder::new(
+                    env!("CARGO_BIN_EXE_chainidx"),
+                    format!("blk:{}", chain.display()),
+                    &cluster_dir,
+                )
+                .workers(workers)
+                .shard_blocks(shard_blocks)
+                .start()
                 .await?;
-            let elapsed = started.elapsed().as_secs_f64();
-            let pids = sandbox.worker_pids();
-            let worker_cpu: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
-            let peak_rss = pids.iter().map(|p| peak_rss_bytes(*p)).max().unwrap_or(0);
-            let mut peer_bytes = 0;
-            for addr in &status.workers {
-                let mut client = chainidx_node::connect_worker(addr).await?;
-                peer_bytes += client
-                    .status(chainidx_proto::WorkerStatusRequest {})
-                    .await?
-                    .into_inner()
-                    .peer_bytes;
-            }
-            sandbox.shutdown().await;
-            let cross: u64 = status.shards.iter().map(|s| s.cross_shard_inputs).sum();
-            anyhow::Ok((elapsed, cross, worker_cpu, peak_rss, peer_bytes))
-        })?;
+                let started = Instant::now();
+                let status = sandbox
+                    .wait_for_backfill(Duration::from_secs(3600), |_| {})
+                    .await?;
+                let elapsed = started.elapsed().as_secs_f64();
+                let pids = sandbox.worker_pids();
+                let worker_cpu: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+                let peak_rss = pids.iter().map(|p| peak_rss_bytes(*p)).max().unwrap_or(0);
+                let mut peer_bytes = 0;
+                // The storage engine's share of one worker's memory (the largest), after the backfill.
+                let mut engine = chainidx_proto::EngineMemory::default();
+                for addr in &status.workers {
+                    let mut client = chainidx_node::connect_worker(addr).await?;
+                    let reply = client
+                        .status(chainidx_proto::WorkerStatusRequest {})
+                        .await?
+                        .into_inner();
+                    peer_bytes += reply.peer_bytes;
+                    let memory = reply.engine_memory.unwrap_or_default();
+                    let total = |m: &chainidx_proto::EngineMemory| {
+                        m.memtable_bytes + m.table_reader_bytes + m.block_cache_bytes
+                    };
+                    if total(&memory) > total(&engine) {
+                        engine = memory;
+                    }
+                }
+                sandbox.shutdown().await;
+                let cross: u64 = status.shards.iter().map(|s| s.cross_shard_inputs).sum();
+                anyhow::Ok((elapsed, cross, worker_cpu, peak_rss, peer_bytes, engine))
+            })?;
         // The coordinator runs in this process (with the bench's own polling): counted too.
         let cpu = worker_cpu + (cpu_seconds(std::process::id()) - own_cpu_before);
         let cpu_per_million = cpu / (summary.txs as f64 / 1e6);
@@ -142,7 +152,15 @@ fn main() -> anyhow::Result<()> {
             "  after compaction, bytes per tx by column family: {}",
             breakdown.join(", ")
         );
+        let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+        println!(
+            "  RocksDB memory in the largest worker after the backfill: memtables {:.0} MiB, table readers {:.0} MiB, block cache {:.0} MiB",
+            mib(engine.memtable_bytes),
+            mib(engine.table_reader_bytes),
+            mib(engine.block_cache_bytes)
+        );
         runs.push(json!({
+            "engine_memory_mib": {"memtables": mib(engine.memtable_bytes), "table_readers": mib(engine.table_reader_bytes), "block_cache": mib(engine.block_cache_bytes)},
             "workers": workers, "shard_blocks": shard_blocks, "seconds": elapsed, "tx_per_s": tx_s,
             "tx_per_s_per_worker": per_worker, "ratio_to_decode_only": per_worker / decode_tx_s,
             "cross_shard_inputs": cross, "bytes_between_workers_per_tx": per_tx(peer_bytes),

@@ -55,6 +55,15 @@ impl Batch {
     }
 }
 
+/// An engine's memory accounting ([`Store::memory_usage`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineMemory {
+    pub memtable_bytes: u64,
+    pub table_reader_bytes: u64,
+    /// A cache shared by every database of the process: the same figure from each of them.
+    pub shared_cache_bytes: u64,
+}
+
 /// Where a scan starts and which way it goes. Keys outside `prefix` end the scan.
 pub enum ScanFrom<'a> {
     /// Ascending from the first key with the prefix.
@@ -92,6 +101,12 @@ pub trait Store: Send + Sync + 'static {
     /// after them (a backfill window's rows). Other ops are refused.
     fn bulk_load(&self, batch: Batch) -> Result<(), StoreError> {
         self.write(batch, true)
+    }
+
+    /// What the engine holds in memory for this database: (memtables, table readers) in bytes, and the
+    /// bytes of a cache it may share with other databases. `None` if the engine does not say.
+    fn memory_usage(&self) -> Option<EngineMemory> {
+        None
     }
 
     /// Moves what is buffered in memory to disk; called when a shard finishes a phase, so a worker's

@@ -2,7 +2,7 @@
 //! row kind (see `doc/schema.md`).
 
 use chainidx_core::schema::Cf;
-use chainidx_core::store::{Batch, Op, ScanFrom, Store, StoreError};
+use chainidx_core::store::{Batch, EngineMemory, Op, ScanFrom, Store, StoreError};
 use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DB, Options, WriteOptions};
 use std::path::Path;
 
@@ -262,6 +262,17 @@ impl Store for RocksStore {
                 .map_err(engine)?;
         }
         Ok(())
+    }
+
+    fn memory_usage(&self) -> Option<EngineMemory> {
+        let stats =
+            rocksdb::perf::get_memory_usage_stats(Some(&[&self.db]), Some(&[shared_block_cache()]))
+                .ok()?;
+        Some(EngineMemory {
+            memtable_bytes: stats.mem_table_total,
+            table_reader_bytes: stats.mem_table_readers_total,
+            shared_cache_bytes: stats.cache_total,
+        })
     }
 
     fn flush(&self) -> Result<(), StoreError> {

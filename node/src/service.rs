@@ -109,6 +109,7 @@ impl Worker for WorkerService {
             write_spans: self.node.write_spans(),
             lease_remaining_ms: self.node.lease_remaining_ms().unwrap_or(i64::MAX),
             peer_bytes: self.node.peer_bytes(),
+            engine_memory: Some(self.node.engine_memory()),
         }))
     }
 

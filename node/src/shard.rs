@@ -184,6 +184,10 @@ impl Shard {
         Ok(())
     }
 
+    pub fn engine_memory(&self) -> Option<chainidx_core::store::EngineMemory> {
+        self.store.memory_usage()
+    }
+
     pub fn state(&self) -> pb::ShardState {
         *self.state.lock().expect("state lock")
     }

@@ -263,6 +263,19 @@ impl WorkerNode {
         self.peer_bytes.load(Ordering::Relaxed)
     }
 
+    /// The storage engine's memory over this worker's shards (the shared cache counted once).
+    pub fn engine_memory(&self) -> pb::EngineMemory {
+        let mut total = pb::EngineMemory::default();
+        for slot in self.shards.read().expect("shards lock").values() {
+            if let Some(memory) = slot.shard.engine_memory() {
+                total.memtable_bytes += memory.memtable_bytes;
+                total.table_reader_bytes += memory.table_reader_bytes;
+                total.block_cache_bytes = memory.shared_cache_bytes;
+            }
+        }
+        total
+    }
+
     pub fn set_isolated(&self, isolated: bool) {
         self.isolated.store(isolated, Ordering::SeqCst);
         tracing::warn!(isolated, "fault filter: cut off from the coordinators");
