@@ -25,7 +25,8 @@ const BLOCK_CACHE_BYTES: usize = 64 << 20;
 
 /// One memtable budget for every shard of this process. Each shard has a memtable per column family (stats
 /// merges, spends recorded for peers, rows of the tip), so without a cap a worker's memory grew with the
-/// number of shards it held; past the budget the largest memtables are flushed.
+/// number of shards it held. Past the budget the database being written flushes; an idle one never does,
+/// so shards are also flushed at the end of each phase.
 fn shared_write_buffers() -> &'static rocksdb::WriteBufferManager {
     static MANAGER: std::sync::OnceLock<rocksdb::WriteBufferManager> = std::sync::OnceLock::new();
     MANAGER.get_or_init(|| {

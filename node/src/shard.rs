@@ -195,8 +195,10 @@ impl Shard {
     /// Persists a phase change (with the rest of the state) durably.
     pub fn set_phase(&self, phase: pb::ShardPhase) -> Result<(), ShardError> {
         // Phase 1's blocks were written without the WAL ([`Write::Bulk`]): they reach disk before anything
-        // logged says the phase is done. It also frees their memtables while other shards run.
-        if phase == pb::ShardPhase::Indexed {
+        // logged says the phase is done. It also frees their memtables while other shards run; so does the
+        // flush at Ready (phase 2's stats merges), since the write-buffer budget only ever flushes the
+        // database being written, never an idle one.
+        if phase == pb::ShardPhase::Indexed || phase == pb::ShardPhase::Ready {
             self.store.flush()?;
         }
         let mut state = self.state();
@@ -893,7 +895,8 @@ pub struct IndexWindow<'a> {
     write: Write,
     rows: Batch,
     /// Coins created in the window and not (yet) spent in it.
-    outputs: FastMap<[u8; 16], pb::TxOut>,
+    /// Keyed by the whole outpoint: two txids sharing their 12-byte key (ground on purpose) stay apart.
+    outputs: FastMap<([u8; 32], u32), pb::TxOut>,
     deltas: FastMap<ScriptHash, pb::AddressStats>,
     pending: u64,
     /// The checkpoint after the last block added.
@@ -1007,16 +1010,18 @@ impl IndexWindow<'_> {
                             script: coin.script.to_bytes(),
                         }),
                         // Spent inside the window: the coin never reaches `outputs`.
-                        None => match window_outputs.remove(&prev_key) {
-                            Some(out) => Some(out),
-                            None => match shard.store.get(Cf::Outputs, &prev_key)? {
-                                Some(bytes) => Some(
-                                    pb::TxOut::decode(bytes.as_slice())
-                                        .map_err(|e| corrupt("output", e))?,
-                                ),
-                                None => None,
-                            },
-                        },
+                        None => {
+                            match window_outputs.remove(&(prev_txid, input.previous_output.vout)) {
+                                Some(out) => Some(out),
+                                None => match shard.store.get(Cf::Outputs, &prev_key)? {
+                                    Some(bytes) => Some(
+                                        pb::TxOut::decode(bytes.as_slice())
+                                            .map_err(|e| corrupt("output", e))?,
+                                    ),
+                                    None => None,
+                                },
+                            }
+                        }
                     };
                     match spent {
                         Some(out) => {
@@ -1068,7 +1073,7 @@ impl IndexWindow<'_> {
                     script: output.script_pubkey.to_bytes(),
                 };
                 // Written at commit unless spent inside the window.
-                window_outputs.insert(outpoint_key(&txid, vout), out);
+                window_outputs.insert((txid, vout), out);
                 batch.put(
                     Cf::History,
                     history_key(&sh, height, position, KIND_FUNDING, vout),
@@ -1117,7 +1122,8 @@ impl IndexWindow<'_> {
         };
         let shard = self.shard;
         let mut rows = std::mem::take(&mut self.rows);
-        for (key, out) in self.outputs.drain() {
+        for ((txid, vout), out) in self.outputs.drain() {
+            let key = outpoint_key(&txid, vout);
             rows.put(Cf::Outputs, key, out.encode_to_vec());
         }
         // Backfill: the rows go around the memtable as sorted table files (half of indexing was skiplist

@@ -65,6 +65,10 @@ pub struct ShardSlot {
     error: Mutex<Option<String>>,
     /// Set while a phase-2 task runs, so a repeated request does not start a second one.
     resolving: AtomicBool,
+    /// Held from reading a batch of `pending` rows to writing its attribution, and by rollbacks: a
+    /// background resolution and a catch-up's must not both apply the same rows (stats added twice), nor a
+    /// rollback remove rows between the read and the write.
+    resolve_lock: tokio::sync::Mutex<()>,
 }
 
 impl ShardSlot {
@@ -337,6 +341,7 @@ impl WorkerNode {
             shard,
             error: Mutex::new(None),
             resolving: AtomicBool::new(false),
+            resolve_lock: tokio::sync::Mutex::new(()),
         });
         shards.insert(shard_id, slot.clone());
         drop(shards);
@@ -429,6 +434,7 @@ impl WorkerNode {
                 .acquire()
                 .await
                 .map_err(|e| WorkerError::Task(e.to_string()))?;
+            let _resolving = slot.resolve_lock.lock().await;
             let reader = shard.clone();
             let batch = tokio::task::spawn_blocking(move || reader.next_pending(RESOLVE_BATCH))
                 .await
@@ -529,9 +535,11 @@ impl WorkerNode {
         from: u32,
         peers: Vec<pb::ShardPeer>,
     ) -> Result<(), WorkerError> {
-        let shard = self.slot(shard_id)?.shard.clone();
+        let slot = self.slot(shard_id)?;
+        let shard = slot.shard.clone();
         self.check_write(shard_id)?;
         let earlier = earlier_peers(&shard, peers);
+        let _resolving = slot.resolve_lock.lock().await;
         while shard.state().next_height > from.max(shard.start) {
             let height = shard.state().next_height - 1;
             let reader = shard.clone();
