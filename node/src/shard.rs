@@ -674,7 +674,7 @@ impl Shard {
 
     /// Whether `txid` is one of this shard's txs: then this shard holds its coins.
     fn holds_tx(&self, txid: &Hash32) -> Result<bool, ShardError> {
-        Ok(self.store.get(Cf::Txs, &txid_key(txid))?.is_some())
+        Ok(self.position_of(txid)?.is_some())
     }
 
     /// Where `txid` is in this shard. `txs` is keyed by a txid prefix, so the full txid is compared.
