@@ -19,13 +19,13 @@ use chainidx_core::store::{Batch, ScanFrom, Store, StoreError};
 use chainidx_proto as pb;
 use prost::Message;
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 /// Maps keyed by txids, scripthashes and outpoints, filled for every row of a window: foldhash is several
 /// times cheaper than the default SipHash on these keys (which were ~6% of indexing) and still seeded per
 /// process, so keys ground by a miner do not pile into one bucket.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
-use std::sync::{Arc, Mutex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
@@ -374,7 +374,6 @@ impl Shard {
             );
         }
         let key_of = |spend: &PendingSpend| pending_key(spend.height, spend.position, spend.vin);
-        let pending_keys = resolved.iter().map(|(spend, _)| key_of(spend));
         match write {
             Write::Bulk => {
                 if let (Some((first, _)), Some((last, _))) = (resolved.first(), resolved.last()) {
@@ -394,8 +393,8 @@ impl Shard {
             }
             Write::Logged => {
                 batch = rows;
-                for key in pending_keys {
-                    batch.delete(Cf::Pending, key);
+                for (spend, _) in resolved {
+                    batch.delete(Cf::Pending, key_of(spend));
                 }
             }
         }
@@ -449,13 +448,15 @@ impl Shard {
         }
         // A backfill's batches (thousands of spends) go around the memtable; `outspends` rows are the same
         // bytes however often they are written, so ingestion's lack of atomicity does not matter here.
+        if batch.is_empty() {
+            return Ok(found);
+        }
         if batch.len() >= BULK_MIN_ROWS {
             self.store.bulk_load(batch)?;
-            failpoint(failpoint::SPEND_AFTER_WRITE);
-        } else if !batch.is_empty() {
+        } else {
             self.store.write(batch, false)?;
-            failpoint(failpoint::SPEND_AFTER_WRITE);
         }
+        failpoint(failpoint::SPEND_AFTER_WRITE);
         Ok(found)
     }
 
