@@ -277,12 +277,59 @@ impl QueryRouter {
         })
         .await?;
         // Two replies only for a BIP30 duplicate: its outputs are the later tx's.
-        replies
+        let mut outspends = replies
             .into_iter()
             .filter(|reply| reply.found)
             .max_by_key(|reply| reply.height)
             .map(|reply| reply.outspends)
-            .ok_or_else(|| ApiError::NotFound(format!("transaction {} not found", display(txid))))
+            .ok_or_else(|| {
+                ApiError::NotFound(format!("transaction {} not found", display(txid)))
+            })?;
+        // Owners record where a spender is, not its txid: a second round asks the spenders' shards.
+        let spent: Vec<&mut pb::Outspend> = outspends.iter_mut().filter(|o| o.spent).collect();
+        if spent.is_empty() {
+            return Ok(outspends);
+        }
+        let positions: Vec<pb::TxPosition> = spent
+            .iter()
+            .map(|o| pb::TxPosition {
+                height: o.height,
+                position: o.position,
+            })
+            .collect();
+        let routes: Vec<Route> = self
+            .routes()?
+            .into_iter()
+            .filter(|(status, _)| {
+                positions
+                    .iter()
+                    .any(|p| status.start_height <= p.height && p.height < status.end_height)
+            })
+            .collect();
+        let replies = per_worker(&routes, |shard_ids, mut client| {
+            let request = pb::TxidsAtRequest {
+                shard_ids,
+                positions: positions.clone(),
+            };
+            async move { client.txids_at(request).await }
+        })
+        .await?;
+        for (index, outspend) in spent.into_iter().enumerate() {
+            outspend.txid = replies
+                .iter()
+                .filter_map(|reply| reply.txids.get(index))
+                .find(|txid| !txid.is_empty())
+                .cloned()
+                .ok_or_else(|| {
+                    ApiError::Unavailable(format!(
+                        "the spender of an output of {} (block {}, tx {}) is not indexed",
+                        display(txid),
+                        outspend.height,
+                        outspend.position
+                    ))
+                })?;
+        }
+        Ok(outspends)
     }
 
     pub async fn block_at(

@@ -5,7 +5,7 @@
 //! are stored in rust-bitcoin's internal byte order (the reverse of how they are displayed).
 
 /// Bumped whenever a row layout changes; a database of another version is refused, never misread.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Cf {
@@ -21,7 +21,7 @@ pub enum Cf {
     Txs,
     /// txid key ‖ vout → `TxOut`; every output but OP_RETURN not spent in the window that created it.
     Outputs,
-    /// txid key ‖ vout → spender txid ‖ vin ‖ height; in the shard that *created* the output.
+    /// txid key ‖ vout → spender height ‖ position ‖ vin; in the shard that *created* the output.
     Outspends,
     /// spender height ‖ position ‖ vin → `TxOut` it spends; in the shard of the spending tx.
     Prevouts,
@@ -31,7 +31,7 @@ pub enum Cf {
     /// height ‖ position ‖ vin → prev txid ‖ prev vout ‖ spender txid ‖ creating height; inputs already
     /// attributed from undo data whose owner shard must still record the spend.
     Notices,
-    /// address key ‖ height ‖ position ‖ kind·index → value (varint).
+    /// address key ‖ height ‖ position ‖ kind·index → nothing (amounts are in `outputs` and `prevouts`).
     History,
     /// address key → `AddressStats` for this shard.
     Stats,
@@ -112,7 +112,7 @@ impl TxLocation {
     }
 }
 
-/// txid (32) ‖ a (4) ‖ b (4): the shape of `tx_positions` and `outspends` values.
+/// txid (32) ‖ a (4) ‖ b (4): the shape of `tx_positions` values.
 fn txid_and_two(txid: &Hash32, a: u32, b: u32) -> [u8; 40] {
     let mut value = [0u8; 40];
     value[..32].copy_from_slice(txid);
@@ -213,47 +213,27 @@ pub fn parse_history_key(key: &[u8]) -> Option<HistoryRow> {
     })
 }
 
-/// A `history` value: the amount as a LEB128 varint (3–5 bytes for most amounts, not 8).
-pub fn encode_amount(value: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(10);
-    let mut rest = value;
-    while rest >= 0x80 {
-        out.push((rest as u8) | 0x80);
-        rest >>= 7;
-    }
-    out.push(rest as u8);
-    out
-}
-
-pub fn decode_amount(bytes: &[u8]) -> Option<u64> {
-    let mut value = 0u64;
-    for (i, byte) in bytes.iter().enumerate() {
-        if i >= 10 {
-            return None;
-        }
-        value |= u64::from(byte & 0x7f).checked_shl(7 * i as u32)?;
-        if byte & 0x80 == 0 {
-            return (i + 1 == bytes.len()).then_some(value);
-        }
-    }
-    None
-}
-
-/// Value of an `outspends` row.
+/// Value of an `outspends` row: where the spending input is, which is also its `prevouts` key in the
+/// spender's shard. Not its txid: 12 bytes instead of 40 (outspends were the largest column family); a
+/// query asks the spender's shard for the txid at that position ([`SpentBy`] → `Worker.TxidsAt`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SpentBy {
-    pub txid: Hash32,
-    pub vin: u32,
     pub height: u32,
+    pub position: u32,
+    pub vin: u32,
 }
 
 impl SpentBy {
-    pub fn encode(&self) -> [u8; 40] {
-        txid_and_two(&self.txid, self.vin, self.height)
+    pub fn encode(&self) -> [u8; 12] {
+        pending_key(self.height, self.position, self.vin)
     }
 
     pub fn decode(value: &[u8]) -> Option<SpentBy> {
-        split_txid_and_two(value).map(|(txid, vin, height)| SpentBy { txid, vin, height })
+        (value.len() == 12).then(|| SpentBy {
+            height: be_u32(&value[..4]),
+            position: be_u32(&value[4..8]),
+            vin: be_u32(&value[8..]),
+        })
     }
 }
 
@@ -333,32 +313,11 @@ mod tests {
     }
 
     #[test]
-    fn amounts_round_trip_as_varints() {
-        for value in [
-            0,
-            1,
-            127,
-            128,
-            546,
-            100_000_000,
-            21_000_000 * 100_000_000,
-            u64::MAX,
-        ] {
-            let bytes = encode_amount(value);
-            assert_eq!(decode_amount(&bytes), Some(value), "{value}");
-        }
-        assert_eq!(encode_amount(100_000).len(), 3);
-        assert_eq!(decode_amount(&[0x80]), None, "unterminated");
-        assert_eq!(decode_amount(&[0x01, 0x02]), None, "trailing bytes");
-        assert_eq!(decode_amount(&[]), None);
-    }
-
-    #[test]
     fn values_round_trip() {
         let spent = SpentBy {
-            txid: [1; 32],
-            vin: 3,
             height: 77,
+            position: 9,
+            vin: 3,
         };
         assert_eq!(SpentBy::decode(&spent.encode()), Some(spent));
         let pending = PendingInput {

@@ -322,6 +322,29 @@ impl Worker for WorkerService {
             height: height.unwrap_or_default(),
         }))
     }
+
+    async fn txids_at(
+        &self,
+        request: Request<pb::TxidsAtRequest>,
+    ) -> Result<Response<pb::TxidsAtReply>, Status> {
+        let r = request.into_inner();
+        let shards = self.shards_newest_first(&r.shard_ids)?;
+        let positions: Vec<(u32, u32)> =
+            r.positions.iter().map(|p| (p.height, p.position)).collect();
+        let txids = blocking(move || {
+            let mut txids = vec![Vec::new(); positions.len()];
+            for shard in shards {
+                for (slot, txid) in txids.iter_mut().zip(shard.txids_at(&positions)?) {
+                    if let Some(txid) = txid {
+                        *slot = txid.to_vec();
+                    }
+                }
+            }
+            Ok(txids)
+        })
+        .await?;
+        Ok(Response::new(pb::TxidsAtReply { txids }))
+    }
 }
 
 /// Adds one shard's totals for an address to the sum over shards.

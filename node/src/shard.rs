@@ -10,9 +10,8 @@ use bitcoin::{Block, BlockHash, Transaction};
 use chainidx_core::chain::{ScriptHash, scripthash};
 use chainidx_core::schema::{
     self, Cf, FORMAT_VERSION, Hash32, KEY_HASH_LEN, KIND_FUNDING, KIND_SPENDING, PendingInput,
-    SHARD_STATE_KEY, SpentBy, TxLocation, addr_key, decode_amount, decode_pending, encode_amount,
-    encode_pending, history_key, outpoint_key, parse_history_key, pending_key, position_key,
-    txid_key,
+    SHARD_STATE_KEY, SpentBy, TxLocation, addr_key, decode_pending, encode_pending, history_key,
+    outpoint_key, parse_history_key, pending_key, position_key, txid_key,
 };
 use chainidx_core::source::{BlockSource, SourceError, SpentCoin};
 use chainidx_core::store::{Batch, ScanFrom, Store, StoreError};
@@ -70,7 +69,7 @@ impl PendingSpend {
         pb::SpendRef {
             prev_txid: self.input.prev_txid.to_vec(),
             prev_vout: self.input.prev_vout,
-            spender_txid: self.input.spender_txid.to_vec(),
+            spender_position: self.position,
             spender_vin: self.vin,
             spender_height: self.height,
         }
@@ -362,7 +361,7 @@ impl Shard {
             rows.put(
                 Cf::History,
                 history_key(&sh, spend.height, spend.position, KIND_SPENDING, spend.vin),
-                encode_amount(out.value),
+                Vec::new(),
             );
             let delta = deltas.entry(sh).or_default();
             delta.spent_txo_count += 1;
@@ -428,18 +427,8 @@ impl Shard {
             let Some(bytes) = output else {
                 continue;
             };
-            let spender = request_txid(&spend.spender_txid, "spend request")?;
             let out = pb::TxOut::decode(bytes.as_slice()).map_err(|e| corrupt("output", e))?;
-            batch.put(
-                Cf::Outspends,
-                *key,
-                SpentBy {
-                    txid: spender,
-                    vin: spend.spender_vin,
-                    height: spend.spender_height,
-                }
-                .encode(),
-            );
+            batch.put(Cf::Outspends, *key, spent_by(spend).encode());
             found.push(pb::SpentOutput {
                 index: index as u32,
                 value: out.value,
@@ -480,7 +469,7 @@ impl Shard {
     /// Spends by block `height` of coins other shards hold: their owners must forget them on rollback.
     pub fn remote_spends_of_block(&self, height: u32) -> Result<Vec<pb::SpendRef>, ShardError> {
         let mut remote = Vec::new();
-        for (_, txid, tx) in self.block_txs(height)? {
+        for (position, _, tx) in self.block_txs(height)? {
             if tx.is_coinbase() {
                 continue;
             }
@@ -490,9 +479,9 @@ impl Shard {
                     remote.push(pb::SpendRef {
                         prev_txid: prev_txid.to_vec(),
                         prev_vout: input.previous_output.vout,
-                        spender_txid: txid.to_vec(),
                         spender_vin: vin as u32,
                         spender_height: height,
+                        spender_position: position,
                     });
                 }
             }
@@ -621,9 +610,7 @@ impl Shard {
             }
             held.push(index as u32);
             if let Some(value) = self.store.get(Cf::Outspends, &key)?
-                && SpentBy::decode(&value).is_some_and(|by| {
-                    by.txid.as_slice() == spend.spender_txid && by.vin == spend.spender_vin
-                })
+                && SpentBy::decode(&value) == Some(spent_by(spend))
             {
                 batch.delete(Cf::Outspends, key);
             }
@@ -777,47 +764,64 @@ impl Shard {
             .collect()
     }
 
-    /// Outputs paying `sh` that nobody has spent (as far as resolution has got).
+    /// Outputs paying `sh` that nobody has spent (as far as resolution has got). An unspent coin always
+    /// has its `outputs` row (only coins spent in the window that created them never get one), which
+    /// gives its value.
     pub fn utxos(&self, sh: &ScriptHash) -> Result<Vec<pb::Utxo>, ShardError> {
         let mut funding = Vec::new();
-        let mut bad = None;
         self.store.scan(
             Cf::History,
             &addr_key(sh),
             ScanFrom::First,
-            &mut |key, value| {
+            &mut |key, _| {
                 if let Some(row) = parse_history_key(key)
                     && row.kind == KIND_FUNDING
                 {
-                    match decode_amount(value) {
-                        Some(amount) => funding.push((row, amount)),
-                        None => bad = Some(hex::encode(key)),
-                    }
+                    funding.push(row);
                 }
-                bad.is_none()
+                true
             },
         )?;
-        if let Some(key) = bad {
-            return Err(corrupt("history amount", key));
-        }
         let mut utxos = Vec::new();
-        for (row, value) in funding {
+        for row in funding {
             let txid = self.txid_at(row.height, row.position)?;
-            if self
-                .store
-                .get(Cf::Outspends, &outpoint_key(&txid, row.index))?
-                .is_none()
-            {
-                let status = self.tx_status(row.height, row.position)?;
-                utxos.push(pb::Utxo {
-                    txid: txid.to_vec(),
-                    vout: row.index,
-                    value,
-                    status: Some(status),
-                });
+            let key = outpoint_key(&txid, row.index);
+            if self.store.get(Cf::Outspends, &key)?.is_some() {
+                continue;
             }
+            let output = self.store.get(Cf::Outputs, &key)?.ok_or_else(|| {
+                corrupt(
+                    "unspent output",
+                    format!(
+                        "no outputs row for {}:{}",
+                        crate::worker::display_hash(&txid),
+                        row.index
+                    ),
+                )
+            })?;
+            let output = pb::TxOut::decode(output.as_slice()).map_err(|e| corrupt("output", e))?;
+            utxos.push(pb::Utxo {
+                txid: txid.to_vec(),
+                vout: row.index,
+                value: output.value,
+                status: Some(self.tx_status(row.height, row.position)?),
+            });
         }
         Ok(utxos)
+    }
+
+    /// The txid at each (height, position) this shard holds; `None` for heights outside it.
+    pub fn txids_at(&self, positions: &[(u32, u32)]) -> Result<Vec<Option<Hash32>>, ShardError> {
+        let next_height = self.state().next_height;
+        positions
+            .iter()
+            .map(|&(height, position)| {
+                if height < self.start || height >= next_height {
+                    return Ok(None);
+                }
+                self.txid_at(height, position).map(Some)
+            })
+            .collect()
     }
 
     pub fn block(
@@ -859,7 +863,8 @@ impl Shard {
         })
     }
 
-    /// Who spends each output of `txid`, with the height of the tx.
+    /// Who spends each output of `txid`, with the height of the tx. A spender is named by where it is
+    /// (height, position, vin); the coordinator asks the spender's shard for its txid (`txids_at`).
     pub fn outspends(&self, txid: &Hash32) -> Result<Option<(u32, Vec<pb::Outspend>)>, ShardError> {
         let Some((height, position)) = self.position_of(txid)? else {
             return Ok(None);
@@ -873,9 +878,10 @@ impl Shard {
                         SpentBy::decode(&value).ok_or_else(|| corrupt("outspend", "bad length"))?;
                     pb::Outspend {
                         spent: true,
-                        txid: by.txid.to_vec(),
+                        txid: Vec::new(),
                         vin: by.vin,
                         height: by.height,
+                        position: by.position,
                     }
                 }
                 None => pb::Outspend::default(),
@@ -1030,7 +1036,7 @@ impl IndexWindow<'_> {
                             batch.put(
                                 Cf::History,
                                 history_key(&sh, height, position, KIND_SPENDING, vin),
-                                encode_amount(out.value),
+                                Vec::new(),
                             );
                             let delta = deltas.entry(sh).or_default();
                             delta.spent_txo_count += 1;
@@ -1040,7 +1046,12 @@ impl IndexWindow<'_> {
                                 batch.put(
                                     Cf::Outspends,
                                     prev_key,
-                                    SpentBy { txid, vin, height }.encode(),
+                                    SpentBy {
+                                        height,
+                                        position,
+                                        vin,
+                                    }
+                                    .encode(),
                                 );
                             }
                             batch.put(
@@ -1078,7 +1089,7 @@ impl IndexWindow<'_> {
                 batch.put(
                     Cf::History,
                     history_key(&sh, height, position, KIND_FUNDING, vout),
-                    encode_amount(value),
+                    Vec::new(),
                 );
                 let delta = deltas.entry(sh).or_default();
                 delta.funded_txo_count += 1;
@@ -1152,6 +1163,15 @@ impl IndexWindow<'_> {
         }
         *shard.state.lock().expect("state lock") = state;
         Ok(())
+    }
+}
+
+/// What an owner records in `outspends` for a spend request.
+fn spent_by(spend: &pb::SpendRef) -> SpentBy {
+    SpentBy {
+        height: spend.spender_height,
+        position: spend.spender_position,
+        vin: spend.spender_vin,
     }
 }
 
