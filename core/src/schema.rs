@@ -19,11 +19,12 @@ pub enum Cf {
     TxPositions,
     /// txid key → height ‖ position.
     Txs,
-    /// txid key ‖ vout → `TxOut`; every output but OP_RETURN not spent in the window that created it.
+    /// txid key ‖ vout → coin (varint value ‖ script); every output but OP_RETURN not spent in the window
+    /// that created it.
     Outputs,
     /// txid key ‖ vout → spender height ‖ position ‖ vin; in the shard that *created* the output.
     Outspends,
-    /// spender height ‖ position ‖ vin → `TxOut` it spends; in the shard of the spending tx.
+    /// spender height ‖ position ‖ vin → coin it spends (varint value ‖ script); in the spender's shard.
     Prevouts,
     /// height ‖ position ‖ vin → prev txid ‖ prev vout ‖ spender txid ‖ address keys the tx already counts;
     /// inputs awaiting cross-shard resolution.
@@ -213,6 +214,32 @@ pub fn parse_history_key(key: &[u8]) -> Option<HistoryRow> {
     })
 }
 
+/// Value of an `outputs` or `prevouts` row: the coin's amount as a LEB128 varint, then its script (the
+/// rest of the value). A protobuf `TxOut` spent 4 more bytes per coin on field tags and lengths.
+pub fn encode_coin(value: u64, script: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10 + script.len());
+    let mut rest = value;
+    while rest >= 0x80 {
+        out.push((rest as u8) | 0x80);
+        rest >>= 7;
+    }
+    out.push(rest as u8);
+    out.extend_from_slice(script);
+    out
+}
+
+/// (value, script) of an [`encode_coin`] value; `None` if the varint is unterminated or too long.
+pub fn decode_coin(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let mut value = 0u64;
+    for (i, byte) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(byte & 0x7f).checked_shl(7 * i as u32)?;
+        if byte & 0x80 == 0 {
+            return Some((value, &bytes[i + 1..]));
+        }
+    }
+    None
+}
+
 /// Value of an `outspends` row: where the spending input is, which is also its `prevouts` key in the
 /// spender's shard. Not its txid: 12 bytes instead of 40 (outspends were the largest column family); a
 /// query asks the spender's shard for the txid at that position ([`SpentBy`] → `Worker.TxidsAt`).
@@ -310,6 +337,33 @@ mod tests {
                 index: 1
             })
         );
+    }
+
+    #[test]
+    fn coins_round_trip_with_varint_amounts() {
+        let script = [0x00, 0x14, 7, 7, 7];
+        for value in [
+            0,
+            1,
+            127,
+            128,
+            546,
+            100_000_000,
+            21_000_000 * 100_000_000,
+            u64::MAX,
+        ] {
+            let bytes = encode_coin(value, &script);
+            assert_eq!(
+                decode_coin(&bytes),
+                Some((value, script.as_slice())),
+                "{value}"
+            );
+        }
+        assert_eq!(encode_coin(100_000, &[]).len(), 3);
+        assert_eq!(decode_coin(&encode_coin(5, &[])), Some((5, [].as_slice())));
+        assert_eq!(decode_coin(&[0x80]), None, "unterminated");
+        assert_eq!(decode_coin(&[0xff; 11]), None, "longer than 10 bytes");
+        assert_eq!(decode_coin(&[]), None);
     }
 
     #[test]

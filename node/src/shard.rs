@@ -10,8 +10,9 @@ use bitcoin::{Block, BlockHash, Transaction};
 use chainidx_core::chain::{ScriptHash, scripthash};
 use chainidx_core::schema::{
     self, Cf, FORMAT_VERSION, Hash32, KEY_HASH_LEN, KIND_FUNDING, KIND_SPENDING, PendingInput,
-    SHARD_STATE_KEY, SpentBy, TxLocation, addr_key, decode_pending, encode_pending, history_key,
-    outpoint_key, parse_history_key, pending_key, position_key, txid_key,
+    SHARD_STATE_KEY, SpentBy, TxLocation, addr_key, decode_coin, decode_pending, encode_coin,
+    encode_pending, history_key, outpoint_key, parse_history_key, pending_key, position_key,
+    txid_key,
 };
 use chainidx_core::source::{BlockSource, SourceError, SpentCoin};
 use chainidx_core::store::{Batch, ScanFrom, Store, StoreError};
@@ -369,7 +370,7 @@ impl Shard {
             rows.put(
                 Cf::Prevouts,
                 pending_key(spend.height, spend.position, spend.vin),
-                out.encode_to_vec(),
+                encode_coin(out.value, &out.script),
             );
         }
         let key_of = |spend: &PendingSpend| pending_key(spend.height, spend.position, spend.vin);
@@ -427,7 +428,7 @@ impl Shard {
             let Some(bytes) = output else {
                 continue;
             };
-            let out = pb::TxOut::decode(bytes.as_slice()).map_err(|e| corrupt("output", e))?;
+            let out = coin(&bytes, "output", key)?;
             batch.put(Cf::Outspends, *key, spent_by(spend).encode());
             found.push(pb::SpentOutput {
                 index: index as u32,
@@ -514,9 +515,8 @@ impl Shard {
                     let prevout = self
                         .store
                         .get(Cf::Prevouts, &input_key)?
-                        .map(|bytes| pb::TxOut::decode(bytes.as_slice()))
-                        .transpose()
-                        .map_err(|e| corrupt("prevout", e))?;
+                        .map(|bytes| coin(&bytes, "prevout", &input_key))
+                        .transpose()?;
                     if let Some(out) = &prevout {
                         let sh = scripthash(bitcoin::Script::from_bytes(&out.script));
                         batch.delete(
@@ -536,7 +536,7 @@ impl Shard {
                         // had an `outputs` row: it gets one now (a rollback of its creator removes it).
                         batch.delete(Cf::Outspends, prev_key);
                         if let Some(out) = &prevout {
-                            batch.put(Cf::Outputs, prev_key, out.encode_to_vec());
+                            batch.put(Cf::Outputs, prev_key, encode_coin(out.value, &out.script));
                         }
                     }
                     batch.delete(Cf::Pending, pending_key(height, position, vin));
@@ -720,8 +720,7 @@ impl Shard {
             let values = self.store.multi_get(Cf::Prevouts, &key_refs)?;
             for ((slot, key), value) in prevouts.iter_mut().zip(&keys).zip(values) {
                 if let Some(bytes) = value {
-                    *slot = pb::TxOut::decode(bytes.as_slice())
-                        .map_err(|_| corrupt("prevout", hex::encode(key)))?;
+                    *slot = coin(&bytes, "prevout", key)?;
                 }
             }
         }
@@ -799,7 +798,7 @@ impl Shard {
                     ),
                 )
             })?;
-            let output = pb::TxOut::decode(output.as_slice()).map_err(|e| corrupt("output", e))?;
+            let output = coin(&output, "output", &key)?;
             utxos.push(pb::Utxo {
                 txid: txid.to_vec(),
                 vout: row.index,
@@ -1021,10 +1020,7 @@ impl IndexWindow<'_> {
                             match window_outputs.remove(&(prev_txid, input.previous_output.vout)) {
                                 Some(out) => Some(out),
                                 None => match shard.store.get(Cf::Outputs, &prev_key)? {
-                                    Some(bytes) => Some(
-                                        pb::TxOut::decode(bytes.as_slice())
-                                            .map_err(|e| corrupt("output", e))?,
-                                    ),
+                                    Some(bytes) => Some(coin(&bytes, "output", &prev_key)?),
                                     None => None,
                                 },
                             }
@@ -1057,7 +1053,7 @@ impl IndexWindow<'_> {
                             batch.put(
                                 Cf::Prevouts,
                                 pending_key(height, position, vin),
-                                out.encode_to_vec(),
+                                encode_coin(out.value, &out.script),
                             );
                         }
                         // Written below, once the tx's addresses are known.
@@ -1136,7 +1132,7 @@ impl IndexWindow<'_> {
         let mut rows = std::mem::take(&mut self.rows);
         for ((txid, vout), out) in self.outputs.drain() {
             let key = outpoint_key(&txid, vout);
-            rows.put(Cf::Outputs, key, out.encode_to_vec());
+            rows.put(Cf::Outputs, key, encode_coin(out.value, &out.script));
         }
         // Backfill: the rows go around the memtable as sorted table files (half of indexing was skiplist
         // inserts of random keys); the stats and the checkpoint follow in a batch. A crash between the two
@@ -1164,6 +1160,15 @@ impl IndexWindow<'_> {
         *shard.state.lock().expect("state lock") = state;
         Ok(())
     }
+}
+
+/// An `outputs` or `prevouts` value as a `TxOut`.
+fn coin(bytes: &[u8], what: &'static str, key: &[u8]) -> Result<pb::TxOut, ShardError> {
+    let (value, script) = decode_coin(bytes).ok_or_else(|| corrupt(what, hex::encode(key)))?;
+    Ok(pb::TxOut {
+        value,
+        script: script.to_vec(),
+    })
 }
 
 /// What an owner records in `outspends` for a spend request.
