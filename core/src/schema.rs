@@ -5,7 +5,7 @@
 //! are stored in rust-bitcoin's internal byte order (the reverse of how they are displayed).
 
 /// Bumped whenever a row layout changes; a database of another version is refused, never misread.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Cf {
@@ -19,8 +19,8 @@ pub enum Cf {
     TxPositions,
     /// txid key → height ‖ position.
     Txs,
-    /// txid key ‖ vout → coin (varint value ‖ script); every output but OP_RETURN not spent in the window
-    /// that created it.
+    /// txid key ‖ vout → rest of the txid (20) ‖ coin (varint value ‖ script); every output but OP_RETURN
+    /// not spent in the window that created it.
     Outputs,
     /// txid key ‖ vout → spender height ‖ position ‖ vin; in the shard that *created* the output.
     Outspends,
@@ -240,6 +240,22 @@ pub fn decode_coin(bytes: &[u8]) -> Option<(u64, &[u8])> {
     None
 }
 
+/// Value of an `outputs` row: the 20 txid bytes the key leaves out, then the coin. Readers compare them
+/// with the txid they look for, so a tx whose txid shares the 12-byte key (ground on purpose, ~2⁴⁸ work)
+/// is never taken for another.
+pub fn encode_output(txid: &Hash32, value: u64, script: &[u8]) -> Vec<u8> {
+    let mut out = txid[KEY_HASH_LEN..].to_vec();
+    out.extend_from_slice(&encode_coin(value, script));
+    out
+}
+
+/// (rest of the txid, value, script) of an [`encode_output`] value.
+pub fn decode_output(bytes: &[u8]) -> Option<(&[u8], u64, &[u8])> {
+    let (rest, coin) = bytes.split_at_checked(32 - KEY_HASH_LEN)?;
+    let (value, script) = decode_coin(coin)?;
+    Some((rest, value, script))
+}
+
 /// Value of an `outspends` row: where the spending input is, which is also its `prevouts` key in the
 /// spender's shard. Not its txid: 12 bytes instead of 40 (outspends were the largest column family); a
 /// query asks the spender's shard for the txid at that position ([`SpentBy`] → `Worker.TxidsAt`).
@@ -364,6 +380,18 @@ mod tests {
         assert_eq!(decode_coin(&[0x80]), None, "unterminated");
         assert_eq!(decode_coin(&[0xff; 11]), None, "longer than 10 bytes");
         assert_eq!(decode_coin(&[]), None);
+    }
+
+    #[test]
+    fn outputs_keep_the_txid_bytes_their_key_leaves_out() {
+        let mut txid = [0u8; 32];
+        txid.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+        let bytes = encode_output(&txid, 546, &[0x51]);
+        assert_eq!(
+            decode_output(&bytes),
+            Some((&txid[KEY_HASH_LEN..], 546, [0x51].as_slice()))
+        );
+        assert_eq!(decode_output(&bytes[..19]), None);
     }
 
     #[test]

@@ -10,9 +10,9 @@ use bitcoin::{Block, BlockHash, Transaction};
 use chainidx_core::chain::{ScriptHash, scripthash};
 use chainidx_core::schema::{
     self, Cf, FORMAT_VERSION, Hash32, KEY_HASH_LEN, KIND_FUNDING, KIND_SPENDING, PendingInput,
-    SHARD_STATE_KEY, SpentBy, TxLocation, addr_key, decode_coin, decode_pending, encode_coin,
-    encode_pending, history_key, outpoint_key, parse_history_key, pending_key, position_key,
-    txid_key,
+    SHARD_STATE_KEY, SpentBy, TxLocation, addr_key, decode_coin, decode_output, decode_pending,
+    encode_coin, encode_output, encode_pending, history_key, outpoint_key, parse_history_key,
+    pending_key, position_key, txid_key,
 };
 use chainidx_core::source::{BlockSource, SourceError, SpentCoin};
 use chainidx_core::store::{Batch, ScanFrom, Store, StoreError};
@@ -425,10 +425,10 @@ impl Shard {
         let mut found = Vec::new();
         let mut batch = Batch::default();
         for (index, ((spend, key), output)) in spends.iter().zip(&keys).zip(outputs).enumerate() {
-            let Some(bytes) = output else {
+            let prev_txid = request_txid(&spend.prev_txid, "spend request")?;
+            let Some(out) = output_of(output.as_deref(), &prev_txid, key)? else {
                 continue;
             };
-            let out = coin(&bytes, "output", key)?;
             batch.put(Cf::Outspends, *key, spent_by(spend).encode());
             found.push(pb::SpentOutput {
                 index: index as u32,
@@ -536,7 +536,11 @@ impl Shard {
                         // had an `outputs` row: it gets one now (a rollback of its creator removes it).
                         batch.delete(Cf::Outspends, prev_key);
                         if let Some(out) = &prevout {
-                            batch.put(Cf::Outputs, prev_key, encode_coin(out.value, &out.script));
+                            batch.put(
+                                Cf::Outputs,
+                                prev_key,
+                                encode_output(&prev_txid, out.value, &out.script),
+                            );
                         }
                     }
                     batch.delete(Cf::Pending, pending_key(height, position, vin));
@@ -605,7 +609,8 @@ impl Shard {
         for (index, spend) in spends.iter().enumerate() {
             let prev_txid = request_txid(&spend.prev_txid, "unspend request")?;
             let key = outpoint_key(&prev_txid, spend.prev_vout);
-            if self.store.get(Cf::Outputs, &key)?.is_none() {
+            let output = self.store.get(Cf::Outputs, &key)?;
+            if output_of(output.as_deref(), &prev_txid, &key)?.is_none() {
                 continue;
             }
             held.push(index as u32);
@@ -788,17 +793,17 @@ impl Shard {
             if self.store.get(Cf::Outspends, &key)?.is_some() {
                 continue;
             }
-            let output = self.store.get(Cf::Outputs, &key)?.ok_or_else(|| {
+            let output = self.store.get(Cf::Outputs, &key)?;
+            let output = output_of(output.as_deref(), &txid, &key)?.ok_or_else(|| {
                 corrupt(
                     "unspent output",
                     format!(
-                        "no outputs row for {}:{}",
+                        "no outputs row of {}:{}",
                         crate::worker::display_hash(&txid),
                         row.index
                     ),
                 )
             })?;
-            let output = coin(&output, "output", &key)?;
             utxos.push(pb::Utxo {
                 txid: txid.to_vec(),
                 vout: row.index,
@@ -1019,10 +1024,11 @@ impl IndexWindow<'_> {
                         None => {
                             match window_outputs.remove(&(prev_txid, input.previous_output.vout)) {
                                 Some(out) => Some(out),
-                                None => match shard.store.get(Cf::Outputs, &prev_key)? {
-                                    Some(bytes) => Some(coin(&bytes, "output", &prev_key)?),
-                                    None => None,
-                                },
+                                None => output_of(
+                                    shard.store.get(Cf::Outputs, &prev_key)?.as_deref(),
+                                    &prev_txid,
+                                    &prev_key,
+                                )?,
                             }
                         }
                     };
@@ -1132,7 +1138,11 @@ impl IndexWindow<'_> {
         let mut rows = std::mem::take(&mut self.rows);
         for ((txid, vout), out) in self.outputs.drain() {
             let key = outpoint_key(&txid, vout);
-            rows.put(Cf::Outputs, key, encode_coin(out.value, &out.script));
+            rows.put(
+                Cf::Outputs,
+                key,
+                encode_output(&txid, out.value, &out.script),
+            );
         }
         // Backfill: the rows go around the memtable as sorted table files (half of indexing was skiplist
         // inserts of random keys); the stats and the checkpoint follow in a batch. A crash between the two
@@ -1169,6 +1179,24 @@ fn coin(bytes: &[u8], what: &'static str, key: &[u8]) -> Result<pb::TxOut, Shard
         value,
         script: script.to_vec(),
     })
+}
+
+/// The coin of `txid` in an `outputs` value, if it is that tx's: the key holds only 12 bytes of the txid,
+/// the value the other 20. `None` for no row or another tx's row.
+fn output_of(
+    bytes: Option<&[u8]>,
+    txid: &Hash32,
+    key: &[u8],
+) -> Result<Option<pb::TxOut>, ShardError> {
+    let Some(bytes) = bytes else {
+        return Ok(None);
+    };
+    let (rest, value, script) =
+        decode_output(bytes).ok_or_else(|| corrupt("output", hex::encode(key)))?;
+    Ok((rest == &txid[KEY_HASH_LEN..]).then(|| pb::TxOut {
+        value,
+        script: script.to_vec(),
+    }))
 }
 
 /// What an owner records in `outspends` for a spend request.
@@ -1212,4 +1240,30 @@ pub fn header_time(header: &[u8]) -> u32 {
         .get(68..72)
         .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outputs_row_is_only_taken_for_the_tx_whose_whole_txid_it_keeps() {
+        let ours = [7u8; 32];
+        let mut ground = ours;
+        ground[31] ^= 1; // same 12-byte key, another tx
+        let key = outpoint_key(&ours, 0);
+        assert_eq!(outpoint_key(&ground, 0), key);
+        let row = encode_output(&ground, 5_000, &[0x51]);
+        assert_eq!(output_of(Some(&row), &ours, &key).unwrap(), None);
+        let found = output_of(Some(&row), &ground, &key).unwrap().unwrap();
+        assert_eq!(
+            (found.value, found.script.as_slice()),
+            (5_000, [0x51].as_slice())
+        );
+        assert_eq!(output_of(None, &ours, &key).unwrap(), None);
+        assert!(
+            output_of(Some(&row[..10]), &ours, &key).is_err(),
+            "a cut row is corrupt"
+        );
+    }
 }
