@@ -218,6 +218,11 @@ pub fn parse_history_key(key: &[u8]) -> Option<HistoryRow> {
 /// rest of the value). A protobuf `TxOut` spent 4 more bytes per coin on field tags and lengths.
 pub fn encode_coin(value: u64, script: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(10 + script.len());
+    push_coin(&mut out, value, script);
+    out
+}
+
+fn push_coin(out: &mut Vec<u8>, value: u64, script: &[u8]) {
     let mut rest = value;
     while rest >= 0x80 {
         out.push((rest as u8) | 0x80);
@@ -225,7 +230,6 @@ pub fn encode_coin(value: u64, script: &[u8]) -> Vec<u8> {
     }
     out.push(rest as u8);
     out.extend_from_slice(script);
-    out
 }
 
 /// (value, script) of an [`encode_coin`] value; `None` if the varint is unterminated or too long.
@@ -244,8 +248,9 @@ pub fn decode_coin(bytes: &[u8]) -> Option<(u64, &[u8])> {
 /// with the txid they look for, so a tx whose txid shares the 12-byte key (ground on purpose, ~2⁴⁸ work)
 /// is never taken for another.
 pub fn encode_output(txid: &Hash32, value: u64, script: &[u8]) -> Vec<u8> {
-    let mut out = txid[KEY_HASH_LEN..].to_vec();
-    out.extend_from_slice(&encode_coin(value, script));
+    let mut out = Vec::with_capacity(32 - KEY_HASH_LEN + 10 + script.len());
+    out.extend_from_slice(&txid[KEY_HASH_LEN..]);
+    push_coin(&mut out, value, script);
     out
 }
 

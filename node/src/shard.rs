@@ -413,20 +413,22 @@ impl Shard {
         &self,
         spends: &[pb::SpendRef],
     ) -> Result<Vec<pb::SpentOutput>, ShardError> {
-        let keys = spends
+        let prev_txids = spends
             .iter()
-            .map(|spend| {
-                let prev_txid = request_txid(&spend.prev_txid, "spend request")?;
-                Ok(outpoint_key(&prev_txid, spend.prev_vout))
-            })
+            .map(|spend| request_txid(&spend.prev_txid, "spend request"))
             .collect::<Result<Vec<_>, ShardError>>()?;
+        let keys: Vec<_> = spends
+            .iter()
+            .zip(&prev_txids)
+            .map(|(spend, txid)| outpoint_key(txid, spend.prev_vout))
+            .collect();
         let key_refs: Vec<&[u8]> = keys.iter().map(|key| key.as_slice()).collect();
         let outputs = self.store.multi_get(Cf::Outputs, &key_refs)?;
         let mut found = Vec::new();
         let mut batch = Batch::default();
-        for (index, ((spend, key), output)) in spends.iter().zip(&keys).zip(outputs).enumerate() {
-            let prev_txid = request_txid(&spend.prev_txid, "spend request")?;
-            let Some(out) = output_of(output.as_deref(), &prev_txid, key)? else {
+        let rows = spends.iter().zip(&prev_txids).zip(&keys).zip(outputs);
+        for (index, (((spend, prev_txid), key), output)) in rows.enumerate() {
+            let Some(out) = output_of(output.as_deref(), prev_txid, key)? else {
                 continue;
             };
             batch.put(Cf::Outspends, *key, spent_by(spend).encode());
@@ -515,7 +517,7 @@ impl Shard {
                     let prevout = self
                         .store
                         .get(Cf::Prevouts, &input_key)?
-                        .map(|bytes| coin(&bytes, "prevout", &input_key))
+                        .map(|bytes| prevout(&bytes, &input_key))
                         .transpose()?;
                     if let Some(out) = &prevout {
                         let sh = scripthash(bitcoin::Script::from_bytes(&out.script));
@@ -725,7 +727,7 @@ impl Shard {
             let values = self.store.multi_get(Cf::Prevouts, &key_refs)?;
             for ((slot, key), value) in prevouts.iter_mut().zip(&keys).zip(values) {
                 if let Some(bytes) = value {
-                    *slot = coin(&bytes, "prevout", key)?;
+                    *slot = prevout(&bytes, key)?;
                 }
             }
         }
@@ -1172,13 +1174,17 @@ impl IndexWindow<'_> {
     }
 }
 
-/// An `outputs` or `prevouts` value as a `TxOut`.
-fn coin(bytes: &[u8], what: &'static str, key: &[u8]) -> Result<pb::TxOut, ShardError> {
-    let (value, script) = decode_coin(bytes).ok_or_else(|| corrupt(what, hex::encode(key)))?;
-    Ok(pb::TxOut {
+/// A `prevouts` value as a `TxOut`.
+fn prevout(bytes: &[u8], key: &[u8]) -> Result<pb::TxOut, ShardError> {
+    let (value, script) = decode_coin(bytes).ok_or_else(|| corrupt("prevout", hex::encode(key)))?;
+    Ok(tx_out(value, script))
+}
+
+fn tx_out(value: u64, script: &[u8]) -> pb::TxOut {
+    pb::TxOut {
         value,
         script: script.to_vec(),
-    })
+    }
 }
 
 /// The coin of `txid` in an `outputs` value, if it is that tx's: the key holds only 12 bytes of the txid,
@@ -1193,10 +1199,7 @@ fn output_of(
     };
     let (rest, value, script) =
         decode_output(bytes).ok_or_else(|| corrupt("output", hex::encode(key)))?;
-    Ok((rest == &txid[KEY_HASH_LEN..]).then(|| pb::TxOut {
-        value,
-        script: script.to_vec(),
-    }))
+    Ok((rest == &txid[KEY_HASH_LEN..]).then(|| tx_out(value, script)))
 }
 
 /// What an owner records in `outspends` for a spend request.
