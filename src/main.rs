@@ -105,6 +105,14 @@ enum Command {
         /// machine, so they do not fight over its cores and caches.
         #[arg(long)]
         index_threads: Option<usize>,
+        /// Once a shard's backfill is over, rewrite its database compactly in the background (zstd, about
+        /// half the size it has right after the backfill). Costs CPU while later shards still index.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+        compact_after_backfill: bool,
+        /// Block cache shared by all of this worker's shards, in MiB (index and filter blocks included).
+        /// Filters take ~8 bytes per tx the worker holds: raise it for workers holding tens of millions.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+        cache_mib: u64,
     },
     /// Query a running cluster over its HTTP API.
     Query {
@@ -325,7 +333,10 @@ async fn run() -> anyhow::Result<()> {
             advertise,
             name,
             index_threads,
+            compact_after_backfill,
+            cache_mib,
         } => {
+            chainidx_node::rocks::set_block_cache_bytes((cache_mib as usize) << 20);
             run_worker(
                 WorkerArgs {
                     coordinator,
@@ -335,6 +346,7 @@ async fn run() -> anyhow::Result<()> {
                     advertise,
                     name,
                     index_threads,
+                    compact_after_backfill,
                 },
                 shutdown_signal(),
             )

@@ -24,6 +24,7 @@ pub struct SandboxBuilder {
     failpoints: Vec<(usize, String)>,
     coordinators: usize,
     replication: u32,
+    compact_after_backfill: bool,
 }
 
 impl SandboxBuilder {
@@ -46,12 +47,19 @@ impl SandboxBuilder {
             failpoints: Vec::new(),
             coordinators: 1,
             replication: 1,
+            compact_after_backfill: true,
         }
     }
 
     /// Coordinator replicas: 1 runs in this process; more run as child processes forming a Raft group.
     pub fn coordinators(mut self, coordinators: usize) -> Self {
         self.coordinators = coordinators.max(1);
+        self
+    }
+
+    /// Whether workers compact a shard once its backfill is over (`--compact-after-backfill`).
+    pub fn compact_after_backfill(mut self, on: bool) -> Self {
+        self.compact_after_backfill = on;
         self
     }
 
@@ -295,6 +303,10 @@ impl Sandbox {
             // The sandbox packs every worker onto this machine: they share its cores, as separate
             // machines would not.
             .args(["--index-threads", &self.index_threads().to_string()])
+            .args([
+                "--compact-after-backfill",
+                &self.config.compact_after_backfill.to_string(),
+            ])
             // The async runtime too: eight workers with two runtime threads each on two cores spent
             // their CPU switching between them.
             .env("TOKIO_WORKER_THREADS", self.index_threads().to_string())
@@ -536,6 +548,30 @@ impl Sandbox {
     }
 
     /// Waits for `backfill_complete`, calling `progress` with each status; fails on a failed shard or time-out.
+    /// Waits until no worker has an after-backfill compaction queued or running, so that what is measured
+    /// next sees the databases as they stay.
+    pub async fn wait_for_compactions(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut queued = 0;
+            for addr in &self.status().await?.workers {
+                let mut client = chainidx_node::connect_worker(addr).await?;
+                let reply = client
+                    .status(chainidx_proto::WorkerStatusRequest {})
+                    .await?
+                    .into_inner();
+                queued += reply.compactions_queued;
+            }
+            if queued == 0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{queued} shard compactions still queued after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub async fn wait_for_backfill(
         &self,
         timeout: Duration,

@@ -19,6 +19,8 @@ pub struct WorkerArgs {
     pub name: Option<String>,
     /// Shards indexed at once; default: the machine's cores.
     pub index_threads: Option<usize>,
+    /// Compact each shard once its backfill is over.
+    pub compact_after_backfill: bool,
 }
 
 pub async fn run_worker(
@@ -46,6 +48,7 @@ pub async fn run_worker(
         .index_threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let node = WorkerNode::with_index_threads(source, args.data.clone(), index_threads);
+    node.set_compact_after_backfill(args.compact_after_backfill);
     let server = tokio::spawn(chainidx_node::service::run(
         node.clone(),
         listener,

@@ -115,6 +115,12 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Rewrites the whole database in its most compact form. Worth it once, when a shard's backfill is over:
+    /// until then most of its rows sit in files written uncompressed, about twice the compacted size.
+    fn compact(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Calls `visit(key, value)` for keys starting with `prefix`, in the order `from` says, until it returns false.
     fn scan(
         &self,

@@ -110,6 +110,7 @@ impl Worker for WorkerService {
             lease_remaining_ms: self.node.lease_remaining_ms().unwrap_or(i64::MAX),
             peer_bytes: self.node.peer_bytes(),
             engine_memory: Some(self.node.engine_memory()),
+            compactions_queued: self.node.compactions_queued(),
         }))
     }
 
@@ -218,7 +219,7 @@ impl Worker for WorkerService {
         let before = r.has_cursor.then_some((r.before_height, r.before_position));
         let limit = r.limit.clamp(1, 1000) as usize;
         // Shards are disjoint height ranges: newest shard first, and stop once the page is full, so only
-        // the txs on the page have their bodies read. No stats row (a bloom-filtered point lookup) means no
+        // the txs on the page have their bodies read. No stats row (a filtered point lookup) means no
         // history rows: the per-shard filter that spares the scan.
         let page = blocking(move || {
             let mut page = pb::TxPage::default();

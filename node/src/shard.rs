@@ -184,6 +184,11 @@ impl Shard {
         Ok(())
     }
 
+    /// See [`chainidx_core::store::Store::compact`].
+    pub fn compact(&self) -> Result<(), ShardError> {
+        Ok(self.store.compact()?)
+    }
+
     pub fn engine_memory(&self) -> Option<chainidx_core::store::EngineMemory> {
         self.store.memory_usage()
     }
@@ -717,7 +722,7 @@ impl Shard {
     fn tx_detail_at(&self, height: u32, position: u32) -> Result<pb::TxDetail, ShardError> {
         let (raw, tx, status) = self.tx_body(height, position)?;
         // Inputs not yet resolved (shard still in phase 1 or 2) stay empty. Point lookups, not a scan:
-        // they skip table files by their bloom filters, which an iterator cannot.
+        // they read only the files whose height range covers them (one, once the shard is compacted).
         let mut prevouts = vec![pb::TxOut::default(); tx.input.len()];
         if !tx.is_coinbase() {
             let keys: Vec<[u8; 12]> = (0..tx.input.len() as u32)

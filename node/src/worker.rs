@@ -128,6 +128,11 @@ pub struct WorkerNode {
     isolated: AtomicBool,
     spans: Mutex<HashMap<u32, pb::WriteSpan>>,
     peer_bytes: std::sync::atomic::AtomicU64,
+    /// Whether a shard whose backfill is over is compacted (see [`WorkerNode::compact_in_background`]).
+    compact_after_backfill: AtomicBool,
+    /// One compaction at a time: it competes with the shards still being indexed for the same cores.
+    compactions: Arc<Semaphore>,
+    compactions_queued: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl WorkerNode {
@@ -152,7 +157,61 @@ impl WorkerNode {
             isolated: AtomicBool::new(false),
             spans: Mutex::new(HashMap::new()),
             peer_bytes: std::sync::atomic::AtomicU64::new(0),
+            compact_after_backfill: AtomicBool::new(true),
+            compactions: Arc::new(Semaphore::new(1)),
+            compactions_queued: Arc::new(std::sync::atomic::AtomicU32::new(0)),
         })
+    }
+
+    /// On by default; benchmarks turn it off to measure the backfill and the compaction apart.
+    pub fn set_compact_after_backfill(&self, on: bool) {
+        self.compact_after_backfill.store(on, Ordering::Relaxed);
+    }
+
+    /// Rewrites a shard whose backfill is over into its compact form, in the background: ingested and
+    /// flushed files are written uncompressed to save the backfill's CPU, so without this a live database
+    /// stays about twice its compacted size (`doc/schema.md`, Compression). It waits until none of this
+    /// worker's shards is still indexing or resolving (compacting meanwhile slowed the backfill by half), and
+    /// queries and writes go on during it; spends recorded later by peers land in new files on top.
+    fn compact_in_background(self: &Arc<Self>, shard: Arc<Shard>) {
+        if !self.compact_after_backfill.load(Ordering::Relaxed) {
+            return;
+        }
+        let compactions = self.compactions.clone();
+        let queued = self.compactions_queued.clone();
+        queued.fetch_add(1, Ordering::SeqCst);
+        let node = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let permit = compactions.acquire_owned().await;
+            while node.upgrade().is_some_and(|node| node.backfilling()) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let started = Instant::now();
+            let id = shard.id;
+            match tokio::task::spawn_blocking(move || shard.compact()).await {
+                Ok(Ok(())) => tracing::info!(
+                    shard = id,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "shard compacted"
+                ),
+                Ok(Err(error)) => tracing::warn!(shard = id, %error, "compaction failed"),
+                Err(error) => tracing::warn!(shard = id, %error, "compaction task failed"),
+            }
+            drop(permit);
+            queued.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+
+    /// Whether a shard of this worker is still in phase 1 or 2 of its backfill.
+    fn backfilling(&self) -> bool {
+        self.statuses().iter().any(|s| {
+            s.phase != pb::ShardPhase::Ready as i32 && s.phase != pb::ShardPhase::Failed as i32
+        })
+    }
+
+    /// Shards waiting for or in their after-backfill compaction (benchmarks wait for none).
+    pub fn compactions_queued(&self) -> u32 {
+        self.compactions_queued.load(Ordering::SeqCst)
     }
 
     /// From now on every write needs a lease from the coordinators' leader ([`WorkerNode::grant`]).
@@ -454,6 +513,10 @@ impl WorkerNode {
         }
         self.deliver_notices(&shard, &earlier).await?;
         self.wait_write_async(shard.id).await?;
+        if write == Write::Bulk {
+            // Queued before the shard reports ready, so whoever sees the backfill complete also sees it.
+            self.compact_in_background(shard.clone());
+        }
         shard.set_phase(pb::ShardPhase::Ready)?;
         tracing::info!(
             shard = shard.id,
