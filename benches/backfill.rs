@@ -10,7 +10,6 @@ use bitcoin::consensus::deserialize;
 use chainidx::sandbox::{SandboxBuilder, cpu_seconds, peak_rss_bytes};
 use chainidx_core::generator::{GenConfig, generate};
 use chainidx_core::source::{BlkDirSource, BlockSource};
-use chainidx_core::store::Store;
 use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -208,7 +207,8 @@ fn data_bytes(path: &std::path::Path) -> u64 {
     total
 }
 
-/// Opens every shard database of a stopped cluster, compacts it fully, and returns the data bytes after
+/// Opens every shard database of a stopped cluster, compacts it as a worker does after its backfill (spent
+/// coins' `outputs` rows dropped, then a full compaction), and returns the data bytes after
 /// and the SST bytes per column family.
 fn compact_shards(cluster: &std::path::Path) -> anyhow::Result<(u64, Vec<(String, u64)>)> {
     let mut per_cf: std::collections::BTreeMap<String, u64> = Default::default();
@@ -219,7 +219,7 @@ fn compact_shards(cluster: &std::path::Path) -> anyhow::Result<(u64, Vec<(String
         for shard in shards.flatten() {
             if shard.file_name().to_string_lossy().starts_with("shard-") {
                 let store = chainidx_node::rocks::RocksStore::open(&shard.path())?;
-                store.compact()?;
+                chainidx_node::shard::compact_store(&store)?;
                 for (cf, bytes) in store.sst_bytes_per_cf() {
                     *per_cf.entry(cf.name().to_string()).or_default() += bytes;
                 }

@@ -55,6 +55,15 @@ fn read_tsv(path: &Path) -> Vec<Vec<String>> {
 /// A one-block shard in a fresh RocksDB, indexed through the production path. Tx bodies are read back from
 /// the block written as a blk file (mainnet magic), as a worker reads them from its source.
 fn index_single_block(dir: &Path, height: u32, block: &Block) -> Shard {
+    index_single_block_with_store(dir, height, block).0
+}
+
+/// [`index_single_block`], also handing out the shard's store, to look at its rows directly.
+fn index_single_block_with_store(
+    dir: &Path,
+    height: u32,
+    block: &Block,
+) -> (Shard, Arc<RocksStore>) {
     let blocks = dir.join("blocks");
     std::fs::create_dir_all(&blocks).unwrap();
     let raw = bitcoin::consensus::serialize(block);
@@ -64,11 +73,11 @@ fn index_single_block(dir: &Path, height: u32, block: &Block) -> Shard {
     std::fs::write(blocks.join("blk00000.dat"), framed).unwrap();
     let source = Arc::new(chainidx_core::source::BlkDirSource::open(&blocks).unwrap());
     let store = Arc::new(RocksStore::open(&dir.join("shard")).unwrap());
-    let shard = Shard::open(store, source, 0, height, height + 1).unwrap();
+    let shard = Shard::open(store.clone(), source, 0, height, height + 1).unwrap();
     shard
         .index_block(height, block, None, Write::Logged)
         .unwrap();
-    shard
+    (shard, store)
 }
 
 fn txid_bytes(txid: &Txid) -> Hash32 {
@@ -230,6 +239,91 @@ fn block_277647_inputs_resolve_to_recorded_prevouts() {
 #[test]
 fn block_300025_inputs_resolve_to_recorded_prevouts() {
     check_prevouts(300_025);
+}
+
+/// After the backfill a shard drops the `outputs` rows of coins later shards spent; the coin is still
+/// answered to its recorded spender asking again (read back from the tx body) and gets its row back when a
+/// reorg unspends it. Checked against the block's own outputs.
+#[test]
+fn a_spent_coin_is_answered_from_its_tx_body_once_its_row_is_dropped() {
+    let (height, path) = raw_blocks()
+        .into_iter()
+        .find(|(h, _)| *h == 277647)
+        .unwrap();
+    let block: Block = deserialize(&std::fs::read(&path).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (shard, store) = index_single_block_with_store(dir.path(), height, &block);
+    // An output of this block that no tx of the block spends, with an address.
+    let spent_here: std::collections::HashSet<bitcoin::OutPoint> = block
+        .txdata
+        .iter()
+        .flat_map(|tx| tx.input.iter().map(|i| i.previous_output))
+        .collect();
+    let (txid, vout, output) = block
+        .txdata
+        .iter()
+        .skip(1)
+        .flat_map(|tx| {
+            let txid = tx.compute_txid();
+            tx.output
+                .iter()
+                .enumerate()
+                .map(move |(vout, out)| (txid, vout as u32, out.clone()))
+        })
+        .find(|(txid, vout, out)| {
+            !spent_here.contains(&bitcoin::OutPoint::new(*txid, *vout))
+                && address_of(&out.script_pubkey, Network::Bitcoin).is_some()
+        })
+        .unwrap();
+    let sh = scripthash(&output.script_pubkey);
+    let unspent = |shard: &Shard| -> Vec<(Vec<u8>, u32, u64)> {
+        let mut utxos: Vec<_> = shard
+            .utxos(&sh)
+            .unwrap()
+            .into_iter()
+            .map(|u| (u.txid, u.vout, u.value))
+            .collect();
+        utxos.sort();
+        utxos
+    };
+    let coin = (txid_bytes(&txid).to_vec(), vout, output.value.to_sat());
+    assert!(unspent(&shard).contains(&coin));
+
+    let spend = |spender_position: u32| pb::SpendRef {
+        prev_txid: txid_bytes(&txid).to_vec(),
+        prev_vout: vout,
+        spender_vin: 0,
+        spender_height: height + 5,
+        spender_position,
+    };
+    let answer = |found: Vec<pb::SpentOutput>| -> Vec<(u64, Vec<u8>)> {
+        found.into_iter().map(|f| (f.value, f.script)).collect()
+    };
+    let expected = vec![(output.value.to_sat(), output.script_pubkey.to_bytes())];
+    assert_eq!(answer(shard.spend_outputs(&[spend(3)]).unwrap()), expected);
+    assert!(!unspent(&shard).contains(&coin), "spent by a later shard");
+
+    let key = chainidx_core::schema::outpoint_key(&txid_bytes(&txid), vout);
+    let outputs = chainidx_core::schema::Cf::Outputs;
+    use chainidx_core::store::Store;
+    assert!(store.get(outputs, &key).unwrap().is_some());
+    shard.compact().unwrap();
+    assert!(store.get(outputs, &key).unwrap().is_none(), "row dropped");
+    assert!(!unspent(&shard).contains(&coin));
+
+    // Its spender asking again is answered from the tx body; another spender is not (a double spend).
+    assert_eq!(answer(shard.spend_outputs(&[spend(3)]).unwrap()), expected);
+    assert!(shard.spend_outputs(&[spend(4)]).unwrap().is_empty());
+
+    // A reorg removes the spend: the coin is unspent again, with its row back.
+    assert!(
+        shard.unspend_outputs(&[spend(4)]).unwrap().is_empty(),
+        "not that spender's"
+    );
+    assert_eq!(shard.unspend_outputs(&[spend(3)]).unwrap(), vec![0]);
+    assert!(store.get(outputs, &key).unwrap().is_some(), "row restored");
+    assert!(unspent(&shard).contains(&coin));
+    assert_eq!(answer(shard.spend_outputs(&[spend(4)]).unwrap()), expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -184,9 +184,10 @@ impl Shard {
         Ok(())
     }
 
-    /// See [`chainidx_core::store::Store::compact`].
+    /// Once the backfill is over: [`drop_spent_outputs`], then the engine's full compaction
+    /// ([`chainidx_core::store::Store::compact`]).
     pub fn compact(&self) -> Result<(), ShardError> {
-        Ok(self.store.compact()?)
+        compact_store(self.store.as_ref())
     }
 
     pub fn engine_memory(&self) -> Option<chainidx_core::store::EngineMemory> {
@@ -430,31 +431,73 @@ impl Shard {
         let key_refs: Vec<&[u8]> = keys.iter().map(|key| key.as_slice()).collect();
         let outputs = self.store.multi_get(Cf::Outputs, &key_refs)?;
         let mut found = Vec::new();
-        let mut batch = Batch::default();
+        let mut spent = Batch::default();
+        // Asked again by the same spender (it crashed before recording the answer, or it is re-indexed
+        // elsewhere) once the coin's row was dropped ([`drop_spent_outputs`]): the recorded spend says
+        // it was this spender's.
+        let mut asked_again = Vec::new();
         let rows = spends.iter().zip(&prev_txids).zip(&keys).zip(outputs);
         for (index, (((spend, prev_txid), key), output)) in rows.enumerate() {
             let Some(out) = output_of(output.as_deref(), prev_txid, key)? else {
+                if output.is_none() {
+                    asked_again.push(index);
+                }
                 continue;
             };
-            batch.put(Cf::Outspends, *key, spent_by(spend).encode());
+            spent.put(Cf::Outspends, *key, spent_by(spend).encode());
             found.push(pb::SpentOutput {
                 index: index as u32,
                 value: out.value,
                 script: out.script,
             });
         }
-        // A backfill's batches (thousands of spends) go around the memtable; `outspends` rows are the same
-        // bytes however often they are written, so ingestion's lack of atomicity does not matter here.
-        if batch.is_empty() {
+        if !asked_again.is_empty() {
+            let again_keys: Vec<&[u8]> = asked_again.iter().map(|&i| key_refs[i]).collect();
+            let recorded = self.store.multi_get(Cf::Outspends, &again_keys)?;
+            for (&index, recorded) in asked_again.iter().zip(recorded) {
+                let spend = &spends[index];
+                if recorded.and_then(|by| SpentBy::decode(&by)) != Some(spent_by(spend)) {
+                    continue;
+                }
+                if let Some(out) = self.spent_coin_from_body(&prev_txids[index], spend.prev_vout)? {
+                    found.push(pb::SpentOutput {
+                        index: index as u32,
+                        value: out.value,
+                        script: out.script,
+                    });
+                }
+            }
+            found.sort_by_key(|f| f.index);
+        }
+        if spent.is_empty() {
             return Ok(found);
         }
-        if batch.len() >= BULK_MIN_ROWS {
-            self.store.bulk_load(batch)?;
+        // A backfill's batches (thousands of spends) go around the memtable; `outspends` rows are the same
+        // bytes however often they are written, so ingestion's lack of atomicity does not matter here.
+        if spent.len() >= BULK_MIN_ROWS {
+            self.store.bulk_load(spent)?;
         } else {
-            self.store.write(batch, false)?;
+            self.store.write(spent, false)?;
         }
         failpoint(failpoint::SPEND_AFTER_WRITE);
         Ok(found)
+    }
+
+    /// The coin `txid:vout` read back from its tx's body, if the tx is this shard's: what a coin spent by a
+    /// later shard is answered from once its `outputs` row is gone.
+    fn spent_coin_from_body(
+        &self,
+        txid: &Hash32,
+        vout: u32,
+    ) -> Result<Option<pb::TxOut>, ShardError> {
+        let Some((height, position)) = self.position_of(txid)? else {
+            return Ok(None);
+        };
+        let (_, tx, _) = self.tx_body(height, position)?;
+        Ok(tx
+            .output
+            .get(vout as usize)
+            .map(|out| tx_out(out.value.to_sat(), out.script_pubkey.as_bytes())))
     }
 
     /// The txs of block `height`, in block order, read back from the source by the hash this shard indexed
@@ -617,13 +660,27 @@ impl Shard {
             let prev_txid = request_txid(&spend.prev_txid, "unspend request")?;
             let key = outpoint_key(&prev_txid, spend.prev_vout);
             let output = self.store.get(Cf::Outputs, &key)?;
-            if output_of(output.as_deref(), &prev_txid, &key)?.is_none() {
+            let has_row = output_of(output.as_deref(), &prev_txid, &key)?.is_some();
+            let spent_by_this = self
+                .store
+                .get(Cf::Outspends, &key)?
+                .is_some_and(|value| SpentBy::decode(&value) == Some(spent_by(spend)));
+            if !has_row && !spent_by_this {
                 continue;
             }
+            if !has_row {
+                // A later shard's spend removed the coin's row: it is unspent again, so it gets it back.
+                let Some(out) = self.spent_coin_from_body(&prev_txid, spend.prev_vout)? else {
+                    continue;
+                };
+                batch.put(
+                    Cf::Outputs,
+                    key,
+                    encode_output(&prev_txid, out.value, &out.script),
+                );
+            }
             held.push(index as u32);
-            if let Some(value) = self.store.get(Cf::Outspends, &key)?
-                && SpentBy::decode(&value) == Some(spent_by(spend))
-            {
+            if spent_by_this {
                 batch.delete(Cf::Outspends, key);
             }
         }
@@ -900,6 +957,48 @@ impl Shard {
             outspends.push(spend);
         }
         Ok(Some((height, outspends)))
+    }
+}
+
+/// [`drop_spent_outputs`], then a full compaction of the engine: what a shard's database is rewritten to once
+/// its backfill is over (benchmarks call this on stopped clusters' databases).
+pub fn compact_store(store: &dyn Store) -> Result<(), ShardError> {
+    drop_spent_outputs(store)?;
+    Ok(store.compact()?)
+}
+
+/// Deletes the `outputs` row of every coin that has an `outspends` row: only unspent coins need theirs
+/// (UTXO answers, spends not indexed yet). During the backfill they are kept, since phase 1 reads them
+/// back and a later shard's resolution may ask again after a crash; after it, a coin asked for again by
+/// its recorded spender is read back from its tx's body, and one a reorg unspends gets its row back the
+/// same way ([`Shard::unspend_outputs`]). Deleting a row that never existed (a coin spent in the window
+/// that created it) costs a tombstone, which the compaction that follows drops.
+pub fn drop_spent_outputs(store: &dyn Store) -> Result<u64, ShardError> {
+    const CHUNK: usize = 100_000;
+    let mut after: Option<Vec<u8>> = None;
+    let mut dropped = 0u64;
+    loop {
+        let mut keys: Vec<Vec<u8>> = Vec::with_capacity(CHUNK);
+        let from = match &after {
+            Some(key) => ScanFrom::AtOrAfter(key),
+            None => ScanFrom::First,
+        };
+        store.scan(Cf::Outspends, &[], from, &mut |key, _| {
+            if after.as_deref() != Some(key) {
+                keys.push(key.to_vec());
+            }
+            keys.len() < CHUNK
+        })?;
+        let Some(last) = keys.last().cloned() else {
+            return Ok(dropped);
+        };
+        dropped += keys.len() as u64;
+        let mut batch = Batch::default();
+        for key in keys {
+            batch.delete(Cf::Outputs, key);
+        }
+        store.write(batch, false)?;
+        after = Some(last);
     }
 }
 
