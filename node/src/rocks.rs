@@ -61,7 +61,15 @@ fn merge_stats(
     crate::shard::add_stats(existing.into_iter().chain(operands))
 }
 
-fn cf_options(cf: Cf) -> Options {
+/// Who writes the table files these options make: the database itself (flushes, compactions) or
+/// `bulk_load` (ingested files).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TableWriter {
+    Database,
+    Ingestion,
+}
+
+fn cf_options(cf: Cf, writer: TableWriter) -> Options {
     let mut options = Options::default();
     // Hashes, which most keys and values are, do not compress; what zstd gains (~40%: the zeroed sequence
     // numbers of compacted rows, repeated key bytes, script templates; LZ4 gained ~30%) is worth its CPU
@@ -77,10 +85,15 @@ fn cf_options(cf: Cf) -> Options {
     table.set_cache_index_and_filter_blocks_with_high_priority(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(true);
     // Point lookups (outputs, txs, outspends, stats) mostly miss in shards that do not hold the row.
-    // Ribbon filters take ~30% less space than Bloom filters for the same false positives. `prevouts` and
-    // the other height-keyed families need none: a lookup reads only files whose height range covers it.
+    // Ribbon filters take ~30% less space than Bloom filters for the same false positives but ~4x the CPU
+    // to build: they are for files that stay (compactions below L0); flushed and ingested files, which
+    // the after-backfill compaction rewrites, get Bloom filters. `prevouts` and the other height-keyed
+    // families need none: a lookup reads only files whose height range covers it.
     if matches!(cf, Cf::Outputs | Cf::Txs | Cf::Outspends | Cf::Stats) {
-        table.set_ribbon_filter(10.0);
+        match writer {
+            TableWriter::Database => table.set_hybrid_ribbon_filter(10.0, 1),
+            TableWriter::Ingestion => table.set_bloom_filter(10.0, false),
+        }
     }
     // Larger blocks than the 4 KiB default compress better and need fewer index entries: 469 -> 443
     // bytes/tx at 16 KiB, 432 at 64 KiB (`--bench backfill`, LZ4 then).
@@ -117,9 +130,9 @@ impl RocksStore {
         // Backfill blocks are written without the WAL (`write_unlogged`): every flush must then take all
         // column families together, or a crash could keep a block's history rows but not its checkpoint.
         options.set_atomic_flush(true);
-        let descriptors = Cf::ALL
-            .iter()
-            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf)));
+        let descriptors = Cf::ALL.iter().map(|cf| {
+            ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf, TableWriter::Database))
+        });
         let db = DB::open_cf_descriptors(&options, path, descriptors).map_err(engine)?;
         let bulk = path.join(BULK_DIR);
         if bulk.exists() {
@@ -249,7 +262,7 @@ impl Store for RocksStore {
             // The table format of the column family (filter, block size), uncompressed: the writer would use the
             // bottommost level's compression, but these files go to upper levels and are compressed when
             // compaction brings them down.
-            let mut options = cf_options(cf);
+            let mut options = cf_options(cf, TableWriter::Ingestion);
             options.set_bottommost_compression_type(rocksdb::DBCompressionType::None);
             let mut writer = rocksdb::SstFileWriter::create(&options);
             writer.open(&path).map_err(engine)?;
