@@ -130,6 +130,7 @@ async fn keep_lease(
                     Duration::from_millis(reply.lease_ms as u64),
                     reply.shards.iter().map(|s| s.shard_id),
                 );
+                node.set_cluster_backfill_complete(reply.backfill_complete);
                 for member in reply.coordinators {
                     if !coordinators.contains(&member) {
                         coordinators.push(member);

@@ -176,6 +176,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             lease_ms: crate::lease::GRANTED.as_millis() as u32,
             shards,
             coordinators,
+            backfill_complete: view.state.backfill_complete,
         }))
     }
 

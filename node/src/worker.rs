@@ -133,6 +133,8 @@ pub struct WorkerNode {
     /// One compaction at a time: it competes with the shards still being indexed for the same cores.
     compactions: Arc<Semaphore>,
     compactions_queued: Arc<std::sync::atomic::AtomicU32>,
+    /// What the coordinators last said (heartbeats); a worker run without them only knows its own shards.
+    cluster_backfill_complete: AtomicBool,
 }
 
 impl WorkerNode {
@@ -160,6 +162,7 @@ impl WorkerNode {
             compact_after_backfill: AtomicBool::new(true),
             compactions: Arc::new(Semaphore::new(1)),
             compactions_queued: Arc::new(std::sync::atomic::AtomicU32::new(0)),
+            cluster_backfill_complete: AtomicBool::new(false),
         })
     }
 
@@ -170,9 +173,9 @@ impl WorkerNode {
 
     /// Rewrites a shard whose backfill is over into its compact form, in the background: ingested and
     /// flushed files are written uncompressed to save the backfill's CPU, so without this a live database
-    /// stays about twice its compacted size (`doc/schema.md`, Compression). It waits until none of this
-    /// worker's shards is still indexing or resolving (compacting meanwhile slowed the backfill by half), and
-    /// queries and writes go on during it; spends recorded later by peers land in new files on top.
+    /// stays about twice its compacted size (`doc/schema.md`, Compression). It waits until the backfill is
+    /// over ([`WorkerNode::backfilling`]; compacting meanwhile slowed the backfill by half), and queries and
+    /// writes go on during it.
     fn compact_in_background(self: &Arc<Self>, shard: Arc<Shard>) {
         if !self.compact_after_backfill.load(Ordering::Relaxed) {
             return;
@@ -202,11 +205,19 @@ impl WorkerNode {
         });
     }
 
-    /// Whether a shard of this worker is still in phase 1 or 2 of its backfill.
+    pub fn set_cluster_backfill_complete(&self, complete: bool) {
+        self.cluster_backfill_complete
+            .store(complete, Ordering::Relaxed);
+    }
+
+    /// Whether the backfill is still going on: a shard of this worker is in phase 1 or 2, or (under the
+    /// coordinators) one of another worker's is, which compacting here would slow down on a shared machine.
     fn backfilling(&self) -> bool {
-        self.statuses().iter().any(|s| {
+        let mine = self.statuses().iter().any(|s| {
             s.phase != pb::ShardPhase::Ready as i32 && s.phase != pb::ShardPhase::Failed as i32
-        })
+        });
+        let enforced = self.lease.lock().expect("lease lock").enforced;
+        mine || (enforced && !self.cluster_backfill_complete.load(Ordering::Relaxed))
     }
 
     /// Shards waiting for or in their after-backfill compaction (benchmarks wait for none).
