@@ -26,6 +26,10 @@ enum Spends {
     Forget,
 }
 
+/// A file in a shard's directory saying its after-backfill compaction finished: a worker restarted before
+/// that compacts the shard again.
+const COMPACTED_MARK: &str = "compacted";
+
 /// Inputs resolved per round trip to a peer shard.
 pub const RESOLVE_BATCH: usize = 20_000;
 /// Generous: a history page can carry 1 MB transactions.
@@ -166,6 +170,10 @@ impl WorkerNode {
         })
     }
 
+    fn shard_dir(&self, shard_id: u32) -> PathBuf {
+        self.data_dir.join(format!("shard-{shard_id:05}"))
+    }
+
     /// On by default; benchmarks turn it off to measure the backfill and the compaction apart.
     pub fn set_compact_after_backfill(&self, on: bool) {
         self.compact_after_backfill.store(on, Ordering::Relaxed);
@@ -184,6 +192,7 @@ impl WorkerNode {
         let queued = self.compactions_queued.clone();
         queued.fetch_add(1, Ordering::SeqCst);
         let node = Arc::downgrade(self);
+        let mark = self.shard_dir(shard.id).join(COMPACTED_MARK);
         tokio::spawn(async move {
             let permit = compactions.acquire_owned().await;
             while node.upgrade().is_some_and(|node| node.backfilling()) {
@@ -191,7 +200,16 @@ impl WorkerNode {
             }
             let started = Instant::now();
             let id = shard.id;
-            match tokio::task::spawn_blocking(move || shard.compact()).await {
+            let compacted = tokio::task::spawn_blocking(move || {
+                shard.compact()?;
+                std::fs::write(&mark, b"").map_err(|e| {
+                    ShardError::Store(chainidx_core::store::StoreError::Engine(format!(
+                        "{}: {e}",
+                        mark.display()
+                    )))
+                })
+            });
+            match compacted.await {
                 Ok(Ok(())) => tracing::info!(
                     shard = id,
                     seconds = started.elapsed().as_secs_f64(),
@@ -392,7 +410,7 @@ impl WorkerNode {
         if shards.contains_key(&shard_id) {
             return Ok(());
         }
-        let path = self.data_dir.join(format!("shard-{shard_id:05}"));
+        let path = self.shard_dir(shard_id);
         std::fs::create_dir_all(&path).map_err(|e| {
             ShardError::Store(chainidx_core::store::StoreError::Engine(format!(
                 "{}: {e}",
@@ -415,6 +433,12 @@ impl WorkerNode {
         });
         shards.insert(shard_id, slot.clone());
         drop(shards);
+        // Ready from an earlier run whose compaction did not finish (or never ran).
+        if slot.shard.state().phase == pb::ShardPhase::Ready as i32
+            && !path.join(COMPACTED_MARK).exists()
+        {
+            self.compact_in_background(slot.shard.clone());
+        }
         let node = self.clone();
         tokio::spawn(async move {
             if let Err(error) = node.index_phase(&slot).await {
