@@ -136,7 +136,28 @@ async fn a_worker_dying_at_23_points_then_restarting_gives_exact_answers() {
         for txid in txids.iter().skip(point).step_by(points.len()) {
             check_tx(&api, &reference, *txid).await;
         }
-        eprintln!("point {point}: worker {victim} {how}; answers exact");
+        // Every shard ends compacted, also those that were ready before the crash and not yet compacted.
+        sandbox
+            .wait_for_compactions(Duration::from_secs(60))
+            .await
+            .unwrap();
+        let run = dir.path().join(format!("run-{point}"));
+        for worker in std::fs::read_dir(&run).unwrap().flatten() {
+            for shard in std::fs::read_dir(worker.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if shard.file_name().to_string_lossy().starts_with("shard-") {
+                    assert!(
+                        shard.path().join("compacted").exists(),
+                        "point {point}: {} not compacted",
+                        shard.path().display()
+                    );
+                }
+            }
+        }
+        eprintln!("point {point}: worker {victim} {how}; answers exact; shards compacted");
         sandbox.shutdown().await;
     }
     assert!(
