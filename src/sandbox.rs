@@ -547,7 +547,6 @@ impl Sandbox {
         }
     }
 
-    /// Waits for `backfill_complete`, calling `progress` with each status; fails on a failed shard or time-out.
     /// Waits until no worker has an after-backfill compaction queued or running, so that what is measured
     /// next sees the databases as they stay.
     pub async fn wait_for_compactions(&self, timeout: Duration) -> anyhow::Result<()> {
@@ -572,6 +571,7 @@ impl Sandbox {
         }
     }
 
+    /// Waits for `backfill_complete`, calling `progress` with each status; fails on a failed shard or time-out.
     pub async fn wait_for_backfill(
         &self,
         timeout: Duration,

@@ -324,6 +324,12 @@ fn a_spent_coin_is_answered_from_its_tx_body_once_its_row_is_dropped() {
     assert!(store.get(outputs, &key).unwrap().is_some(), "row restored");
     assert!(unspent(&shard).contains(&coin));
     assert_eq!(answer(shard.spend_outputs(&[spend(4)]).unwrap()), expected);
+
+    // Unspent again: compacting keeps its row (only coins spent when the drop looks lose theirs).
+    assert_eq!(shard.unspend_outputs(&[spend(4)]).unwrap(), vec![0]);
+    shard.compact().unwrap();
+    assert!(store.get(outputs, &key).unwrap().is_some(), "unspent row kept");
+    assert!(unspent(&shard).contains(&coin));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 //! are stored in rust-bitcoin's internal byte order (the reverse of how they are displayed).
 
 /// Bumped whenever a row layout changes; a database of another version is refused, never misread.
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Cf {

@@ -305,6 +305,9 @@ impl Store for RocksStore {
     fn compact(&self) -> Result<(), StoreError> {
         let mut options = rocksdb::CompactOptions::default();
         options.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        // It can take minutes; meanwhile the shard may be following the tip, whose flushes still need
+        // RocksDB's own compactions.
+        options.set_exclusive_manual_compaction(false);
         for cf in Cf::ALL {
             self.db
                 .compact_range_cf_opt(self.handle(cf), None::<&[u8]>, None::<&[u8]>, &options);

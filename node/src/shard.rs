@@ -97,6 +97,10 @@ pub struct Shard {
     /// Where tx bodies are read from: the shard stores each tx's location in its block, not its bytes.
     source: Arc<dyn BlockSource>,
     state: Mutex<pb::ShardState>,
+    /// Held by whatever can make a coin unspent or give it a new row (a window's commit, a rollback,
+    /// `unspend_outputs`) and by each step of [`drop_spent_outputs`], which must not delete a row
+    /// whose coin became unspent between its scan and its delete.
+    coin_rows: Mutex<()>,
 }
 
 impl Shard {
@@ -158,6 +162,7 @@ impl Shard {
             store,
             source,
             state: Mutex::new(state),
+            coin_rows: Mutex::new(()),
         })
     }
 
@@ -187,7 +192,8 @@ impl Shard {
     /// Once the backfill is over: [`drop_spent_outputs`], then the engine's full compaction
     /// ([`chainidx_core::store::Store::compact`]).
     pub fn compact(&self) -> Result<(), ShardError> {
-        compact_store(self.store.as_ref())
+        drop_spent_outputs(self.store.as_ref(), &self.coin_rows)?;
+        Ok(self.store.compact()?)
     }
 
     pub fn engine_memory(&self) -> Option<chainidx_core::store::EngineMemory> {
@@ -454,12 +460,19 @@ impl Shard {
         if !asked_again.is_empty() {
             let again_keys: Vec<&[u8]> = asked_again.iter().map(|&i| key_refs[i]).collect();
             let recorded = self.store.multi_get(Cf::Outspends, &again_keys)?;
+            // In block order, so that a source fetching whole blocks (`rpc:`) fetches each once.
+            let mut from_bodies = Vec::new();
             for (&index, recorded) in asked_again.iter().zip(recorded) {
-                let spend = &spends[index];
-                if recorded.and_then(|by| SpentBy::decode(&by)) != Some(spent_by(spend)) {
+                if recorded.and_then(|by| SpentBy::decode(&by)) != Some(spent_by(&spends[index])) {
                     continue;
                 }
-                if let Some(out) = self.spent_coin_from_body(&prev_txids[index], spend.prev_vout)? {
+                if let Some(position) = self.position_of(&prev_txids[index])? {
+                    from_bodies.push((position, index));
+                }
+            }
+            from_bodies.sort_unstable();
+            for ((height, position), index) in from_bodies {
+                if let Some(out) = self.coin_in_body(height, position, spends[index].prev_vout)? {
                     found.push(pb::SpentOutput {
                         index: index as u32,
                         value: out.value,
@@ -490,9 +503,19 @@ impl Shard {
         txid: &Hash32,
         vout: u32,
     ) -> Result<Option<pb::TxOut>, ShardError> {
-        let Some((height, position)) = self.position_of(txid)? else {
-            return Ok(None);
-        };
+        match self.position_of(txid)? {
+            Some((height, position)) => self.coin_in_body(height, position, vout),
+            None => Ok(None),
+        }
+    }
+
+    /// Output `vout` of the tx at (height, position), read from the source.
+    fn coin_in_body(
+        &self,
+        height: u32,
+        position: u32,
+        vout: u32,
+    ) -> Result<Option<pb::TxOut>, ShardError> {
         let (_, tx, _) = self.tx_body(height, position)?;
         Ok(tx
             .output
@@ -554,6 +577,7 @@ impl Shard {
                 ),
             ));
         }
+        let _coin_rows = self.coin_rows.lock().expect("coin rows lock");
         let mut batch = Batch::default();
         let mut minus: HashMap<ScriptHash, pb::AddressStats> = HashMap::new();
         for (position, txid, tx) in self.block_txs(height)?.into_iter().rev() {
@@ -654,6 +678,7 @@ impl Shard {
     /// A reorg removed these spends: forget them where this shard holds the coin (and the recorded spender
     /// is the one removed). Returns the indexes of the outpoints this shard holds.
     pub fn unspend_outputs(&self, spends: &[pb::SpendRef]) -> Result<Vec<u32>, ShardError> {
+        let _coin_rows = self.coin_rows.lock().expect("coin rows lock");
         let mut held = Vec::new();
         let mut batch = Batch::default();
         for (index, spend) in spends.iter().enumerate() {
@@ -963,7 +988,7 @@ impl Shard {
 /// [`drop_spent_outputs`], then a full compaction of the engine: what a shard's database is rewritten to once
 /// its backfill is over (benchmarks call this on stopped clusters' databases).
 pub fn compact_store(store: &dyn Store) -> Result<(), ShardError> {
-    drop_spent_outputs(store)?;
+    drop_spent_outputs(store, &Mutex::new(()))?;
     Ok(store.compact()?)
 }
 
@@ -971,10 +996,10 @@ pub fn compact_store(store: &dyn Store) -> Result<(), ShardError> {
 /// (UTXO answers, spends not indexed yet). During the backfill they are kept, since phase 1 reads them
 /// back and a later shard's resolution may ask again after a crash; after it, a coin asked for again by
 /// its recorded spender is read back from its tx's body, and one a reorg unspends gets its row back the
-/// same way ([`Shard::unspend_outputs`]). Deleting a row that never existed (a coin spent in the window
-/// that created it) costs a tombstone, which the compaction that follows drops.
-pub fn drop_spent_outputs(store: &dyn Store) -> Result<u64, ShardError> {
-    const CHUNK: usize = 100_000;
+/// same way ([`Shard::unspend_outputs`]). Runs while the shard follows the tip: each chunk checks again,
+/// under `coin_rows`, that the coin is still spent and still has a row, and deletes only those.
+pub fn drop_spent_outputs(store: &dyn Store, coin_rows: &Mutex<()>) -> Result<u64, ShardError> {
+    const CHUNK: usize = 20_000;
     let mut after: Option<Vec<u8>> = None;
     let mut dropped = 0u64;
     loop {
@@ -992,12 +1017,20 @@ pub fn drop_spent_outputs(store: &dyn Store) -> Result<u64, ShardError> {
         let Some(last) = keys.last().cloned() else {
             return Ok(dropped);
         };
-        dropped += keys.len() as u64;
+        let refs: Vec<&[u8]> = keys.iter().map(|key| key.as_slice()).collect();
+        let _rows = coin_rows.lock().expect("coin rows lock");
+        let spent = store.multi_get(Cf::Outspends, &refs)?;
+        let rows = store.multi_get(Cf::Outputs, &refs)?;
         let mut batch = Batch::default();
-        for key in keys {
-            batch.delete(Cf::Outputs, key);
+        for ((key, spent), row) in refs.iter().zip(spent).zip(rows) {
+            if spent.is_some() && row.is_some() {
+                batch.delete(Cf::Outputs, key.to_vec());
+            }
         }
-        store.write(batch, false)?;
+        dropped += batch.len() as u64;
+        if !batch.is_empty() {
+            store.write(batch, false)?;
+        }
         after = Some(last);
     }
 }
@@ -1241,6 +1274,7 @@ impl IndexWindow<'_> {
             return Ok(());
         };
         let shard = self.shard;
+        let _coin_rows = shard.coin_rows.lock().expect("coin rows lock");
         let mut rows = std::mem::take(&mut self.rows);
         for ((txid, vout), out) in self.outputs.drain() {
             let key = outpoint_key(&txid, vout);

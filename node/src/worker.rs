@@ -134,7 +134,7 @@ pub struct WorkerNode {
     peer_bytes: std::sync::atomic::AtomicU64,
     /// Whether a shard whose backfill is over is compacted (see [`WorkerNode::compact_in_background`]).
     compact_after_backfill: AtomicBool,
-    /// One compaction at a time: it competes with the shards still being indexed for the same cores.
+    /// One compaction at a time: each takes a core, and queries go on meanwhile.
     compactions: Arc<Semaphore>,
     compactions_queued: Arc<std::sync::atomic::AtomicU32>,
     /// What the coordinators last said (heartbeats); a worker run without them only knows its own shards.
@@ -193,6 +193,12 @@ impl WorkerNode {
         queued.fetch_add(1, Ordering::SeqCst);
         let node = Arc::downgrade(self);
         let mark = self.shard_dir(shard.id).join(COMPACTED_MARK);
+        // Written again once this compaction is done: a restart before then compacts the shard again.
+        if let Err(error) = std::fs::remove_file(&mark)
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(shard = shard.id, %error, "removing the compacted mark");
+        }
         tokio::spawn(async move {
             let permit = compactions.acquire_owned().await;
             while node.upgrade().is_some_and(|node| node.backfilling()) {
