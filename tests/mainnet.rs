@@ -328,7 +328,10 @@ fn a_spent_coin_is_answered_from_its_tx_body_once_its_row_is_dropped() {
     // Unspent again: compacting keeps its row (only coins spent when the drop looks lose theirs).
     assert_eq!(shard.unspend_outputs(&[spend(4)]).unwrap(), vec![0]);
     shard.compact().unwrap();
-    assert!(store.get(outputs, &key).unwrap().is_some(), "unspent row kept");
+    assert!(
+        store.get(outputs, &key).unwrap().is_some(),
+        "unspent row kept"
+    );
     assert!(unspent(&shard).contains(&coin));
 }
 
