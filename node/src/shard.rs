@@ -1003,30 +1003,41 @@ pub fn drop_spent_outputs(store: &dyn Store, coin_rows: &Mutex<()>) -> Result<u6
     let mut after: Option<Vec<u8>> = None;
     let mut dropped = 0u64;
     loop {
-        let mut keys: Vec<Vec<u8>> = Vec::with_capacity(CHUNK);
+        // Both scans and the deletes under the lock: what they see of a coin is what it is.
+        let _rows = coin_rows.lock().expect("coin rows lock");
+        let mut spent: Vec<Vec<u8>> = Vec::with_capacity(CHUNK);
         let from = match &after {
             Some(key) => ScanFrom::AtOrAfter(key),
             None => ScanFrom::First,
         };
         store.scan(Cf::Outspends, &[], from, &mut |key, _| {
             if after.as_deref() != Some(key) {
-                keys.push(key.to_vec());
+                spent.push(key.to_vec());
             }
-            keys.len() < CHUNK
+            spent.len() < CHUNK
         })?;
-        let Some(last) = keys.last().cloned() else {
+        let (Some(first), Some(last)) = (spent.first().cloned(), spent.last().cloned()) else {
             return Ok(dropped);
         };
-        let refs: Vec<&[u8]> = keys.iter().map(|key| key.as_slice()).collect();
-        let _rows = coin_rows.lock().expect("coin rows lock");
-        let spent = store.multi_get(Cf::Outspends, &refs)?;
-        let rows = store.multi_get(Cf::Outputs, &refs)?;
+        // The rows between the chunk's first and last spent key, matched against it in key order: two
+        // sorted scans instead of a point lookup per spent coin.
         let mut batch = Batch::default();
-        for ((key, spent), row) in refs.iter().zip(spent).zip(rows) {
-            if spent.is_some() && row.is_some() {
-                batch.delete(Cf::Outputs, key.to_vec());
-            }
-        }
+        let mut next_spent = spent.iter().peekable();
+        store.scan(
+            Cf::Outputs,
+            &[],
+            ScanFrom::AtOrAfter(&first),
+            &mut |key, _| {
+                if key > last.as_slice() {
+                    return false;
+                }
+                while next_spent.next_if(|s| s.as_slice() < key).is_some() {}
+                if next_spent.peek().is_some_and(|s| s.as_slice() == key) {
+                    batch.delete(Cf::Outputs, key.to_vec());
+                }
+                true
+            },
+        )?;
         dropped += batch.len() as u64;
         if !batch.is_empty() {
             store.write(batch, false)?;
