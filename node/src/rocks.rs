@@ -312,7 +312,15 @@ impl Store for RocksStore {
             self.db
                 .compact_range_cf_opt(self.handle(cf), None::<&[u8]>, None::<&[u8]>, &options);
         }
-        Ok(())
+        // `compact_range` returns no error here; a failed compaction (disk full) leaves one behind.
+        match self.db.property_int_value("rocksdb.background-errors") {
+            Ok(Some(0)) | Ok(None) => Ok(()),
+            Ok(Some(errors)) => Err(StoreError::Engine(format!(
+                "{errors} background errors during compaction (see the RocksDB LOG in {})",
+                self.db.path().display()
+            ))),
+            Err(e) => Err(engine(e)),
+        }
     }
 
     fn scan(
