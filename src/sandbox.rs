@@ -132,8 +132,10 @@ impl SandboxBuilder {
             }
             sandbox.grpc_addr = sandbox.coordinators[0].grpc;
             sandbox.http_addr = sandbox.coordinators[0].http;
+            // Generous: with the whole suite running on two cores (and shards compacting), forming the
+            // group once took over 30 s in CI; alone it takes ~2 s.
             sandbox
-                .wait_for_members(self.coordinators, Duration::from_secs(30))
+                .wait_for_members(self.coordinators, Duration::from_secs(90))
                 .await?;
         }
         for i in 0..self.workers {
