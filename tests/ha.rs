@@ -465,10 +465,12 @@ async fn a_worker_that_joins_gets_shards_moved_to_it_without_failing_a_query() {
     let status = wait_until(
         &sandbox,
         Duration::from_secs(90),
-        "shards spread over 3 workers",
+        "shards spread over 3 workers, backfill complete",
         |s| {
             let held = |w: &String| s.shards.iter().filter(|sh| sh.replicas.contains(w)).count();
-            held(&newcomer) == 4
+            // The flag follows the moves by a status poll; it is checked below with the rest.
+            s.backfill_complete
+                && held(&newcomer) == 4
                 && s.workers.iter().all(|w| held(w) == 4)
                 && s.shards
                     .iter()
