@@ -107,12 +107,7 @@ fn main() -> anyhow::Result<()> {
                 let mut peer_bytes = 0;
                 // The storage engine's share of one worker's memory (the largest), after the backfill.
                 let mut engine = chainidx_proto::EngineMemory::default();
-                for addr in &status.workers {
-                    let mut client = chainidx_node::connect_worker(addr).await?;
-                    let reply = client
-                        .status(chainidx_proto::WorkerStatusRequest {})
-                        .await?
-                        .into_inner();
+                for reply in sandbox.worker_statuses().await? {
                     peer_bytes += reply.peer_bytes;
                     let memory = reply.engine_memory.unwrap_or_default();
                     let total = |m: &chainidx_proto::EngineMemory| {
@@ -219,7 +214,7 @@ fn compact_shards(cluster: &std::path::Path) -> anyhow::Result<(u64, Vec<(String
         for shard in shards.flatten() {
             if shard.file_name().to_string_lossy().starts_with("shard-") {
                 let store = chainidx_node::rocks::RocksStore::open(&shard.path())?;
-                chainidx_node::shard::compact_store(&store)?;
+                chainidx_node::shard::compact_store(&store, &std::sync::Mutex::new(()))?;
                 for (cf, bytes) in store.sst_bytes_per_cf() {
                     *per_cf.entry(cf.name().to_string()).or_default() += bytes;
                 }

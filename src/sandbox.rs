@@ -549,20 +549,28 @@ impl Sandbox {
         }
     }
 
+    /// Every registered worker's own status (`Worker.Status`).
+    pub async fn worker_statuses(&self) -> anyhow::Result<Vec<chainidx_proto::WorkerStatusReply>> {
+        let mut replies = Vec::new();
+        for addr in &self.status().await?.workers {
+            let mut client = chainidx_node::connect_worker(addr).await?;
+            let request = chainidx_proto::WorkerStatusRequest {};
+            replies.push(client.status(request).await?.into_inner());
+        }
+        Ok(replies)
+    }
+
     /// Waits until no worker has an after-backfill compaction queued or running, so that what is measured
     /// next sees the databases as they stay.
     pub async fn wait_for_compactions(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let mut queued = 0;
-            for addr in &self.status().await?.workers {
-                let mut client = chainidx_node::connect_worker(addr).await?;
-                let reply = client
-                    .status(chainidx_proto::WorkerStatusRequest {})
-                    .await?
-                    .into_inner();
-                queued += reply.compactions_queued;
-            }
+            let queued: u32 = self
+                .worker_statuses()
+                .await?
+                .iter()
+                .map(|w| w.compactions_queued)
+                .sum();
             if queued == 0 {
                 return Ok(());
             }

@@ -192,8 +192,7 @@ impl Shard {
     /// Once the backfill is over: [`drop_spent_outputs`], then the engine's full compaction
     /// ([`chainidx_core::store::Store::compact`]).
     pub fn compact(&self) -> Result<(), ShardError> {
-        drop_spent_outputs(self.store.as_ref(), &self.coin_rows)?;
-        Ok(self.store.compact()?)
+        compact_store(self.store.as_ref(), &self.coin_rows)
     }
 
     pub fn engine_memory(&self) -> Option<chainidx_core::store::EngineMemory> {
@@ -986,9 +985,9 @@ impl Shard {
 }
 
 /// [`drop_spent_outputs`], then a full compaction of the engine: what a shard's database is rewritten to once
-/// its backfill is over (benchmarks call this on stopped clusters' databases).
-pub fn compact_store(store: &dyn Store) -> Result<(), ShardError> {
-    drop_spent_outputs(store, &Mutex::new(()))?;
+/// its backfill is over (benchmarks call this on stopped clusters' databases, with a lock of their own).
+pub fn compact_store(store: &dyn Store, coin_rows: &Mutex<()>) -> Result<(), ShardError> {
+    drop_spent_outputs(store, coin_rows)?;
     Ok(store.compact()?)
 }
 
