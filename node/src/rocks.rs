@@ -173,6 +173,15 @@ impl RocksStore {
         rocks_batch
     }
 
+    /// RocksDB's count of failed flushes and compactions since the database opened.
+    fn background_errors(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .db
+            .property_int_value("rocksdb.background-errors")
+            .map_err(engine)?
+            .unwrap_or(0))
+    }
+
     fn handle(&self, cf: Cf) -> &rocksdb::ColumnFamily {
         self.db
             .cf_handle(cf.name())
@@ -303,6 +312,8 @@ impl Store for RocksStore {
     /// Every column family fully, bottommost files too: files ingested straight into the bottommost level
     /// were written uncompressed, and only a forced rewrite compresses them.
     fn compact(&self) -> Result<(), StoreError> {
+        // The count is cumulative since the database opened: only errors this compaction adds fail it.
+        let errors_before = self.background_errors()?;
         let mut options = rocksdb::CompactOptions::default();
         options.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
         // It can take minutes; meanwhile the shard may be following the tip, whose flushes still need
@@ -313,14 +324,14 @@ impl Store for RocksStore {
                 .compact_range_cf_opt(self.handle(cf), None::<&[u8]>, None::<&[u8]>, &options);
         }
         // `compact_range` returns no error here; a failed compaction (disk full) leaves one behind.
-        match self.db.property_int_value("rocksdb.background-errors") {
-            Ok(Some(0)) | Ok(None) => Ok(()),
-            Ok(Some(errors)) => Err(StoreError::Engine(format!(
+        let errors = self.background_errors()? - errors_before;
+        if errors > 0 {
+            return Err(StoreError::Engine(format!(
                 "{errors} background errors during compaction (see the RocksDB LOG in {})",
                 self.db.path().display()
-            ))),
-            Err(e) => Err(engine(e)),
+            )));
         }
+        Ok(())
     }
 
     fn scan(
