@@ -83,59 +83,82 @@ fn main() -> anyhow::Result<()> {
         // The same 16 shards whatever the worker count, so only the distribution differs between runs.
         let shard_blocks = blocks.div_ceil(16).max(1);
         let own_cpu_before = cpu_seconds(std::process::id());
-        let (elapsed, cross, worker_cpu, peak_rss, peer_bytes, engine) =
-            runtime.block_on(async {
-                let sandbox = SandboxBuilder::new(
-                    env!("CARGO_BIN_EXE_chainidx"),
-                    format!("blk:{}", chain.display()),
-                    &cluster_dir,
-                )
-                .workers(workers)
-                .shard_blocks(shard_blocks)
-                // Measured apart, below: the backfill's figures are the backfill's alone.
-                .compact_after_backfill(false)
-                .start()
+        let backfill = runtime.block_on(async {
+            // Workers compact their shards once the whole backfill is over, as they do by default
+            // (`--compact-after-backfill`): the backfill's figures are taken when it completes, the
+            // compaction's when the last shard is compacted.
+            let sandbox = SandboxBuilder::new(
+                env!("CARGO_BIN_EXE_chainidx"),
+                format!("blk:{}", chain.display()),
+                &cluster_dir,
+            )
+            .workers(workers)
+            .shard_blocks(shard_blocks)
+            .start()
+            .await?;
+            let started = Instant::now();
+            let status = sandbox
+                .wait_for_backfill(Duration::from_secs(3600), |_| {})
                 .await?;
-                let started = Instant::now();
-                let status = sandbox
-                    .wait_for_backfill(Duration::from_secs(3600), |_| {})
-                    .await?;
-                let elapsed = started.elapsed().as_secs_f64();
-                let pids = sandbox.worker_pids();
-                let worker_cpu: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
-                let peak_rss = pids.iter().map(|p| peak_rss_bytes(*p)).max().unwrap_or(0);
-                let mut peer_bytes = 0;
-                // The storage engine's share of one worker's memory (the largest), after the backfill.
-                let mut engine = chainidx_proto::EngineMemory::default();
-                for reply in sandbox.worker_statuses().await? {
-                    peer_bytes += reply.peer_bytes;
-                    let memory = reply.engine_memory.unwrap_or_default();
-                    let total = |m: &chainidx_proto::EngineMemory| {
-                        m.memtable_bytes + m.table_reader_bytes + m.block_cache_bytes
-                    };
-                    if total(&memory) > total(&engine) {
-                        engine = memory;
-                    }
+            let elapsed = started.elapsed().as_secs_f64();
+            let pids = sandbox.worker_pids();
+            let all_cpu = || {
+                pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() + cpu_seconds(std::process::id())
+            };
+            let cpu_at_backfill = all_cpu();
+            let peak_rss = pids.iter().map(|p| peak_rss_bytes(*p)).max().unwrap_or(0);
+            let disk = data_bytes(&cluster_dir);
+            let mut peer_bytes = 0;
+            // The storage engine's share of one worker's memory (the largest), after the backfill.
+            let mut engine = chainidx_proto::EngineMemory::default();
+            for reply in sandbox.worker_statuses().await? {
+                peer_bytes += reply.peer_bytes;
+                let memory = reply.engine_memory.unwrap_or_default();
+                let total = |m: &chainidx_proto::EngineMemory| {
+                    m.memtable_bytes + m.table_reader_bytes + m.block_cache_bytes
+                };
+                if total(&memory) > total(&engine) {
+                    engine = memory;
                 }
-                sandbox.shutdown().await;
-                let cross: u64 = status.shards.iter().map(|s| s.cross_shard_inputs).sum();
-                anyhow::Ok((elapsed, cross, worker_cpu, peak_rss, peer_bytes, engine))
-            })?;
-        // The coordinator runs in this process (with the bench's own polling): counted too.
-        let cpu = worker_cpu + (cpu_seconds(std::process::id()) - own_cpu_before);
+            }
+            sandbox
+                .wait_for_compactions(Duration::from_secs(3600))
+                .await?;
+            let compaction_cpu = all_cpu() - cpu_at_backfill;
+            sandbox.shutdown().await;
+            let cross: u64 = status.shards.iter().map(|s| s.cross_shard_inputs).sum();
+            anyhow::Ok(Backfill {
+                elapsed,
+                cross,
+                // The coordinator runs in this process (with the bench's own polling): counted too.
+                cpu: cpu_at_backfill - own_cpu_before,
+                compaction_cpu,
+                peak_rss,
+                peer_bytes,
+                engine,
+                disk,
+            })
+        })?;
+        let Backfill {
+            elapsed,
+            cross,
+            cpu,
+            compaction_cpu,
+            peak_rss,
+            peer_bytes,
+            engine,
+            disk,
+        } = backfill;
         let cpu_per_million = cpu / (summary.txs as f64 / 1e6);
-        let disk = data_bytes(&cluster_dir);
-        let own_cpu_before = cpu_seconds(std::process::id());
-        let (compacted, per_cf) = compact_shards(&cluster_dir)?;
-        let compaction_cpu_per_million =
-            (cpu_seconds(std::process::id()) - own_cpu_before) / (summary.txs as f64 / 1e6);
+        let compaction_cpu_per_million = compaction_cpu / (summary.txs as f64 / 1e6);
+        let (compacted, per_cf) = compacted_bytes(&cluster_dir)?;
         let tx_s = summary.txs as f64 / elapsed;
         let per_worker = tx_s / workers as f64;
         let per_tx = |bytes: u64| bytes as f64 / summary.txs as f64;
         println!(
             "backfill, {workers} worker(s), shards of {shard_blocks} blocks: {elapsed:.1}s, {tx_s:.0} tx/s total, \
              {per_worker:.0} tx/s per worker ({:.2} of decode-only), {cross} cross-shard inputs, \
-             {:.0} bytes between workers per tx, {:.0} bytes on disk per tx ({:.0} after compaction), \
+             {:.0} bytes between workers per tx, {:.0} bytes on disk per tx as it completes ({:.0} after compaction), \
              {cpu_per_million:.1} CPU-s per million tx (all processes), worker peak RSS {:.0} MiB",
             per_worker / decode_tx_s,
             per_tx(peer_bytes),
@@ -144,7 +167,7 @@ fn main() -> anyhow::Result<()> {
             peak_rss as f64 / (1 << 20) as f64
         );
         println!(
-            "  compacting every shard afterwards (what workers do by default, --compact-after-backfill): \
+            "  then compacting every shard (what workers do by default, --compact-after-backfill): \
              {compaction_cpu_per_million:.1} CPU-s per million tx"
         );
         let breakdown: Vec<String> = per_cf
@@ -202,10 +225,21 @@ fn data_bytes(path: &std::path::Path) -> u64 {
     total
 }
 
-/// Opens every shard database of a stopped cluster, compacts it as a worker does after its backfill (spent
-/// coins' `outputs` rows dropped, then a full compaction), and returns the data bytes after
-/// and the SST bytes per column family.
-fn compact_shards(cluster: &std::path::Path) -> anyhow::Result<(u64, Vec<(String, u64)>)> {
+/// What one backfill run measured.
+struct Backfill {
+    elapsed: f64,
+    cross: u64,
+    cpu: f64,
+    compaction_cpu: f64,
+    peak_rss: u64,
+    peer_bytes: u64,
+    engine: chainidx_proto::EngineMemory,
+    disk: u64,
+}
+
+/// The data bytes of a stopped cluster whose workers compacted every shard, and the SST bytes per column
+/// family (each shard database opened to ask).
+fn compacted_bytes(cluster: &std::path::Path) -> anyhow::Result<(u64, Vec<(String, u64)>)> {
     let mut per_cf: std::collections::BTreeMap<String, u64> = Default::default();
     for worker in std::fs::read_dir(cluster)?.flatten() {
         let Ok(shards) = std::fs::read_dir(worker.path()) else {
@@ -213,8 +247,15 @@ fn compact_shards(cluster: &std::path::Path) -> anyhow::Result<(u64, Vec<(String
         };
         for shard in shards.flatten() {
             if shard.file_name().to_string_lossy().starts_with("shard-") {
+                anyhow::ensure!(
+                    shard
+                        .path()
+                        .join(chainidx_node::worker::COMPACTED_MARK)
+                        .exists(),
+                    "{} was not compacted",
+                    shard.path().display()
+                );
                 let store = chainidx_node::rocks::RocksStore::open(&shard.path())?;
-                chainidx_node::shard::compact_store(&store, &std::sync::Mutex::new(()))?;
                 for (cf, bytes) in store.sst_bytes_per_cf() {
                     *per_cf.entry(cf.name().to_string()).or_default() += bytes;
                 }

@@ -334,6 +334,16 @@ impl Store for RocksStore {
         Ok(())
     }
 
+    fn set_compression(&self, enabled: bool) -> Result<(), StoreError> {
+        let compression = if enabled { "kZSTD" } else { "kNoCompression" };
+        for cf in Cf::ALL {
+            self.db
+                .set_options_cf(self.handle(cf), &[("bottommost_compression", compression)])
+                .map_err(engine)?;
+        }
+        Ok(())
+    }
+
     fn scan(
         &self,
         cf: Cf,
@@ -403,6 +413,49 @@ mod tests {
         let mut expected: Vec<usize> = (0..rows.len()).collect();
         expected.sort_by(|a, b| rows[*a].0.cmp(&rows[*b].0));
         assert_eq!(sorted_order(&rows), expected);
+    }
+
+    #[test]
+    fn a_compaction_with_compression_off_leaves_the_files_uncompressed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path()).unwrap();
+        let sst_bytes = |store: &RocksStore| {
+            store
+                .sst_bytes_per_cf()
+                .iter()
+                .find(|(cf, _)| *cf == Cf::History)
+                .unwrap()
+                .1
+        };
+        // Compressible rows: a counter and a run of zeros.
+        let rows = |batch: &mut Batch, pass: u32| {
+            for i in 0..20_000u32 {
+                batch.put(
+                    Cf::History,
+                    [pass.to_be_bytes(), i.to_be_bytes()].concat(),
+                    [0u8; 64],
+                );
+            }
+        };
+        store.set_compression(false).unwrap();
+        let mut batch = Batch::default();
+        rows(&mut batch, 0);
+        store.write(batch, false).unwrap();
+        store.compact().unwrap();
+        let uncompressed = sst_bytes(&store);
+        assert!(uncompressed > 20_000 * 64, "{uncompressed} bytes");
+
+        store.set_compression(true).unwrap();
+        let mut batch = Batch::default();
+        rows(&mut batch, 1);
+        store.write(batch, false).unwrap();
+        store.compact().unwrap();
+        // Twice the rows, now all rewritten compressed.
+        let compressed = sst_bytes(&store);
+        assert!(
+            compressed < uncompressed / 4,
+            "{compressed} vs {uncompressed} bytes"
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ enum Spends {
 
 /// A file in a shard's directory saying its after-backfill compaction finished: a worker restarted before
 /// that compacts the shard again.
-const COMPACTED_MARK: &str = "compacted";
+pub const COMPACTED_MARK: &str = "compacted";
 
 /// Inputs resolved per round trip to a peer shard.
 pub const RESOLVE_BATCH: usize = 20_000;
@@ -439,11 +439,15 @@ impl WorkerNode {
         });
         shards.insert(shard_id, slot.clone());
         drop(shards);
-        // Ready from an earlier run whose compaction did not finish (or never ran).
-        if slot.shard.state().phase == pb::ShardPhase::Ready as i32
-            && !path.join(COMPACTED_MARK).exists()
-        {
-            self.compact_in_background(slot.shard.clone());
+        let will_compact = self.compact_after_backfill.load(Ordering::Relaxed)
+            && !path.join(COMPACTED_MARK).exists();
+        if will_compact {
+            // Whatever is written until then is rewritten by that compaction, compressed.
+            slot.shard.set_compression(false)?;
+            // Ready from an earlier run whose compaction did not finish (or never ran).
+            if slot.shard.state().phase == pb::ShardPhase::Ready as i32 {
+                self.compact_in_background(slot.shard.clone());
+            }
         }
         let node = self.clone();
         tokio::spawn(async move {
