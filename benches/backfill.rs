@@ -7,7 +7,7 @@
 
 use bitcoin::Block;
 use bitcoin::consensus::deserialize;
-use chainidx::sandbox::{SandboxBuilder, cpu_seconds, peak_rss_bytes};
+use chainidx::sandbox::{SandboxBuilder, cpu_seconds, cpu_seconds_split, peak_rss_bytes};
 use chainidx_core::generator::{GenConfig, generate};
 use chainidx_core::source::{BlkDirSource, BlockSource};
 use serde_json::json;
@@ -83,6 +83,7 @@ fn main() -> anyhow::Result<()> {
         // The same 16 shards whatever the worker count, so only the distribution differs between runs.
         let shard_blocks = blocks.div_ceil(16).max(1);
         let own_cpu_before = cpu_seconds(std::process::id());
+        let own_system_before = cpu_seconds_split(std::process::id()).1;
         let backfill = runtime.block_on(async {
             // Workers compact their shards once the whole backfill is over, as they do by default
             // (`--compact-after-backfill`): the backfill's figures are taken when it completes, the
@@ -106,6 +107,11 @@ fn main() -> anyhow::Result<()> {
                 pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() + cpu_seconds(std::process::id())
             };
             let cpu_at_backfill = all_cpu();
+            let system_at_backfill = pids
+                .iter()
+                .chain([&std::process::id()])
+                .map(|p| cpu_seconds_split(*p).1)
+                .sum::<f64>();
             let peak_rss = pids.iter().map(|p| peak_rss_bytes(*p)).max().unwrap_or(0);
             let disk = data_bytes(&cluster_dir);
             let mut peer_bytes = 0;
@@ -132,6 +138,7 @@ fn main() -> anyhow::Result<()> {
                 cross,
                 // The coordinator runs in this process (with the bench's own polling): counted too.
                 cpu: cpu_at_backfill - own_cpu_before,
+                system_cpu: system_at_backfill - own_system_before,
                 compaction_cpu,
                 peak_rss,
                 peer_bytes,
@@ -143,6 +150,7 @@ fn main() -> anyhow::Result<()> {
             elapsed,
             cross,
             cpu,
+            system_cpu,
             compaction_cpu,
             peak_rss,
             peer_bytes,
@@ -159,11 +167,12 @@ fn main() -> anyhow::Result<()> {
             "backfill, {workers} worker(s), shards of {shard_blocks} blocks: {elapsed:.1}s, {tx_s:.0} tx/s total, \
              {per_worker:.0} tx/s per worker ({:.2} of decode-only), {cross} cross-shard inputs, \
              {:.0} bytes between workers per tx, {:.0} bytes on disk per tx as it completes ({:.0} after compaction), \
-             {cpu_per_million:.1} CPU-s per million tx (all processes), worker peak RSS {:.0} MiB",
+             {cpu_per_million:.1} CPU-s per million tx (all processes; {:.0}% in the kernel), worker peak RSS {:.0} MiB",
             per_worker / decode_tx_s,
             per_tx(peer_bytes),
             per_tx(disk),
             per_tx(compacted),
+            100.0 * system_cpu / cpu,
             peak_rss as f64 / (1 << 20) as f64
         );
         println!(
@@ -193,7 +202,7 @@ fn main() -> anyhow::Result<()> {
             "cross_shard_inputs": cross, "bytes_between_workers_per_tx": per_tx(peer_bytes),
             "disk_bytes_per_tx": per_tx(disk), "disk_bytes_per_tx_compacted": per_tx(compacted),
             "disk_bytes_per_tx_by_cf": per_cf.iter().map(|(cf, b)| (cf.clone(), per_tx(*b))).collect::<std::collections::BTreeMap<_, _>>(),
-            "cpu_seconds_per_million_tx": cpu_per_million, "worker_peak_rss_bytes": peak_rss,
+            "cpu_seconds_per_million_tx": cpu_per_million, "kernel_share_of_cpu": system_cpu / cpu, "worker_peak_rss_bytes": peak_rss,
             "compaction_cpu_seconds_per_million_tx": compaction_cpu_per_million,
         }));
     }
@@ -230,6 +239,8 @@ struct Backfill {
     elapsed: f64,
     cross: u64,
     cpu: f64,
+    /// The kernel's part of `cpu`.
+    system_cpu: f64,
     compaction_cpu: f64,
     peak_rss: u64,
     peer_bytes: u64,

@@ -692,17 +692,25 @@ pub fn write_bench_report(name: &str, report: &serde_json::Value) -> anyhow::Res
 
 /// CPU seconds (user + system) a process has used so far, from /proc (Linux; 0 elsewhere).
 pub fn cpu_seconds(pid: u32) -> f64 {
+    let (user, system) = cpu_seconds_split(pid);
+    user + system
+}
+
+/// [`cpu_seconds`] as (user, system): the kernel's share shows, for example, the cost of each process
+/// faulting in its own memory.
+pub fn cpu_seconds_split(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are the 12th and 13th of those.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
+    let seconds = |i: usize| {
         fields
             .get(i)
             .and_then(|f| f.parse::<f64>().ok())
             .unwrap_or(0.0)
+            / 100.0 // USER_HZ is 100 on Linux
     };
-    (ticks(11) + ticks(12)) / 100.0 // USER_HZ is 100 on Linux
+    (seconds(11), seconds(12))
 }
 
 /// Peak resident memory of a process in bytes (VmHWM), from /proc (Linux; 0 elsewhere).
