@@ -442,8 +442,11 @@ impl WorkerNode {
         let will_compact = self.compact_after_backfill.load(Ordering::Relaxed)
             && !path.join(COMPACTED_MARK).exists();
         if will_compact {
-            // Whatever is written until then is rewritten by that compaction, compressed.
-            slot.shard.set_compression(false)?;
+            // Whatever is written until then is rewritten by that compaction, compressed. Only a saving:
+            // a failure leaves compression on rather than the shard without its indexing task.
+            if let Err(error) = slot.shard.set_compression(false) {
+                tracing::warn!(shard = shard_id, %error, "turning compression off for the backfill");
+            }
             // Ready from an earlier run whose compaction did not finish (or never ran).
             if slot.shard.state().phase == pb::ShardPhase::Ready as i32 {
                 self.compact_in_background(slot.shard.clone());
