@@ -163,6 +163,18 @@ async fn three_workers_answer_exactly_like_the_reference() {
         txids.as_array().unwrap().len() as u64,
         block["tx_count"].as_u64().unwrap()
     );
+    let want: Vec<String> = reference
+        .block_txids(100)
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    let got: Vec<String> = txids
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got, want, "txids of block 100");
 
     // gRPC Query pages with cursors through the busiest address, like HTTP does.
     let hot = reference

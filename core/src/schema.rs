@@ -5,7 +5,7 @@
 //! are stored in rust-bitcoin's internal byte order (the reverse of how they are displayed).
 
 /// Bumped whenever a row layout changes; a database of another version is refused, never misread.
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Cf {
@@ -15,7 +15,7 @@ pub enum Cf {
     Headers,
     /// block hash → height.
     BlockHashes,
-    /// height ‖ position → txid ‖ offset ‖ length: where the tx's bytes are in its block (in the source).
+    /// height → per tx in block order: txid key ‖ length (3): where each tx's bytes are in its block.
     TxPositions,
     /// txid key → height ‖ position.
     Txs,
@@ -95,40 +95,63 @@ pub fn position_key(height: u32, position: u32) -> [u8; 8] {
     key
 }
 
-/// Value of a `tx_positions` row: the txid and where its bytes are inside the block.
+/// Bytes per tx in a `tx_positions` row: its txid key (12) and its length in bytes (3, big-endian; a tx
+/// cannot exceed a block's 4 MB).
+pub const TX_SLOT_LEN: usize = KEY_HASH_LEN + 3;
+
+/// Txs per `tx_positions` row: one row per tx cost ~10 bytes of framing each, one per block would make a
+/// query read a whole block's row to find one tx.
+pub const TXS_PER_SLOT_ROW: u32 = 64;
+
+/// Where a tx is inside its block, from its `tx_positions` row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TxLocation {
-    pub txid: Hash32,
+pub struct TxSlot {
+    pub txid_key: [u8; KEY_HASH_LEN],
     pub offset: u32,
     pub len: u32,
 }
 
-impl TxLocation {
-    pub fn encode(&self) -> [u8; 40] {
-        txid_and_two(&self.txid, self.offset, self.len)
-    }
-
-    pub fn decode(value: &[u8]) -> Option<TxLocation> {
-        split_txid_and_two(value).map(|(txid, offset, len)| TxLocation { txid, offset, len })
-    }
+/// Key of the `tx_positions` row holding the tx at (height, position): the row's first position.
+pub fn tx_slots_key(height: u32, position: u32) -> [u8; 8] {
+    position_key(height, position - position % TXS_PER_SLOT_ROW)
 }
 
-/// txid (32) ‖ a (4) ‖ b (4): the shape of `tx_positions` values.
-fn txid_and_two(txid: &Hash32, a: u32, b: u32) -> [u8; 40] {
-    let mut value = [0u8; 40];
-    value[..32].copy_from_slice(txid);
-    value[32..36].copy_from_slice(&a.to_be_bytes());
-    value[36..].copy_from_slice(&b.to_be_bytes());
+/// Value of a `tx_positions` row: the byte offset in the block of its first tx (4), then a slot per tx in
+/// block order. The full txids are not kept: a query that needs one reads the tx's body (the source has
+/// it) and hashes it.
+pub fn encode_tx_slots<'a>(
+    first_offset: u32,
+    txs: impl IntoIterator<Item = (&'a Hash32, usize)>,
+) -> Vec<u8> {
+    let mut value = first_offset.to_be_bytes().to_vec();
+    for (txid, len) in txs {
+        assert!(len < 1 << 24, "a tx of {len} bytes does not fit in a block");
+        value.extend_from_slice(&txid_key(txid));
+        value.extend_from_slice(&(len as u32).to_be_bytes()[1..]);
+    }
     value
 }
 
-fn split_txid_and_two(value: &[u8]) -> Option<(Hash32, u32, u32)> {
-    (value.len() == 40).then(|| {
-        (
-            value[..32].try_into().expect("32 bytes"),
-            be_u32(&value[32..36]),
-            be_u32(&value[36..40]),
-        )
+/// The slot of the tx at `position` in its row's `value`; `None` if the row has no such tx or is malformed.
+pub fn tx_slot(value: &[u8], position: u32) -> Option<TxSlot> {
+    if value.len() < 4 || !(value.len() - 4).is_multiple_of(TX_SLOT_LEN) {
+        return None;
+    }
+    let slots = &value[4..];
+    let index = (position % TXS_PER_SLOT_ROW) as usize;
+    if index >= slots.len() / TX_SLOT_LEN {
+        return None;
+    }
+    let len_at = |i: usize| {
+        let slot = &slots[i * TX_SLOT_LEN..][..TX_SLOT_LEN];
+        u32::from_be_bytes([0, slot[12], slot[13], slot[14]])
+    };
+    Some(TxSlot {
+        txid_key: slots[index * TX_SLOT_LEN..][..KEY_HASH_LEN]
+            .try_into()
+            .expect("12 bytes"),
+        offset: be_u32(&value[..4]) + (0..index).map(len_at).sum::<u32>(),
+        len: len_at(index),
     })
 }
 
@@ -427,11 +450,33 @@ mod tests {
             None
         );
         assert_eq!(SpentBy::decode(&[0u8; 3]), None);
-        let location = TxLocation {
-            txid: [4; 32],
-            offset: 81,
-            len: 250,
-        };
-        assert_eq!(TxLocation::decode(&location.encode()), Some(location));
+    }
+
+    #[test]
+    fn a_tx_slot_is_found_from_its_rows_first_offset_and_the_lengths_before_it() {
+        let txids = [[1u8; 32], [2u8; 32], [3u8; 32]];
+        let value = encode_tx_slots(81, [(&txids[0], 250), (&txids[1], 70_000), (&txids[2], 9)]);
+        assert_eq!(value.len(), 4 + 3 * TX_SLOT_LEN);
+        assert_eq!(
+            tx_slot(&value, 0),
+            Some(TxSlot {
+                txid_key: [1; 12],
+                offset: 81,
+                len: 250
+            })
+        );
+        assert_eq!(
+            tx_slot(&value, 1).map(|s| (s.offset, s.len)),
+            Some((331, 70_000))
+        );
+        assert_eq!(
+            tx_slot(&value, 2).map(|s| (s.txid_key, s.offset)),
+            Some(([3; 12], 70_331))
+        );
+        assert_eq!(tx_slot(&value, 3), None);
+        assert_eq!(tx_slot(&value[1..], 0), None);
+        // Position 66 is the third slot of the row that starts at 64.
+        assert_eq!(tx_slots_key(7, 66), position_key(7, 64));
+        assert_eq!(tx_slot(&value, 66).map(|s| s.offset), Some(70_331));
     }
 }

@@ -10,7 +10,7 @@ use bitcoin::{Block, BlockHash, Transaction};
 use chainidx_core::chain::{ScriptHash, scripthash};
 use chainidx_core::schema::{
     self, Cf, FORMAT_VERSION, Hash32, KEY_HASH_LEN, KIND_FUNDING, KIND_SPENDING, PendingInput,
-    SHARD_STATE_KEY, SpentBy, TxLocation, addr_key, decode_coin, decode_output, decode_pending,
+    SHARD_STATE_KEY, SpentBy, TxSlot, addr_key, decode_coin, decode_output, decode_pending,
     encode_coin, encode_output, encode_pending, history_key, outpoint_key, parse_history_key,
     pending_key, position_key, txid_key,
 };
@@ -470,13 +470,14 @@ impl Shard {
                 if recorded.and_then(|by| SpentBy::decode(&by)) != Some(spent_by(&spends[index])) {
                     continue;
                 }
-                if let Some(position) = self.position_of(&prev_txids[index])? {
+                if let Some(position) = self.key_position(&prev_txids[index])? {
                     from_bodies.push((position, index));
                 }
             }
             from_bodies.sort_unstable();
             for ((height, position), index) in from_bodies {
-                if let Some(out) = self.coin_in_body(height, position, spends[index].prev_vout)? {
+                let (txid, vout) = (&prev_txids[index], spends[index].prev_vout);
+                if let Some(out) = self.coin_in_body(height, position, txid, vout)? {
                     found.push(pb::SpentOutput {
                         index: index as u32,
                         value: out.value,
@@ -507,20 +508,24 @@ impl Shard {
         txid: &Hash32,
         vout: u32,
     ) -> Result<Option<pb::TxOut>, ShardError> {
-        match self.position_of(txid)? {
-            Some((height, position)) => self.coin_in_body(height, position, vout),
+        match self.key_position(txid)? {
+            Some((height, position)) => self.coin_in_body(height, position, txid, vout),
             None => Ok(None),
         }
     }
 
-    /// Output `vout` of the tx at (height, position), read from the source.
+    /// Output `vout` of the tx at (height, position), read from the source, if that tx is `txid`.
     fn coin_in_body(
         &self,
         height: u32,
         position: u32,
+        txid: &Hash32,
         vout: u32,
     ) -> Result<Option<pb::TxOut>, ShardError> {
         let (_, tx, _) = self.tx_body(height, position)?;
+        if tx.compute_txid().to_byte_array() != *txid {
+            return Ok(None);
+        }
         Ok(tx
             .output
             .get(vout as usize)
@@ -649,8 +654,12 @@ impl Shard {
                 minus.entry(sh).or_default().tx_count += 1;
             }
             batch.delete(Cf::Txs, txid_key(&txid));
-            batch.delete(Cf::TxPositions, position_key(height, position));
         }
+        batch.delete_range(
+            Cf::TxPositions,
+            position_key(height, 0),
+            position_key(height + 1, 0),
+        );
         if let Some(meta) = self.block_meta(height)? {
             batch.delete(Cf::BlockHashes, meta.hash);
         }
@@ -746,50 +755,74 @@ impl Shard {
         })
     }
 
-    fn location_at(&self, height: u32, position: u32) -> Result<TxLocation, ShardError> {
+    fn slot_at(&self, height: u32, position: u32) -> Result<TxSlot, ShardError> {
+        let no_tx = || corrupt("tx position", format!("no tx at {height}:{position}"));
         let bytes = self
             .store
-            .get(Cf::TxPositions, &position_key(height, position))?
-            .ok_or_else(|| corrupt("tx position", format!("no tx at {height}:{position}")))?;
-        TxLocation::decode(&bytes).ok_or_else(|| corrupt("tx position", "not 40 bytes"))
+            .get(Cf::TxPositions, &schema::tx_slots_key(height, position))?
+            .ok_or_else(no_tx)?;
+        schema::tx_slot(&bytes, position).ok_or_else(no_tx)
     }
 
+    /// The whole txid at (height, position): only the tx's body has it.
     fn txid_at(&self, height: u32, position: u32) -> Result<Hash32, ShardError> {
-        Ok(self.location_at(height, position)?.txid)
+        let (_, tx, _) = self.tx_body(height, position)?;
+        Ok(tx.compute_txid().to_byte_array())
     }
 
-    /// Whether `txid` is one of this shard's txs: then this shard holds its coins.
+    /// Whether `txid` is one of this shard's txs: then this shard holds its coins. By its 12-byte key only
+    /// (a rollback asks this for every input of a block, and reading each coin's tx back from the source
+    /// would be a fetch per input): see "Hashes in keys" in doc/schema.md for what grinding can do.
     fn holds_tx(&self, txid: &Hash32) -> Result<bool, ShardError> {
-        Ok(self.position_of(txid)?.is_some())
+        Ok(self.key_position(txid)?.is_some())
     }
 
-    /// Where `txid` is in this shard. `txs` is keyed by a txid prefix, so the full txid is compared.
-    fn position_of(&self, txid: &Hash32) -> Result<Option<(u32, u32)>, ShardError> {
+    /// Where the tx with `txid`'s 12-byte key is in this shard, if any.
+    fn key_position(&self, txid: &Hash32) -> Result<Option<(u32, u32)>, ShardError> {
         let Some(bytes) = self.store.get(Cf::Txs, &txid_key(txid))? else {
             return Ok(None);
         };
         if bytes.len() != 8 {
             return Err(corrupt("tx", "position is not 8 bytes"));
         }
-        let (height, position) = (schema::be_u32(&bytes[..4]), schema::be_u32(&bytes[4..]));
-        Ok((self.txid_at(height, position)? == *txid).then_some((height, position)))
+        Ok(Some((
+            schema::be_u32(&bytes[..4]),
+            schema::be_u32(&bytes[4..]),
+        )))
     }
 
-    /// The tx at (height, position), its bytes read from the source and checked against the stored txid.
+    /// `txid` in this shard: where it is and its body, read from the source and compared whole (the key
+    /// has only 12 bytes of it).
+    #[allow(clippy::type_complexity)]
+    fn find_tx(
+        &self,
+        txid: &Hash32,
+    ) -> Result<Option<((u32, u32), Vec<u8>, Transaction, pb::TxStatus)>, ShardError> {
+        let Some((height, position)) = self.key_position(txid)? else {
+            return Ok(None);
+        };
+        let (raw, tx, status) = self.tx_body(height, position)?;
+        Ok((tx.compute_txid().to_byte_array() == *txid).then_some((
+            (height, position),
+            raw,
+            tx,
+            status,
+        )))
+    }
+
+    /// The tx at (height, position), its bytes read from the source and checked against the stored txid key.
     fn tx_body(
         &self,
         height: u32,
         position: u32,
     ) -> Result<(Vec<u8>, Transaction, pb::TxStatus), ShardError> {
-        let location = self.location_at(height, position)?;
+        let slot = self.slot_at(height, position)?;
         let status = self.tx_status(height, position)?;
         let hash = block_hash(&status.block_hash)?;
-        let raw = self
-            .source
-            .block_slice(&hash, location.offset, location.len)?;
+        let raw = self.source.block_slice(&hash, slot.offset, slot.len)?;
         let tx: Transaction =
             deserialize(&raw).map_err(|e| corrupt("tx body from the source", e))?;
-        if tx.compute_txid().to_byte_array() != location.txid {
+        if txid_key(&tx.compute_txid().to_byte_array()) != slot.txid_key {
             return Err(corrupt(
                 "tx body from the source",
                 format!("block {hash} has another tx at {height}:{position}"),
@@ -799,14 +832,27 @@ impl Shard {
     }
 
     pub fn tx(&self, txid: &Hash32) -> Result<Option<pb::TxDetail>, ShardError> {
-        match self.position_of(txid)? {
-            Some((height, position)) => self.tx_detail_at(height, position).map(Some),
+        match self.find_tx(txid)? {
+            Some(((height, position), raw, tx, status)) => {
+                self.tx_detail(height, position, raw, tx, status).map(Some)
+            }
             None => Ok(None),
         }
     }
 
     fn tx_detail_at(&self, height: u32, position: u32) -> Result<pb::TxDetail, ShardError> {
         let (raw, tx, status) = self.tx_body(height, position)?;
+        self.tx_detail(height, position, raw, tx, status)
+    }
+
+    fn tx_detail(
+        &self,
+        height: u32,
+        position: u32,
+        raw: Vec<u8>,
+        tx: Transaction,
+        status: pb::TxStatus,
+    ) -> Result<pb::TxDetail, ShardError> {
         // Inputs not yet resolved (shard still in phase 1 or 2) stay empty. Point lookups, not a scan:
         // they read only the files whose height range covers them (one, once the shard is compacted).
         let mut prevouts = vec![pb::TxOut::default(); tx.input.len()];
@@ -880,27 +926,57 @@ impl Shard {
             },
         )?;
         let mut utxos = Vec::new();
+        // Funding rows come in (height, position) order: consecutive ones mostly share a `tx_positions` row.
+        let mut slots: Option<([u8; 8], Vec<u8>)> = None;
         for row in funding {
-            let txid = self.txid_at(row.height, row.position)?;
-            let key = outpoint_key(&txid, row.index);
+            let slots_key = schema::tx_slots_key(row.height, row.position);
+            if slots.as_ref().is_none_or(|(key, _)| *key != slots_key) {
+                let bytes = self
+                    .store
+                    .get(Cf::TxPositions, &slots_key)?
+                    .unwrap_or_default();
+                slots = Some((slots_key, bytes));
+            }
+            let slot = slots
+                .as_ref()
+                .and_then(|(_, bytes)| schema::tx_slot(bytes, row.position))
+                .ok_or_else(|| {
+                    corrupt(
+                        "tx position",
+                        format!("no tx at {}:{}", row.height, row.position),
+                    )
+                })?;
+            let mut key = [0u8; KEY_HASH_LEN + 4];
+            key[..KEY_HASH_LEN].copy_from_slice(&slot.txid_key);
+            key[KEY_HASH_LEN..].copy_from_slice(&row.index.to_be_bytes());
             if self.store.get(Cf::Outspends, &key)?.is_some() {
                 continue;
             }
-            let output = self.store.get(Cf::Outputs, &key)?;
-            let output = output_of(output.as_deref(), &txid, &key)?.ok_or_else(|| {
+            let missing = || {
                 corrupt(
                     "unspent output",
                     format!(
-                        "no outputs row of {}:{}",
-                        crate::worker::display_hash(&txid),
+                        "no outputs row paying this address for txid key {}, vout {}",
+                        hex::encode(slot.txid_key),
                         row.index
                     ),
                 )
-            })?;
+            };
+            let bytes = self.store.get(Cf::Outputs, &key)?.ok_or_else(missing)?;
+            let (rest, value, script) =
+                decode_output(&bytes).ok_or_else(|| corrupt("output", hex::encode(key)))?;
+            // The row is keyed by 12 txid bytes: it must be a coin of this address (a ground txid pair
+            // sharing them fails here rather than answering the other tx's coin for anyone else).
+            if scripthash(bitcoin::Script::from_bytes(script)) != *sh {
+                return Err(missing());
+            }
+            let mut txid = [0u8; 32];
+            txid[..KEY_HASH_LEN].copy_from_slice(&slot.txid_key);
+            txid[KEY_HASH_LEN..].copy_from_slice(rest);
             utxos.push(pb::Utxo {
                 txid: txid.to_vec(),
                 vout: row.index,
-                value: output.value,
+                value,
                 status: Some(self.tx_status(row.height, row.position)?),
             });
         }
@@ -941,15 +1017,10 @@ impl Shard {
         };
         let mut txids = Vec::new();
         if with_txids {
-            self.store.scan(
-                Cf::TxPositions,
-                &schema::height_key(height),
-                ScanFrom::First,
-                &mut |_, value| {
-                    txids.push(value.get(..32).unwrap_or_default().to_vec());
-                    true
-                },
-            )?;
+            // Only the block's body has whole txids.
+            for (_, txid, _) in self.block_txs(height)? {
+                txids.push(txid.to_vec());
+            }
         }
         Ok(pb::BlockLookup {
             found: true,
@@ -963,10 +1034,9 @@ impl Shard {
     /// Who spends each output of `txid`, with the height of the tx. A spender is named by where it is
     /// (height, position, vin); the coordinator asks the spender's shard for its txid (`txids_at`).
     pub fn outspends(&self, txid: &Hash32) -> Result<Option<(u32, Vec<pb::Outspend>)>, ShardError> {
-        let Some((height, position)) = self.position_of(txid)? else {
+        let Some(((height, _), _, tx, _)) = self.find_tx(txid)? else {
             return Ok(None);
         };
-        let (_, tx, _) = self.tx_body(height, position)?;
         let mut outspends = Vec::with_capacity(tx.output.len());
         for vout in 0..tx.output.len() as u32 {
             let spend = match self.store.get(Cf::Outspends, &outpoint_key(txid, vout))? {
@@ -1134,21 +1204,29 @@ impl IndexWindow<'_> {
 
         // Byte offset of each tx in the block: after the header and the tx count.
         let mut offset = 80 + bitcoin::consensus::encode::VarInt(block.txdata.len() as u64).size();
+        // (txid, length) of the txs of the `tx_positions` row being filled, and its first tx's offset.
+        let mut slots: Vec<(Hash32, usize)> = Vec::new();
+        let mut slots_offset = offset;
         for (position, tx) in block.txdata.iter().enumerate() {
             let position = position as u32;
             let txid = tx.compute_txid().to_byte_array();
             let len = tx.total_size();
-            let location = TxLocation {
-                txid,
-                offset: offset as u32,
-                len: len as u32,
-            };
+            slots.push((txid, len));
             offset += len;
-            batch.put(
-                Cf::TxPositions,
-                position_key(height, position),
-                location.encode(),
-            );
+            if slots.len() as u32 == schema::TXS_PER_SLOT_ROW
+                || position as usize + 1 == block.txdata.len()
+            {
+                batch.put(
+                    Cf::TxPositions,
+                    schema::tx_slots_key(height, position),
+                    schema::encode_tx_slots(
+                        slots_offset as u32,
+                        slots.iter().map(|(txid, len)| (txid, *len)),
+                    ),
+                );
+                slots.clear();
+                slots_offset = offset;
+            }
             batch.put(Cf::Txs, txid_key(&txid), position_key(height, position));
             let mut touched: Vec<ScriptHash> = Vec::new();
             // Inputs whose coin no shard here has yet: (vin, input), parked in `pending`.

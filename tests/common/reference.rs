@@ -89,6 +89,8 @@ pub struct Reference {
     chain: Vec<BlockHash>,
     /// Every confirmed txid in chain order (a BIP30 duplicate appears twice).
     txids: Vec<Txid>,
+    /// Index in `txids` of each block's first tx, index = height.
+    block_starts: Vec<usize>,
     /// txid -> the outputs its inputs spend (the later tx for a duplicate txid).
     prevouts: HashMap<Txid, Vec<Option<(u64, ScriptBuf)>>>,
     /// Spent output -> (spending txid, vin, height of the spending block).
@@ -148,6 +150,7 @@ impl Reference {
         let mut reference = Reference {
             chain: chain.clone(),
             txids: Vec::new(),
+            block_starts: Vec::new(),
             prevouts: HashMap::new(),
             outspends: HashMap::new(),
             scripts: HashMap::new(),
@@ -168,6 +171,7 @@ impl Reference {
         block: &Block,
         utxo_set: &mut HashMap<OutPoint, Coin>,
     ) {
+        self.block_starts.push(self.txids.len());
         for (pos, tx) in block.txdata.iter().enumerate() {
             let pos = pos as u32;
             let txid = tx.compute_txid();
@@ -318,6 +322,17 @@ impl Reference {
     /// appears twice, so `txids().len() == tx_count()`.
     pub fn txids(&self) -> Vec<Txid> {
         self.txids.clone()
+    }
+
+    /// The txids of the block at `height`, in block order.
+    pub fn block_txids(&self, height: u32) -> Vec<Txid> {
+        let start = self.block_starts[height as usize];
+        let end = self
+            .block_starts
+            .get(height as usize + 1)
+            .copied()
+            .unwrap_or(self.txids.len());
+        self.txids[start..end].to_vec()
     }
 
     /// (spending txid, vin, height of the spending block) for output `txid:vout`, if it is spent;
