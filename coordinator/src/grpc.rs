@@ -301,11 +301,14 @@ impl pb::query_server::Query for QueryService {
         &self,
         request: Request<pb::BlockQuery>,
     ) -> Result<Response<pb::BlockLookup>, Status> {
-        let lookup = match request.into_inner().key {
-            Some(pb::block_query::Key::Height(h)) => self.router.block_at(h, true).await?,
+        let query = request.into_inner();
+        let lookup = match query.key {
+            Some(pb::block_query::Key::Height(h)) => {
+                self.router.block_at(h, query.with_txids).await?
+            }
             Some(pb::block_query::Key::Hash(hash)) => {
                 self.router
-                    .block_by_hash(&parse_hash(&hash, "block hash")?, true)
+                    .block_by_hash(&parse_hash(&hash, "block hash")?, query.with_txids)
                     .await?
             }
             None => return Err(Status::invalid_argument("give a block height or hash")),
