@@ -229,9 +229,14 @@ impl WorkerNode {
         });
     }
 
+    /// What the coordinators' heartbeat replies say. Latched once true: afterwards their flag turns off
+    /// again while a shard copy is being built or the tip shard catches up (every block), and neither is
+    /// worth holding compactions back for.
     pub fn set_cluster_backfill_complete(&self, complete: bool) {
-        self.cluster_backfill_complete
-            .store(complete, Ordering::Relaxed);
+        if complete {
+            self.cluster_backfill_complete
+                .store(true, Ordering::Relaxed);
+        }
     }
 
     /// Whether the backfill is still going on: a shard of this worker is in phase 1 or 2, or (under the
