@@ -1205,14 +1205,23 @@ impl IndexWindow<'_> {
         );
         batch.put(Cf::BlockHashes, block_hash, schema::height_key(height));
 
+        let txids: Vec<Hash32> = block
+            .txdata
+            .iter()
+            .map(|tx| tx.compute_txid().to_byte_array())
+            .collect();
+        let earlier_coins = match spent {
+            Some(_) => FastMap::default(),
+            None => earlier_window_coins(shard, block, &txids, window_outputs)?,
+        };
         // Byte offset of each tx in the block: after the header and the tx count.
         let mut offset = 80 + bitcoin::consensus::encode::VarInt(block.txdata.len() as u64).size();
         // (txid, length) of the txs of the `tx_positions` row being filled, and its first tx's offset.
         let mut slots: Vec<(Hash32, usize)> = Vec::new();
         let mut slots_offset = offset;
         for (position, tx) in block.txdata.iter().enumerate() {
+            let txid = txids[position];
             let position = position as u32;
-            let txid = tx.compute_txid().to_byte_array();
             let len = tx.total_size();
             slots.push((txid, len));
             offset += len;
@@ -1261,11 +1270,14 @@ impl IndexWindow<'_> {
                         None => {
                             match window_outputs.remove(&(prev_txid, input.previous_output.vout)) {
                                 Some(out) => Some(out),
-                                None => output_of(
-                                    shard.store.get(Cf::Outputs, &prev_key)?.as_deref(),
-                                    &prev_txid,
-                                    &prev_key,
-                                )?,
+                                None => match earlier_coins.get(&prev_key) {
+                                    Some(row) => output_of(row.as_deref(), &prev_txid, &prev_key)?,
+                                    None => output_of(
+                                        shard.store.get(Cf::Outputs, &prev_key)?.as_deref(),
+                                        &prev_txid,
+                                        &prev_key,
+                                    )?,
+                                },
                             }
                         }
                     };
@@ -1425,6 +1437,33 @@ fn tx_out(value: u64, script: &[u8]) -> pb::TxOut {
 
 /// The coin of `txid` in an `outputs` value, if it is that tx's: the key holds only 12 bytes of the txid,
 /// the value the other 20. `None` for no row or another tx's row.
+/// The `outputs` rows of the coins `block`'s inputs spend that neither this window nor the block itself
+/// created: coins of earlier windows of this shard (or of other shards, then absent), read with one
+/// `MultiGet` per block rather than a lookup per input.
+fn earlier_window_coins(
+    shard: &Shard,
+    block: &Block,
+    txids: &[Hash32],
+    window_outputs: &FastMap<(Hash32, u32), pb::TxOut>,
+) -> Result<FastMap<[u8; KEY_HASH_LEN + 4], Option<Vec<u8>>>, ShardError> {
+    let in_block: std::collections::HashSet<&Hash32> = txids.iter().collect();
+    let mut keys = Vec::new();
+    for tx in block.txdata.iter().filter(|tx| !tx.is_coinbase()) {
+        for input in &tx.input {
+            let prev_txid = input.previous_output.txid.to_byte_array();
+            let vout = input.previous_output.vout;
+            if !in_block.contains(&prev_txid) && !window_outputs.contains_key(&(prev_txid, vout)) {
+                keys.push(outpoint_key(&prev_txid, vout));
+            }
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+    let rows = shard.store.multi_get(Cf::Outputs, &refs)?;
+    Ok(keys.into_iter().zip(rows).collect())
+}
+
 fn output_of(
     bytes: Option<&[u8]>,
     txid: &Hash32,
