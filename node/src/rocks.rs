@@ -437,21 +437,18 @@ mod tests {
                 );
             }
         };
-        store.set_compression(false).unwrap();
-        let mut batch = Batch::default();
-        rows(&mut batch, 0);
-        store.write(batch, false).unwrap();
-        store.compact().unwrap();
-        let uncompressed = sst_bytes(&store);
+        let write_and_compact = |compression: bool, pass: u32| {
+            store.set_compression(compression).unwrap();
+            let mut batch = Batch::default();
+            rows(&mut batch, pass);
+            store.write(batch, false).unwrap();
+            store.compact().unwrap();
+            sst_bytes(&store)
+        };
+        let uncompressed = write_and_compact(false, 0);
         assert!(uncompressed > 20_000 * 64, "{uncompressed} bytes");
-
-        store.set_compression(true).unwrap();
-        let mut batch = Batch::default();
-        rows(&mut batch, 1);
-        store.write(batch, false).unwrap();
-        store.compact().unwrap();
         // Twice the rows, now all rewritten compressed.
-        let compressed = sst_bytes(&store);
+        let compressed = write_and_compact(true, 1);
         assert!(
             compressed < uncompressed / 4,
             "{compressed} vs {uncompressed} bytes"

@@ -522,11 +522,12 @@ impl Shard {
         txid: &Hash32,
         vout: u32,
     ) -> Result<Option<pb::TxOut>, ShardError> {
-        let (_, tx, _) = self.tx_body(height, position)?;
-        if tx.compute_txid().to_byte_array() != *txid {
+        let body = self.tx_body(height, position)?;
+        if body.txid != *txid {
             return Ok(None);
         }
-        Ok(tx
+        Ok(body
+            .tx
             .output
             .get(vout as usize)
             .map(|out| tx_out(out.value.to_sat(), out.script_pubkey.as_bytes())))
@@ -766,8 +767,7 @@ impl Shard {
 
     /// The whole txid at (height, position): only the tx's body has it.
     fn txid_at(&self, height: u32, position: u32) -> Result<Hash32, ShardError> {
-        let (_, tx, _) = self.tx_body(height, position)?;
-        Ok(tx.compute_txid().to_byte_array())
+        Ok(self.tx_body(height, position)?.txid)
     }
 
     /// Whether `txid` is one of this shard's txs: then this shard holds its coins. By its 12-byte key only
@@ -793,66 +793,59 @@ impl Shard {
 
     /// `txid` in this shard: where it is and its body, read from the source and compared whole (the key
     /// has only 12 bytes of it).
-    #[allow(clippy::type_complexity)]
-    fn find_tx(
-        &self,
-        txid: &Hash32,
-    ) -> Result<Option<((u32, u32), Vec<u8>, Transaction, pb::TxStatus)>, ShardError> {
+    fn find_tx(&self, txid: &Hash32) -> Result<Option<TxBody>, ShardError> {
         let Some((height, position)) = self.key_position(txid)? else {
             return Ok(None);
         };
-        let (raw, tx, status) = self.tx_body(height, position)?;
-        Ok((tx.compute_txid().to_byte_array() == *txid).then_some((
-            (height, position),
-            raw,
-            tx,
-            status,
-        )))
+        let body = self.tx_body(height, position)?;
+        Ok((body.txid == *txid).then_some(body))
     }
 
     /// The tx at (height, position), its bytes read from the source and checked against the stored txid key.
-    fn tx_body(
-        &self,
-        height: u32,
-        position: u32,
-    ) -> Result<(Vec<u8>, Transaction, pb::TxStatus), ShardError> {
+    fn tx_body(&self, height: u32, position: u32) -> Result<TxBody, ShardError> {
         let slot = self.slot_at(height, position)?;
         let status = self.tx_status(height, position)?;
         let hash = block_hash(&status.block_hash)?;
         let raw = self.source.block_slice(&hash, slot.offset, slot.len)?;
         let tx: Transaction =
             deserialize(&raw).map_err(|e| corrupt("tx body from the source", e))?;
-        if txid_key(&tx.compute_txid().to_byte_array()) != slot.txid_key {
+        let txid = tx.compute_txid().to_byte_array();
+        if txid_key(&txid) != slot.txid_key {
             return Err(corrupt(
                 "tx body from the source",
                 format!("block {hash} has another tx at {height}:{position}"),
             ));
         }
-        Ok((raw, tx, status))
+        Ok(TxBody {
+            height,
+            position,
+            raw,
+            tx,
+            txid,
+            status,
+        })
     }
 
     pub fn tx(&self, txid: &Hash32) -> Result<Option<pb::TxDetail>, ShardError> {
         match self.find_tx(txid)? {
-            Some(((height, position), raw, tx, status)) => {
-                self.tx_detail(height, position, raw, tx, status).map(Some)
-            }
+            Some(body) => self.tx_detail(body).map(Some),
             None => Ok(None),
         }
     }
 
     fn tx_detail_at(&self, height: u32, position: u32) -> Result<pb::TxDetail, ShardError> {
-        let (raw, tx, status) = self.tx_body(height, position)?;
-        self.tx_detail(height, position, raw, tx, status)
+        self.tx_detail(self.tx_body(height, position)?)
     }
 
-    fn tx_detail(
-        &self,
-        height: u32,
-        position: u32,
-        raw: Vec<u8>,
-        tx: Transaction,
-        status: pb::TxStatus,
-    ) -> Result<pb::TxDetail, ShardError> {
+    fn tx_detail(&self, body: TxBody) -> Result<pb::TxDetail, ShardError> {
+        let TxBody {
+            height,
+            position,
+            raw,
+            tx,
+            status,
+            ..
+        } = body;
         // Inputs not yet resolved (shard still in phase 1 or 2) stay empty. Point lookups, not a scan:
         // they read only the files whose height range covers them (one, once the shard is compacted).
         let mut prevouts = vec![pb::TxOut::default(); tx.input.len()];
@@ -1037,7 +1030,7 @@ impl Shard {
     /// Who spends each output of `txid`, with the height of the tx. A spender is named by where it is
     /// (height, position, vin); the coordinator asks the spender's shard for its txid (`txids_at`).
     pub fn outspends(&self, txid: &Hash32) -> Result<Option<(u32, Vec<pb::Outspend>)>, ShardError> {
-        let Some(((height, _), _, tx, _)) = self.find_tx(txid)? else {
+        let Some(TxBody { height, tx, .. }) = self.find_tx(txid)? else {
             return Ok(None);
         };
         let mut outspends = Vec::with_capacity(tx.output.len());
@@ -1437,6 +1430,16 @@ fn tx_out(value: u64, script: &[u8]) -> pb::TxOut {
 
 /// The coin of `txid` in an `outputs` value, if it is that tx's: the key holds only 12 bytes of the txid,
 /// the value the other 20. `None` for no row or another tx's row.
+/// A tx read back from the source, checked against the txid key stored for its position.
+struct TxBody {
+    height: u32,
+    position: u32,
+    raw: Vec<u8>,
+    tx: Transaction,
+    txid: Hash32,
+    status: pb::TxStatus,
+}
+
 /// The `outputs` rows of the coins `block`'s inputs spend that neither this window nor the block itself
 /// created: coins of earlier windows of this shard (or of other shards, then absent), read with one
 /// `MultiGet` per block rather than a lookup per input.
