@@ -78,8 +78,10 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let mut runs = Vec::new();
-    for workers in worker_counts {
-        let cluster_dir = dir.path().join(format!("cluster-{workers}"));
+    for (run, workers) in worker_counts.into_iter().enumerate() {
+        // One directory per run: a worker count given twice ("1,8,1") must backfill again, not find
+        // the first run's finished shards.
+        let cluster_dir = dir.path().join(format!("cluster-{run}-{workers}"));
         // The same 16 shards whatever the worker count, so only the distribution differs between runs.
         let shard_blocks = blocks.div_ceil(16).max(1);
         let own_cpu_before = cpu_seconds(std::process::id());

@@ -231,10 +231,18 @@ impl Shard {
         }
     }
 
-    /// Adds this batch's per-address deltas to the stored totals (a merge: no read).
+    /// Adds this batch's per-address deltas to the stored totals (a merge: no read). In key order: the
+    /// memtable's skiplist starts each insert from where the last one went, so a sorted batch walks it
+    /// once instead of searching it from the top per row (a window's ~90k merges into a memtable that
+    /// holds earlier windows' were the largest cost that grew with a shard).
     fn merge_stats(&self, batch: &mut Batch, deltas: FastMap<ScriptHash, pb::AddressStats>) {
-        for (sh, delta) in deltas {
-            batch.merge(Cf::Stats, addr_key(&sh), delta.encode_to_vec());
+        let mut merges: Vec<_> = deltas
+            .into_iter()
+            .map(|(sh, delta)| (addr_key(&sh), delta))
+            .collect();
+        merges.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (key, delta) in merges {
+            batch.merge(Cf::Stats, key, delta.encode_to_vec());
         }
     }
 
