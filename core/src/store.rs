@@ -13,45 +13,101 @@ pub enum StoreError {
     Incompatible(String),
 }
 
-pub enum Op {
-    Put(Cf, Vec<u8>, Vec<u8>),
-    Delete(Cf, Vec<u8>),
+/// One write of a [`Batch`], borrowing its bytes.
+pub enum Op<'a> {
+    Put(Cf, &'a [u8], &'a [u8]),
+    Delete(Cf, &'a [u8]),
     /// Combines the value with the stored one by the column family's merge rule, without reading it first.
     /// Only `stats` has one: a field-wise sum of `AddressStats` (the engine is given the rule).
-    Merge(Cf, Vec<u8>, Vec<u8>),
+    Merge(Cf, &'a [u8], &'a [u8]),
     /// Deletes every key in `[from, to)`: one range tombstone instead of a delete per key.
-    DeleteRange(Cf, Vec<u8>, Vec<u8>),
+    DeleteRange(Cf, &'a [u8], &'a [u8]),
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Put,
+    Delete,
+    Merge,
+    DeleteRange,
+}
+
+/// Where one op's key and value (or range end) lie in [`Batch::bytes`].
+#[derive(Clone, Copy)]
+struct Entry {
+    kind: Kind,
+    cf: Cf,
+    start: usize,
+    key_len: u32,
+    value_len: u32,
 }
 
 /// Writes applied atomically: a block's rows and its checkpoint land together or not at all.
+///
+/// Keys and values are copied back to back into one buffer rather than kept as two allocations per row:
+/// a window holds a million rows, and their allocation, freeing and scattered reads while sorting
+/// (`Store::bulk_load`) were a tenth of the backfill's CPU.
 #[derive(Default)]
 pub struct Batch {
-    pub ops: Vec<Op>,
+    bytes: Vec<u8>,
+    entries: Vec<Entry>,
 }
 
 impl Batch {
-    pub fn put(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
-        self.ops.push(Op::Put(cf, key.into(), value.into()));
+    pub fn put(&mut self, cf: Cf, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        self.push(Kind::Put, cf, key.as_ref(), value.as_ref());
     }
 
-    pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
-        self.ops.push(Op::Delete(cf, key.into()));
+    pub fn delete(&mut self, cf: Cf, key: impl AsRef<[u8]>) {
+        self.push(Kind::Delete, cf, key.as_ref(), &[]);
     }
 
-    pub fn merge(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
-        self.ops.push(Op::Merge(cf, key.into(), value.into()));
+    pub fn merge(&mut self, cf: Cf, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        self.push(Kind::Merge, cf, key.as_ref(), value.as_ref());
     }
 
-    pub fn delete_range(&mut self, cf: Cf, from: impl Into<Vec<u8>>, to: impl Into<Vec<u8>>) {
-        self.ops.push(Op::DeleteRange(cf, from.into(), to.into()));
+    pub fn delete_range(&mut self, cf: Cf, from: impl AsRef<[u8]>, to: impl AsRef<[u8]>) {
+        self.push(Kind::DeleteRange, cf, from.as_ref(), to.as_ref());
+    }
+
+    fn push(&mut self, kind: Kind, cf: Cf, key: &[u8], value: &[u8]) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(key);
+        self.bytes.extend_from_slice(value);
+        self.entries.push(Entry {
+            kind,
+            cf,
+            start,
+            key_len: u32::try_from(key.len()).expect("a key under 4 GiB"),
+            value_len: u32::try_from(value.len()).expect("a value under 4 GiB"),
+        });
+    }
+
+    /// The ops in the order they were added.
+    pub fn ops(&self) -> impl ExactSizeIterator<Item = Op<'_>> + '_ {
+        (0..self.entries.len()).map(|i| self.op(i))
+    }
+
+    /// The `i`th op added.
+    pub fn op(&self, i: usize) -> Op<'_> {
+        let entry = self.entries[i];
+        let key_end = entry.start + entry.key_len as usize;
+        let key = &self.bytes[entry.start..key_end];
+        let value = &self.bytes[key_end..key_end + entry.value_len as usize];
+        match entry.kind {
+            Kind::Put => Op::Put(entry.cf, key, value),
+            Kind::Delete => Op::Delete(entry.cf, key),
+            Kind::Merge => Op::Merge(entry.cf, key, value),
+            Kind::DeleteRange => Op::DeleteRange(entry.cf, key, value),
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.ops.len()
+        self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
+        self.entries.is_empty()
     }
 }
 

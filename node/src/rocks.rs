@@ -160,7 +160,7 @@ impl RocksStore {
 
     fn rocks_batch(&self, batch: Batch) -> rocksdb::WriteBatch {
         let mut rocks_batch = rocksdb::WriteBatch::default();
-        for op in batch.ops {
+        for op in batch.ops() {
             match op {
                 Op::Put(cf, key, value) => rocks_batch.put_cf(self.handle(cf), key, value),
                 Op::Delete(cf, key) => rocks_batch.delete_cf(self.handle(cf), key),
@@ -189,26 +189,24 @@ impl RocksStore {
     }
 }
 
-/// The rows' indexes in key order, equal keys in the order written. Keys start with 8–16 random or
-/// height bytes, so comparing a cached 16-byte prefix as one integer settles almost every comparison without
-/// touching the rows (a plain sort of the rows spent most of its time in `memcmp`).
-fn sorted_order(rows: &[(Vec<u8>, Vec<u8>)]) -> Vec<usize> {
-    let mut order: Vec<(u128, usize)> = rows
-        .iter()
-        .enumerate()
-        .map(|(i, (key, _))| {
+/// The indexes of `keys` in key order, equal keys in the order given. Keys start with 8–16 random or
+/// height bytes, so comparing a cached 16-byte prefix as one integer settles almost every comparison
+/// without touching the keys (a plain sort of the rows spent most of its time in `memcmp`). The prefix is
+/// returned too: a key whose prefix differs from the next one's cannot equal it.
+fn sorted_order<'a>(keys: impl Iterator<Item = (usize, &'a [u8])>) -> Vec<(u128, usize)> {
+    let mut order: Vec<(u128, usize, &[u8])> = keys
+        .map(|(i, key)| {
             let mut prefix = [0u8; 16];
             let n = key.len().min(16);
             prefix[..n].copy_from_slice(&key[..n]);
-            (u128::from_be_bytes(prefix), i)
+            (u128::from_be_bytes(prefix), i, key)
         })
         .collect();
-    order.sort_unstable_by(|a, b| {
-        a.0.cmp(&b.0)
-            .then_with(|| rows[a.1].0.cmp(&rows[b.1].0))
-            .then(a.1.cmp(&b.1))
-    });
-    order.into_iter().map(|(_, i)| i).collect()
+    order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.2.cmp(b.2)).then(a.1.cmp(&b.1)));
+    order
+        .into_iter()
+        .map(|(prefix, i, _)| (prefix, i))
+        .collect()
 }
 
 impl Store for RocksStore {
@@ -241,12 +239,12 @@ impl Store for RocksStore {
     }
 
     fn bulk_load(&self, batch: Batch) -> Result<(), StoreError> {
-        let mut by_cf: Vec<Vec<(Vec<u8>, Vec<u8>)>> = vec![Vec::new(); Cf::ALL.len()];
-        for op in batch.ops {
+        let mut by_cf: Vec<Vec<usize>> = vec![Vec::new(); Cf::ALL.len()];
+        for (i, op) in batch.ops().enumerate() {
             match op {
-                Op::Put(cf, key, value) => {
+                Op::Put(cf, _, _) => {
                     let index = Cf::ALL.iter().position(|c| *c == cf).expect("in ALL");
-                    by_cf[index].push((key, value));
+                    by_cf[index].push(i);
                 }
                 Op::Delete(cf, _) | Op::Merge(cf, _, _) | Op::DeleteRange(cf, _, _) => {
                     return Err(StoreError::Engine(format!(
@@ -256,13 +254,17 @@ impl Store for RocksStore {
                 }
             }
         }
+        let put = |i: usize| match batch.op(i) {
+            Op::Put(_, key, value) => (key, value),
+            _ => unreachable!("only puts were kept"),
+        };
         let mut ingest = rocksdb::IngestExternalFileOptions::default();
         ingest.set_move_files(true);
         for (cf, rows) in Cf::ALL.iter().copied().zip(by_cf) {
             if rows.is_empty() {
                 continue;
             }
-            let order = sorted_order(&rows);
+            let order = sorted_order(rows.iter().map(|&i| (i, put(i).0)));
             let path = self.db.path().join(BULK_DIR).join(format!(
                 "{}-{}.sst",
                 cf.name(),
@@ -275,10 +277,13 @@ impl Store for RocksStore {
             options.set_bottommost_compression_type(rocksdb::DBCompressionType::None);
             let mut writer = rocksdb::SstFileWriter::create(&options);
             writer.open(&path).map_err(engine)?;
-            for (i, &row) in order.iter().enumerate() {
-                let (key, value) = &rows[row];
+            for (i, &(prefix, row)) in order.iter().enumerate() {
+                let (key, value) = put(row);
                 // Of equal keys the last written is kept.
-                if order.get(i + 1).is_some_and(|&next| rows[next].0 == *key) {
+                if order
+                    .get(i + 1)
+                    .is_some_and(|&(next_prefix, next)| next_prefix == prefix && put(next).0 == key)
+                {
                     continue;
                 }
                 writer.put(key, value).map_err(engine)?;
@@ -405,14 +410,10 @@ mod tests {
             b"a".to_vec(),
             long(1),
         ];
-        let rows: Vec<(Vec<u8>, Vec<u8>)> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, key)| (key.clone(), vec![i as u8]))
-            .collect();
-        let mut expected: Vec<usize> = (0..rows.len()).collect();
-        expected.sort_by(|a, b| rows[*a].0.cmp(&rows[*b].0));
-        assert_eq!(sorted_order(&rows), expected);
+        let mut expected: Vec<usize> = (0..keys.len()).collect();
+        expected.sort_by(|a, b| keys[*a].cmp(&keys[*b]));
+        let order = sorted_order(keys.iter().map(|key| key.as_slice()).enumerate());
+        assert_eq!(order.iter().map(|&(_, i)| i).collect::<Vec<_>>(), expected);
     }
 
     #[test]
