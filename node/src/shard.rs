@@ -233,8 +233,8 @@ impl Shard {
 
     /// Adds this batch's per-address deltas to the stored totals (a merge: no read). In key order: the
     /// memtable's skiplist starts each insert from where the last one went, so a sorted batch walks it
-    /// once instead of searching it from the top per row (a window's ~90k merges into a memtable that
-    /// holds earlier windows' were the largest cost that grew with a shard).
+    /// once instead of searching it from the top per row (in hash order these inserts took 2.4 CPU-s per
+    /// million txs on a 3.99M-tx backfill, the cost that grew most with a shard; sorted, 0.13).
     fn merge_stats(&self, batch: &mut Batch, deltas: FastMap<ScriptHash, pb::AddressStats>) {
         let mut merges: Vec<_> = deltas
             .into_iter()
