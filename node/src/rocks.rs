@@ -1,7 +1,7 @@
 //! The RocksDB engine behind [`chainidx_core::store::Store`]: one database per shard, one column family per
 //! row kind (see `doc/schema.md`).
 
-use chainidx_core::schema::Cf;
+use chainidx_core::schema::{Cf, KEY_HASH_LEN, RETIRED_CFS};
 use chainidx_core::store::{Batch, EngineMemory, Op, ScanFrom, Store, StoreError};
 use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DB, Options, WriteOptions};
 use std::path::Path;
@@ -89,7 +89,18 @@ fn cf_options(cf: Cf, writer: TableWriter) -> Options {
     // to build: they are for files that stay (compactions below L0); flushed and ingested files, which
     // the after-backfill compaction rewrites, get Bloom filters. `prevouts` and the other height-keyed
     // families need none: a lookup reads only files whose height range covers it.
-    if matches!(cf, Cf::Outputs | Cf::Txs | Cf::Outspends | Cf::Stats) {
+    if matches!(cf, Cf::Outputs | Cf::Txs | Cf::Outspends) {
+        match writer {
+            TableWriter::Database => table.set_hybrid_ribbon_filter(10.0, 1),
+            TableWriter::Ingestion => table.set_bloom_filter(10.0, false),
+        }
+    }
+    // `history` is read by address: a scan of one address's rows or a point lookup of its stats row (the
+    // address key alone). Filters on the 12-byte address key answer both where the shard lacks the
+    // address, with one filter entry per address rather than per row.
+    if cf == Cf::History {
+        options.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(KEY_HASH_LEN));
+        table.set_whole_key_filtering(false);
         match writer {
             TableWriter::Database => table.set_hybrid_ribbon_filter(10.0, 1),
             TableWriter::Ingestion => table.set_bloom_filter(10.0, false),
@@ -99,8 +110,8 @@ fn cf_options(cf: Cf, writer: TableWriter) -> Options {
     // bytes/tx at 16 KiB, 432 at 64 KiB (`--bench backfill`, LZ4 then).
     table.set_block_size(32 << 10);
     options.set_block_based_table_factory(&table);
-    if cf == Cf::Stats {
-        // Blocks add to an address's totals without reading them first.
+    if cf == Cf::History {
+        // Blocks add to an address's stats row without reading it first (history rows are only ever put).
         options.set_merge_operator_associative("add_address_stats", merge_stats);
     }
     // Smaller memtables (shallower skiplists) flushed in the background: half of a backfill's time is
@@ -130,9 +141,17 @@ impl RocksStore {
         // Backfill blocks are written without the WAL (`write_unlogged`): every flush must then take all
         // column families together, or a crash could keep a block's history rows but not its checkpoint.
         options.set_atomic_flush(true);
-        let descriptors = Cf::ALL.iter().map(|cf| {
-            ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf, TableWriter::Database))
-        });
+        let on_disk = DB::list_cf(&options, path).unwrap_or_default();
+        let retired = RETIRED_CFS
+            .iter()
+            .filter(|name| on_disk.iter().any(|cf| cf == *name))
+            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let descriptors = Cf::ALL
+            .iter()
+            .map(|cf| {
+                ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf, TableWriter::Database))
+            })
+            .chain(retired);
         let db = DB::open_cf_descriptors(&options, path, descriptors).map_err(engine)?;
         let bulk = path.join(BULK_DIR);
         if bulk.exists() {
@@ -395,6 +414,59 @@ impl Store for RocksStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stats_rows_live_beside_history_rows_and_the_address_filter_keeps_them_apart() {
+        use chainidx_core::schema::{KIND_FUNDING, history_key, parse_history_key, stats_key};
+        use chainidx_proto::AddressStats;
+        use prost::Message;
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path()).unwrap();
+        let (a, b, absent) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        let mut rows = Batch::default();
+        for (sh, height) in [(a, 5), (a, 7), (b, 6)] {
+            rows.put(
+                Cf::History,
+                history_key(&sh, height, 0, KIND_FUNDING, 0),
+                [],
+            );
+        }
+        store.bulk_load(rows).unwrap();
+        for funded in [10, 32] {
+            let mut batch = Batch::default();
+            let delta = AddressStats {
+                funded_sum: funded,
+                funded_txo_count: 1,
+                ..Default::default()
+            };
+            batch.merge(Cf::History, stats_key(&a), delta.encode_to_vec());
+            store.write(batch, false).unwrap();
+        }
+        for compacted in [false, true] {
+            if compacted {
+                store.compact().unwrap();
+            }
+            let stats = store.get(Cf::History, &stats_key(&a)).unwrap().unwrap();
+            let stats = AddressStats::decode(stats.as_slice()).unwrap();
+            assert_eq!((stats.funded_sum, stats.funded_txo_count), (42, 2));
+            assert_eq!(store.get(Cf::History, &stats_key(&b)).unwrap(), None);
+            assert_eq!(store.get(Cf::History, &stats_key(&absent)).unwrap(), None);
+            for from in [ScanFrom::First, ScanFrom::Last] {
+                let mut heights = Vec::new();
+                let mut keys = 0;
+                store
+                    .scan(Cf::History, &stats_key(&a), from, &mut |key, _| {
+                        keys += 1;
+                        heights.extend(parse_history_key(key).map(|row| row.height));
+                        true
+                    })
+                    .unwrap();
+                heights.sort_unstable();
+                // The stats row and a's two history rows; never b's.
+                assert_eq!((keys, heights), (3, vec![5, 7]));
+            }
+        }
+    }
 
     #[test]
     fn sorted_order_is_a_stable_sort_by_whole_keys() {

@@ -223,7 +223,7 @@ impl Shard {
     }
 
     fn load_stats(&self, sh: &ScriptHash) -> Result<pb::AddressStats, ShardError> {
-        match self.store.get(Cf::Stats, &addr_key(sh))? {
+        match self.store.get(Cf::History, &schema::stats_key(sh))? {
             Some(bytes) => {
                 pb::AddressStats::decode(bytes.as_slice()).map_err(|e| corrupt("address stats", e))
             }
@@ -238,11 +238,11 @@ impl Shard {
     fn merge_stats(&self, batch: &mut Batch, deltas: FastMap<ScriptHash, pb::AddressStats>) {
         let mut merges: Vec<_> = deltas
             .into_iter()
-            .map(|(sh, delta)| (addr_key(&sh), delta))
+            .map(|(sh, delta)| (schema::stats_key(&sh), delta))
             .collect();
         merges.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for (key, delta) in merges {
-            batch.merge(Cf::Stats, key, delta.encode_to_vec());
+            batch.merge(Cf::History, key, delta.encode_to_vec());
         }
     }
 
@@ -685,9 +685,9 @@ impl Shard {
             stats.spent_sum = sub(stats.spent_sum, m.spent_sum)?;
             stats.tx_count = sub(stats.tx_count, m.tx_count)?;
             if stats == pb::AddressStats::default() {
-                batch.delete(Cf::Stats, addr_key(&sh));
+                batch.delete(Cf::History, schema::stats_key(&sh));
             } else {
-                batch.put(Cf::Stats, addr_key(&sh), stats.encode_to_vec());
+                batch.put(Cf::History, schema::stats_key(&sh), stats.encode_to_vec());
             }
         }
         state.next_height = height;
