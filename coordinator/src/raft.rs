@@ -68,11 +68,7 @@ fn get_json<T: for<'a> Deserialize<'a>>(store: &dyn Store, key: &[u8]) -> Storag
 
 fn put_json<T: Serialize>(store: &dyn Store, key: &[u8], value: &T) -> StorageResult<()> {
     let mut batch = Batch::default();
-    batch.put(
-        Cf::Meta,
-        key.to_vec(),
-        serde_json::to_vec(value).map_err(write_err)?,
-    );
+    batch.put(Cf::Meta, key, serde_json::to_vec(value).map_err(write_err)?);
     store.write(batch, true).map_err(write_err)
 }
 
@@ -219,7 +215,7 @@ impl LogStore {
                     if index >= to {
                         return false;
                     }
-                    batch.delete(Cf::RaftLog, key.to_vec());
+                    batch.delete(Cf::RaftLog, key);
                     true
                 },
             )

@@ -533,10 +533,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RocksStore::open(dir.path()).unwrap();
         let mut batch = Batch::default();
-        batch.put(Cf::Txs, b"b".to_vec(), b"first".to_vec());
-        batch.put(Cf::Txs, b"a".to_vec(), b"only".to_vec());
-        batch.put(Cf::Txs, b"b".to_vec(), b"second".to_vec());
-        batch.put(Cf::History, b"h".to_vec(), b"row".to_vec());
+        batch.put(Cf::Txs, b"b", b"first");
+        batch.put(Cf::Txs, b"a", b"only");
+        batch.put(Cf::Txs, b"b", b"second");
+        batch.put(Cf::History, b"h", b"row");
         store.bulk_load(batch).unwrap();
         assert_eq!(store.get(Cf::Txs, b"a").unwrap().unwrap(), b"only");
         assert_eq!(store.get(Cf::Txs, b"b").unwrap().unwrap(), b"second");
@@ -550,7 +550,7 @@ mod tests {
         );
 
         let mut batch = Batch::default();
-        batch.delete(Cf::Txs, b"a".to_vec());
+        batch.delete(Cf::Txs, b"a");
         assert!(store.bulk_load(batch).is_err());
         assert!(store.get(Cf::Txs, b"a").unwrap().is_some());
     }

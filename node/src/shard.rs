@@ -240,7 +240,7 @@ impl Shard {
             .into_iter()
             .map(|(sh, delta)| (schema::stats_key(&sh), delta))
             .collect();
-        merges.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        merges.sort_unstable_by_key(|a| a.0);
         for (key, delta) in merges {
             batch.merge(Cf::History, key, delta.encode_to_vec());
         }
@@ -1113,7 +1113,7 @@ pub fn drop_spent_outputs(store: &dyn Store, coin_rows: &Mutex<()>) -> Result<u6
                 }
                 while next_spent.next_if(|s| s.as_slice() < key).is_some() {}
                 if next_spent.peek().is_some_and(|s| s.as_slice() == key) {
-                    batch.delete(Cf::Outputs, key.to_vec());
+                    batch.delete(Cf::Outputs, key);
                 }
                 true
             },
