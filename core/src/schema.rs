@@ -165,7 +165,7 @@ pub fn txid_key(txid: &Hash32) -> [u8; KEY_HASH_LEN] {
     txid[..KEY_HASH_LEN].try_into().expect("12 bytes")
 }
 
-/// A scripthash as it appears in keys (`history`, `stats`).
+/// A scripthash as it appears in keys (`history` rows and stats rows).
 pub fn addr_key(scripthash: &Hash32) -> [u8; KEY_HASH_LEN] {
     scripthash[..KEY_HASH_LEN].try_into().expect("12 bytes")
 }

@@ -18,7 +18,8 @@ pub enum Op<'a> {
     Put(Cf, &'a [u8], &'a [u8]),
     Delete(Cf, &'a [u8]),
     /// Combines the value with the stored one by the column family's merge rule, without reading it first.
-    /// Only `stats` has one: a field-wise sum of `AddressStats` (the engine is given the rule).
+    /// Only `history` has one, for its stats rows: a field-wise sum of `AddressStats` (the engine is given
+    /// the rule).
     Merge(Cf, &'a [u8], &'a [u8]),
     /// Deletes every key in `[from, to)`: one range tombstone instead of a delete per key.
     DeleteRange(Cf, &'a [u8], &'a [u8]),
