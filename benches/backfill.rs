@@ -3,7 +3,10 @@
 //! coordinator + worker processes over loopback gRPC, RocksDB, every input resolved).
 //!
 //! Run: `cargo bench --profile dev --bench backfill` (env: CHAINIDX_BENCH_BLOCKS, default 60;
-//! CHAINIDX_BENCH_WORKERS, default "1,2,4,8"; CHAINIDX_BENCH_KEEP=1 keeps the data and logs). Prints figures and writes target/bench-backfill.json.
+//! CHAINIDX_BENCH_WORKERS, default "1,2,4,8"; CHAINIDX_BENCH_KEEP=1 keeps the data and logs;
+//! CHAINIDX_BENCH_BINARIES, comma-separated `chainidx` executables for the workers, each run once per worker
+//! count in turn — an A/B of two builds on this noisy machine, interleaved). Prints figures and writes
+//! target/bench-backfill.json.
 
 use bitcoin::Block;
 use bitcoin::consensus::deserialize;
@@ -77,8 +80,23 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let binaries: Vec<String> = match std::env::var("CHAINIDX_BENCH_BINARIES") {
+        Ok(list) => list.split(',').map(|b| b.trim().to_string()).collect(),
+        Err(_) => vec![env!("CARGO_BIN_EXE_chainidx").to_string()],
+    };
+    let runs_wanted: Vec<(usize, &str)> = worker_counts
+        .iter()
+        .flat_map(|&workers| {
+            binaries
+                .iter()
+                .map(move |binary| (workers, binary.as_str()))
+        })
+        .collect();
     let mut runs = Vec::new();
-    for (run, workers) in worker_counts.into_iter().enumerate() {
+    for (run, (workers, binary)) in runs_wanted.into_iter().enumerate() {
+        if binaries.len() > 1 {
+            println!("binary {binary}:");
+        }
         // One directory per run: a worker count given twice ("1,8,1") must backfill again, not find
         // the first run's finished shards.
         let cluster_dir = dir.path().join(format!("cluster-{run}-{workers}"));
@@ -90,15 +108,12 @@ fn main() -> anyhow::Result<()> {
             // Workers compact their shards once the whole backfill is over, as they do by default
             // (`--compact-after-backfill`): the backfill's figures are taken when it completes, the
             // compaction's when the last shard is compacted.
-            let sandbox = SandboxBuilder::new(
-                env!("CARGO_BIN_EXE_chainidx"),
-                format!("blk:{}", chain.display()),
-                &cluster_dir,
-            )
-            .workers(workers)
-            .shard_blocks(shard_blocks)
-            .start()
-            .await?;
+            let sandbox =
+                SandboxBuilder::new(binary, format!("blk:{}", chain.display()), &cluster_dir)
+                    .workers(workers)
+                    .shard_blocks(shard_blocks)
+                    .start()
+                    .await?;
             let started = Instant::now();
             let status = sandbox
                 .wait_for_backfill(Duration::from_secs(3600), |_| {})
@@ -199,7 +214,7 @@ fn main() -> anyhow::Result<()> {
         );
         runs.push(json!({
             "engine_memory_mib": {"memtables": mib(engine.memtable_bytes), "table_readers": mib(engine.table_reader_bytes), "block_cache": mib(engine.block_cache_bytes)},
-            "workers": workers, "shard_blocks": shard_blocks, "seconds": elapsed, "tx_per_s": tx_s,
+            "workers": workers, "binary": binary, "shard_blocks": shard_blocks, "seconds": elapsed, "tx_per_s": tx_s,
             "tx_per_s_per_worker": per_worker, "ratio_to_decode_only": per_worker / decode_tx_s,
             "cross_shard_inputs": cross, "bytes_between_workers_per_tx": per_tx(peer_bytes),
             "disk_bytes_per_tx": per_tx(disk), "disk_bytes_per_tx_compacted": per_tx(compacted),

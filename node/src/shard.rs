@@ -235,14 +235,21 @@ impl Shard {
     /// memtable's skiplist starts each insert from where the last one went, so a sorted batch walks it
     /// once instead of searching it from the top per row (in hash order these inserts took 2.4 CPU-s per
     /// million txs on a 3.99M-tx backfill, the cost that grew most with a shard; sorted, 0.13).
-    fn merge_stats(&self, batch: &mut Batch, deltas: FastMap<ScriptHash, pb::AddressStats>) {
+    fn merge_stats(
+        &self,
+        batch: &mut Batch,
+        deltas: impl IntoIterator<Item = (ScriptHash, pb::AddressStats)>,
+    ) {
         let mut merges: Vec<_> = deltas
             .into_iter()
             .map(|(sh, delta)| (schema::stats_key(&sh), delta))
             .collect();
         merges.sort_unstable_by_key(|a| a.0);
+        let mut value = Vec::new();
         for (key, delta) in merges {
-            batch.merge(Cf::History, key, delta.encode_to_vec());
+            value.clear();
+            delta.encode(&mut value).expect("a Vec grows");
+            batch.merge(Cf::History, key, &value);
         }
     }
 
@@ -262,12 +269,25 @@ impl Shard {
     /// Phase 1 goes through a window: consecutive blocks' rows built in memory and written with the
     /// checkpoint after the last of them.
     pub fn window(&self, write: Write) -> IndexWindow<'_> {
+        // A backfill window is sized for a full window up front (see `Batch::with_capacity`) and keeps its
+        // memory from one commit to the next; a block following the tip is one small batch.
+        let (rows, outputs, deltas) = match write {
+            Write::Bulk => (
+                Batch::with_capacity(
+                    WINDOW_TXS * WINDOW_ROWS_PER_TX,
+                    WINDOW_TXS * WINDOW_BYTES_PER_TX,
+                ),
+                FastMap::with_capacity_and_hasher(WINDOW_TXS * 3, Default::default()),
+                FastMap::with_capacity_and_hasher(WINDOW_TXS * 5, Default::default()),
+            ),
+            Write::Logged => Default::default(),
+        };
         IndexWindow {
             shard: self,
             write,
-            rows: Batch::default(),
-            outputs: FastMap::default(),
-            deltas: FastMap::default(),
+            rows,
+            outputs,
+            deltas,
             pending: 0,
             next_height: None,
             txs: 0,
@@ -412,7 +432,7 @@ impl Shard {
                     end.push(0);
                     batch.delete_range(Cf::Pending, first, end);
                 }
-                self.store.bulk_load(rows)?;
+                self.store.bulk_load(&rows)?;
                 failpoint(failpoint::RESOLVE_AFTER_INGEST);
             }
             Write::Logged => {
@@ -501,7 +521,7 @@ impl Shard {
         // A backfill's batches (thousands of spends) go around the memtable; `outspends` rows are the same
         // bytes however often they are written, so ingestion's lack of atomicity does not matter here.
         if spent.len() >= BULK_MIN_ROWS {
-            self.store.bulk_load(spent)?;
+            self.store.bulk_load(&spent)?;
         } else {
             self.store.write(spent, false)?;
         }
@@ -1150,6 +1170,10 @@ const BULK_MIN_ROWS: usize = 1_000;
 
 /// Transactions per backfill window: ~20 rows each, so a window holds some 60 MB of rows in memory.
 const WINDOW_TXS: usize = 32_768;
+/// Room a window's batch starts with, per tx: the generated chain writes ~16 rows and ~500 bytes of keys
+/// and values per tx (coins and pending inputs included).
+const WINDOW_ROWS_PER_TX: usize = 20;
+const WINDOW_BYTES_PER_TX: usize = 640;
 
 impl IndexWindow<'_> {
     /// Adds one block's rows. Inputs whose coin was created in this shard (in the window, or in an earlier
@@ -1386,10 +1410,9 @@ impl IndexWindow<'_> {
         };
         let shard = self.shard;
         let _coin_rows = shard.coin_rows.lock().expect("coin rows lock");
-        let mut rows = std::mem::take(&mut self.rows);
         for ((txid, vout), out) in self.outputs.drain() {
             let key = outpoint_key(&txid, vout);
-            rows.put(
+            self.rows.put(
                 Cf::Outputs,
                 key,
                 encode_output(&txid, out.value, &out.script),
@@ -1400,13 +1423,14 @@ impl IndexWindow<'_> {
         // re-indexes the window, rewriting the same rows.
         let mut batch = match self.write {
             Write::Bulk => {
-                shard.store.bulk_load(rows)?;
+                shard.store.bulk_load(&self.rows)?;
+                self.rows.clear();
                 failpoint(failpoint::INDEX_AFTER_INGEST);
                 Batch::default()
             }
-            Write::Logged => rows,
+            Write::Logged => std::mem::take(&mut self.rows),
         };
-        shard.merge_stats(&mut batch, std::mem::take(&mut self.deltas));
+        shard.merge_stats(&mut batch, self.deltas.drain());
         let mut state = shard.state();
         state.next_height = next_height;
         state.pending_inputs += self.pending;
