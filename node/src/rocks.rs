@@ -204,6 +204,22 @@ impl RocksStore {
     }
 }
 
+/// The indexes of `keys` in key order, equal keys in the order given (see [`sorted_rows`]).
+fn sorted_order<'a>(keys: impl Iterator<Item = (usize, &'a [u8])>) -> Vec<usize> {
+    let mut order: Vec<(u128, usize, &[u8])> =
+        keys.map(|(i, key)| (key_prefix(key), i, key)).collect();
+    order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.2.cmp(b.2)).then(a.1.cmp(&b.1)));
+    order.into_iter().map(|(_, i, _)| i).collect()
+}
+
+/// A key's first 16 bytes (zero-padded) as one integer that sorts like them.
+fn key_prefix(key: &[u8]) -> u128 {
+    let mut prefix = [0u8; 16];
+    let n = key.len().min(16);
+    prefix[..n].copy_from_slice(&key[..n]);
+    u128::from_be_bytes(prefix)
+}
+
 /// `rows` (key, value) in key order, the last of equal keys only. Keys start with 8–16 random or height
 /// bytes, so comparing a cached 16-byte prefix as one integer settles almost every comparison without
 /// touching the keys (a plain sort of the rows spent most of its time in `memcmp`). Each row carries its
@@ -212,12 +228,7 @@ impl RocksStore {
 fn sorted_rows<'a>(rows: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<(&'a [u8], &'a [u8])> {
     let mut order: Vec<(u128, usize, &[u8], &[u8])> = rows
         .enumerate()
-        .map(|(i, (key, value))| {
-            let mut prefix = [0u8; 16];
-            let n = key.len().min(16);
-            prefix[..n].copy_from_slice(&key[..n]);
-            (u128::from_be_bytes(prefix), i, key, value)
-        })
+        .map(|(i, (key, value))| (key_prefix(key), i, key, value))
         .collect();
     order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.2.cmp(b.2)).then(a.1.cmp(&b.1)));
     let mut sorted: Vec<(&[u8], &[u8])> = Vec::with_capacity(order.len());
@@ -241,11 +252,19 @@ impl Store for RocksStore {
     }
 
     fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        self.db
-            .batched_multi_get_cf(self.handle(cf), keys, false)
-            .into_iter()
-            .map(|value| value.map(|v| v.map(|v| v.to_vec())).map_err(engine))
-            .collect()
+        // RocksDB sorts the keys itself unless told they are sorted, with a comparator that goes through a
+        // virtual call and `memcmp` per comparison (~3% of a backfill's CPU); sorted here by prefix first.
+        let order = sorted_order(keys.iter().copied().enumerate());
+        let sorted: Vec<&[u8]> = order.iter().map(|&i| keys[i]).collect();
+        let mut values: Vec<Option<Vec<u8>>> = vec![None; keys.len()];
+        for (&i, value) in
+            order
+                .iter()
+                .zip(self.db.batched_multi_get_cf(self.handle(cf), sorted, true))
+        {
+            values[i] = value.map_err(engine)?.map(|v| v.to_vec());
+        }
+        Ok(values)
     }
 
     fn write(&self, batch: Batch, sync: bool) -> Result<(), StoreError> {
@@ -482,6 +501,34 @@ mod tests {
         // Without the retired family among the descriptors RocksDB refuses to open the database at all.
         let store = RocksStore::open(dir.path()).unwrap();
         assert_eq!(store.get(Cf::History, &[7u8; 12]).unwrap(), None);
+    }
+
+    #[test]
+    fn multi_get_answers_in_the_order_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path()).unwrap();
+        let mut batch = Batch::default();
+        // Keys longer than the 16 bytes compared as one integer, differing only after them.
+        let long = |tail: u8| [vec![9u8; 16], vec![tail]].concat();
+        for (key, value) in [
+            (long(2), b"two"),
+            (long(1), b"one"),
+            (b"a".to_vec(), b"aaa"),
+        ] {
+            batch.put(Cf::Outputs, key, value);
+        }
+        store.write(batch, false).unwrap();
+        let (one, two) = (long(1), long(2));
+        let keys: Vec<&[u8]> = vec![&two, b"zz", &one, b"a", &two, b""];
+        let got = store.multi_get(Cf::Outputs, &keys).unwrap();
+        let expected: Vec<Option<Vec<u8>>> = keys
+            .iter()
+            .map(|key| store.get(Cf::Outputs, key).unwrap())
+            .collect();
+        assert_eq!(got, expected);
+        assert_eq!(got[0].as_deref(), Some(&b"two"[..]));
+        assert_eq!(got[2].as_deref(), Some(&b"one"[..]));
+        assert_eq!(got[1], None);
     }
 
     #[test]
