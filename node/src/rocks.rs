@@ -218,12 +218,21 @@ impl RocksStore {
     }
 }
 
-/// The indexes of `keys` in key order, equal keys in the order given (see [`sorted_rows`]).
-fn sorted_order<'a>(keys: impl Iterator<Item = (usize, &'a [u8])>) -> Vec<usize> {
-    let mut order: Vec<(u128, usize, &[u8])> =
-        keys.map(|(i, key)| (key_prefix(key), i, key)).collect();
-    order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.2.cmp(b.2)).then(a.1.cmp(&b.1)));
-    order.into_iter().map(|(_, i, _)| i).collect()
+/// `items` in the order of their keys, equal keys in the order given, each with its key's 16-byte prefix.
+/// Keys start with 8–16 random or height bytes, so comparing that prefix as one integer settles almost
+/// every comparison without touching the keys (a plain sort spent most of its time in `memcmp`). Each item
+/// travels with its key through the sort: looking rows up by index afterwards, in key order, was a cache
+/// miss per row (~5% of a worker's CPU in `bulk_load`).
+fn sort_by_key<'a, T>(items: impl Iterator<Item = (&'a [u8], T)>) -> Vec<(u128, &'a [u8], T)> {
+    let mut sorted: Vec<(u128, usize, &[u8], T)> = items
+        .enumerate()
+        .map(|(i, (key, item))| (key_prefix(key), i, key, item))
+        .collect();
+    sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.2.cmp(b.2)).then(a.1.cmp(&b.1)));
+    sorted
+        .into_iter()
+        .map(|(prefix, _, key, item)| (prefix, key, item))
+        .collect()
 }
 
 /// A key's first 16 bytes (zero-padded) as one integer that sorts like them.
@@ -234,30 +243,20 @@ fn key_prefix(key: &[u8]) -> u128 {
     u128::from_be_bytes(prefix)
 }
 
-/// `rows` (key, value) in key order, the last of equal keys only. Keys start with 8–16 random or height
-/// bytes, so comparing a cached 16-byte prefix as one integer settles almost every comparison without
-/// touching the keys (a plain sort of the rows spent most of its time in `memcmp`). Each row carries its
-/// slices through the sort: looking them up by index afterwards, in key order, was a cache miss per row
-/// (~5% of a worker's CPU).
+/// `rows` (key, value) in key order, the last of equal keys only.
 fn sorted_rows<'a>(rows: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<(&'a [u8], &'a [u8])> {
-    let mut order: Vec<(u128, usize, &[u8], &[u8])> = rows
-        .enumerate()
-        .map(|(i, (key, value))| (key_prefix(key), i, key, value))
-        .collect();
-    order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.2.cmp(b.2)).then(a.1.cmp(&b.1)));
-    let mut sorted: Vec<(&[u8], &[u8])> = Vec::with_capacity(order.len());
-    for (i, &(prefix, _, key, value)) in order.iter().enumerate() {
-        // Of equal keys the last written is kept; a key whose prefix differs from the next one's cannot
-        // equal it.
-        let next = order.get(i + 1);
-        if next
-            .is_some_and(|&(next_prefix, _, next_key, _)| next_prefix == prefix && next_key == key)
+    let sorted = sort_by_key(rows);
+    let mut unique = Vec::with_capacity(sorted.len());
+    for (i, &(prefix, key, value)) in sorted.iter().enumerate() {
+        // A key whose prefix differs from the next one's cannot equal it.
+        let next = sorted.get(i + 1);
+        if next.is_some_and(|&(next_prefix, next_key, _)| next_prefix == prefix && next_key == key)
         {
             continue;
         }
-        sorted.push((key, value));
+        unique.push((key, value));
     }
-    sorted
+    unique
 }
 
 impl Store for RocksStore {
@@ -268,14 +267,14 @@ impl Store for RocksStore {
     fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         // RocksDB sorts the keys itself unless told they are sorted, with a comparator that goes through a
         // virtual call and `memcmp` per comparison (~3% of a backfill's CPU); sorted here by prefix first.
-        let order = sorted_order(keys.iter().copied().enumerate());
-        let sorted: Vec<&[u8]> = order.iter().map(|&i| keys[i]).collect();
+        let sorted = sort_by_key(keys.iter().copied().zip(0..));
+        let answers = self.db.batched_multi_get_cf(
+            self.handle(cf),
+            sorted.iter().map(|&(_, key, _)| key),
+            true,
+        );
         let mut values: Vec<Option<Vec<u8>>> = vec![None; keys.len()];
-        for (&i, value) in
-            order
-                .iter()
-                .zip(self.db.batched_multi_get_cf(self.handle(cf), sorted, true))
-        {
+        for (&(_, _, i), value) in sorted.iter().zip(answers) {
             values[i] = value.map_err(engine)?.map(|v| v.to_vec());
         }
         Ok(values)

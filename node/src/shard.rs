@@ -1168,7 +1168,7 @@ pub struct IndexWindow<'a> {
 /// Writes of at least this many rows are worth a table file of their own rather than memtable inserts.
 const BULK_MIN_ROWS: usize = 1_000;
 
-/// Transactions per backfill window: ~20 rows each, so a window holds some 60 MB of rows in memory.
+/// Transactions per backfill window: with its maps of coins and stats, a window holds some 60 MB.
 const WINDOW_TXS: usize = 32_768;
 /// Room a window's batch starts with, per tx: the generated chain writes ~16 rows and ~500 bytes of keys
 /// and values per tx (coins and pending inputs included).
