@@ -196,7 +196,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the files the engine writes at the bottom of its tree are compressed. Off while a shard
     /// backfills before a full [`Store::compact`], which rewrites (and compresses) every file anyway:
-    /// compressing them on the way was ~10% of a backfill's CPU. Not persisted: an engine opens with it on.
+    /// compressing them on the way was ~10% of a backfill's CPU. Not persisted: how an engine opens decides
+    /// (RocksDB's `open_uncompressed` opens with it off).
     fn set_compression(&self, _enabled: bool) -> Result<(), StoreError> {
         Ok(())
     }

@@ -69,14 +69,25 @@ enum TableWriter {
     Ingestion,
 }
 
-fn cf_options(cf: Cf, writer: TableWriter) -> Options {
+/// Whether the database compresses the files it writes at the bottom of its tree, from the moment it
+/// opens (see [`RocksStore::open_uncompressed`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bottommost {
+    Compressed,
+    Uncompressed,
+}
+
+fn cf_options(cf: Cf, writer: TableWriter, bottommost: Bottommost) -> Options {
     let mut options = Options::default();
     // Hashes, which most keys and values are, do not compress; what zstd gains (~40%: the zeroed sequence
     // numbers of compacted rows, repeated key bytes, script templates; LZ4 gained ~30%) is worth its CPU
     // only once, in the bottommost level. Compressing every file on the way in cost ~15% of backfill CPU
     // (`--bench backfill`).
     options.set_compression_type(rocksdb::DBCompressionType::None);
-    options.set_bottommost_compression_type(rocksdb::DBCompressionType::Zstd);
+    options.set_bottommost_compression_type(match bottommost {
+        Bottommost::Compressed => rocksdb::DBCompressionType::Zstd,
+        Bottommost::Uncompressed => rocksdb::DBCompressionType::None,
+    });
     // zstd level 6 instead of 3 where it pays (`--bench backfill`, 584k txs, bytes/tx compacted): history
     // 103.8 -> 95.5, txs 18.8 -> 17.9, the other families < 1 byte; 267 -> 256 bytes/tx in all for ~6 more
     // CPU-s per million txs in the compaction after the backfill (level 9: 254 for ~11 more; a 16 KiB
@@ -140,6 +151,18 @@ fn cf_options(cf: Cf, writer: TableWriter) -> Options {
 
 impl RocksStore {
     pub fn open(path: &Path) -> Result<RocksStore, StoreError> {
+        RocksStore::open_with(path, Bottommost::Compressed)
+    }
+
+    /// Opens the database with compression off until [`Store::set_compression`] turns it on, for a shard
+    /// that a full compaction will rewrite anyway. Turning it off after opening instead was ~3% of a
+    /// backfill's CPU: every `SetOptions` call, one per column family and shard, writes RocksDB's
+    /// options file and parses it back to check it.
+    pub fn open_uncompressed(path: &Path) -> Result<RocksStore, StoreError> {
+        RocksStore::open_with(path, Bottommost::Uncompressed)
+    }
+
+    fn open_with(path: &Path, bottommost: Bottommost) -> Result<RocksStore, StoreError> {
         let mut options = Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
@@ -159,7 +182,10 @@ impl RocksStore {
         let descriptors = Cf::ALL
             .iter()
             .map(|cf| {
-                ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf, TableWriter::Database))
+                ColumnFamilyDescriptor::new(
+                    cf.name(),
+                    cf_options(*cf, TableWriter::Database, bottommost),
+                )
             })
             .chain(retired);
         let db = DB::open_cf_descriptors(&options, path, descriptors).map_err(engine)?;
@@ -327,8 +353,7 @@ impl Store for RocksStore {
             // The table format of the column family (filter, block size), uncompressed: the writer would use the
             // bottommost level's compression, but these files go to upper levels and are compressed when
             // compaction brings them down.
-            let mut options = cf_options(cf, TableWriter::Ingestion);
-            options.set_bottommost_compression_type(rocksdb::DBCompressionType::None);
+            let options = cf_options(cf, TableWriter::Ingestion, Bottommost::Uncompressed);
             let mut writer = rocksdb::SstFileWriter::create(&options);
             writer.open(&path).map_err(engine)?;
             for (key, value) in rows {
@@ -585,7 +610,7 @@ mod tests {
     #[test]
     fn a_compaction_with_compression_off_leaves_the_files_uncompressed() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RocksStore::open(dir.path()).unwrap();
+        let store = RocksStore::open_uncompressed(dir.path()).unwrap();
         let sst_bytes = |store: &RocksStore| {
             store
                 .sst_bytes_per_cf()
@@ -604,18 +629,21 @@ mod tests {
                 );
             }
         };
-        let write_and_compact = |compression: bool, pass: u32| {
-            store.set_compression(compression).unwrap();
+        let write_and_compact = |compression: Option<bool>, pass: u32| {
+            if let Some(compression) = compression {
+                store.set_compression(compression).unwrap();
+            }
             let mut batch = Batch::default();
             rows(&mut batch, pass);
             store.write(batch, false).unwrap();
             store.compact().unwrap();
             sst_bytes(&store)
         };
-        let uncompressed = write_and_compact(false, 0);
+        // As opened: off.
+        let uncompressed = write_and_compact(None, 0);
         assert!(uncompressed > 20_000 * 64, "{uncompressed} bytes");
         // Twice the rows, now all rewritten compressed.
-        let compressed = write_and_compact(true, 1);
+        let compressed = write_and_compact(Some(true), 1);
         assert!(
             compressed < uncompressed / 4,
             "{compressed} vs {uncompressed} bytes"

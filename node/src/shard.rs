@@ -195,11 +195,6 @@ impl Shard {
         compact_store(self.store.as_ref(), &self.coin_rows)
     }
 
-    /// See [`chainidx_core::store::Store::set_compression`]; [`Shard::compact`] turns it back on.
-    pub fn set_compression(&self, enabled: bool) -> Result<(), ShardError> {
-        Ok(self.store.set_compression(enabled)?)
-    }
-
     pub fn engine_memory(&self) -> Option<chainidx_core::store::EngineMemory> {
         self.store.memory_usage()
     }
@@ -1086,7 +1081,8 @@ impl Shard {
 /// [`drop_spent_outputs`], then a full compaction of the engine: what a shard's database is rewritten to once
 /// its backfill is over (benchmarks call this on stopped clusters' databases, with a lock of their own).
 pub fn compact_store(store: &dyn Store, coin_rows: &Mutex<()>) -> Result<(), ShardError> {
-    // The backfill may have turned it off (`Shard::set_compression`); the rewrite below compresses.
+    // A backfilling shard's database was opened with it off (`RocksStore::open_uncompressed`); the
+    // rewrite below compresses.
     store.set_compression(true)?;
     drop_spent_outputs(store, coin_rows)?;
     Ok(store.compact()?)

@@ -428,7 +428,16 @@ impl WorkerNode {
                 path.display()
             )))
         })?;
-        let store = Arc::new(RocksStore::open(&path).map_err(ShardError::from)?);
+        let will_compact = self.compact_after_backfill.load(Ordering::Relaxed)
+            && !path.join(COMPACTED_MARK).exists();
+        // A shard that will be compacted fully writes uncompressed until then: that compaction rewrites,
+        // and compresses, every file anyway.
+        let store = if will_compact {
+            RocksStore::open_uncompressed(&path)
+        } else {
+            RocksStore::open(&path)
+        };
+        let store = Arc::new(store.map_err(ShardError::from)?);
         let shard = Arc::new(Shard::open(
             store,
             self.source.clone(),
@@ -444,14 +453,7 @@ impl WorkerNode {
         });
         shards.insert(shard_id, slot.clone());
         drop(shards);
-        let will_compact = self.compact_after_backfill.load(Ordering::Relaxed)
-            && !path.join(COMPACTED_MARK).exists();
         if will_compact {
-            // Whatever is written until then is rewritten by that compaction, compressed. Only a saving:
-            // a failure leaves compression on rather than the shard without its indexing task.
-            if let Err(error) = slot.shard.set_compression(false) {
-                tracing::warn!(shard = shard_id, %error, "turning compression off for the backfill");
-            }
             // Ready from an earlier run whose compaction did not finish (or never ran).
             if slot.shard.state().phase == pb::ShardPhase::Ready as i32 {
                 self.compact_in_background(slot.shard.clone());
