@@ -114,6 +114,12 @@ enum Command {
         /// Filters take ~8 bytes per tx the worker holds: raise it for workers holding tens of millions.
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
         cache_mib: u64,
+        /// Transactions indexed in memory before they are written as one window of table files, with the
+        /// checkpoint after it. Larger windows write and look up fewer coins (most are spent young) but
+        /// hold more memory: ~120 MB per shard being indexed at the default.
+        #[arg(long, default_value_t = chainidx_node::shard::DEFAULT_WINDOW_TXS as u64,
+              value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
+        window_txs: u64,
     },
     /// Query a running cluster over its HTTP API.
     Query {
@@ -336,6 +342,7 @@ async fn run() -> anyhow::Result<()> {
             index_threads,
             compact_after_backfill,
             cache_mib,
+            window_txs,
         } => {
             chainidx_node::rocks::set_block_cache_bytes((cache_mib as usize) << 20);
             run_worker(
@@ -348,6 +355,7 @@ async fn run() -> anyhow::Result<()> {
                     name,
                     index_threads,
                     compact_after_backfill,
+                    window_txs: window_txs as usize,
                 },
                 shutdown_signal(),
             )

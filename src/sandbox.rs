@@ -25,6 +25,8 @@ pub struct SandboxBuilder {
     coordinators: usize,
     replication: u32,
     compact_after_backfill: bool,
+    /// `--window-txs` for every worker; `None`: the default.
+    window_txs: Option<usize>,
 }
 
 impl SandboxBuilder {
@@ -48,7 +50,15 @@ impl SandboxBuilder {
             coordinators: 1,
             replication: 1,
             compact_after_backfill: true,
+            window_txs: None,
         }
+    }
+
+    /// Txs per backfill window in every worker (`--window-txs`): small ones make a small test chain's
+    /// shards go through several windows, as a real chain's do.
+    pub fn window_txs(mut self, window_txs: usize) -> Self {
+        self.window_txs = Some(window_txs);
+        self
     }
 
     /// Coordinator replicas: 1 runs in this process; more run as child processes forming a Raft group.
@@ -295,6 +305,11 @@ impl Sandbox {
             .create(true)
             .append(true)
             .open(dir.join("worker.log"))?;
+        let window_txs = self
+            .config
+            .window_txs
+            .map(|txs| vec!["--window-txs".to_string(), txs.to_string()])
+            .unwrap_or_default();
         Command::new(&self.binary)
             .arg("node")
             .args(["--coordinator", &self.coordinator_list()])
@@ -309,6 +324,7 @@ impl Sandbox {
                 "--compact-after-backfill",
                 &self.config.compact_after_backfill.to_string(),
             ])
+            .args(window_txs)
             // The async runtime too: eight workers with two runtime threads each on two cores spent
             // their CPU switching between them.
             .env("TOKIO_WORKER_THREADS", self.index_threads().to_string())

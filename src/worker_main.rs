@@ -21,6 +21,8 @@ pub struct WorkerArgs {
     pub index_threads: Option<usize>,
     /// Compact each shard once its backfill is over.
     pub compact_after_backfill: bool,
+    /// Txs per backfill window.
+    pub window_txs: usize,
 }
 
 pub async fn run_worker(
@@ -49,6 +51,7 @@ pub async fn run_worker(
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let node = WorkerNode::with_index_threads(source, args.data.clone(), index_threads);
     node.set_compact_after_backfill(args.compact_after_backfill);
+    node.set_window_txs(args.window_txs);
     let server = tokio::spawn(chainidx_node::service::run(
         node.clone(),
         listener,

@@ -33,6 +33,9 @@ async fn three_workers_answer_exactly_like_the_reference() {
     )
     .workers(3)
     .shard_blocks(20)
+    // ~600 txs per shard in windows of 200: coins of earlier windows are read back from `outputs`, as
+    // in large shards.
+    .window_txs(200)
     .start()
     .await
     .unwrap();

@@ -256,24 +256,26 @@ impl Shard {
         spent: Option<&[Vec<SpentCoin>]>,
         write: Write,
     ) -> Result<(), ShardError> {
-        let mut window = self.window(write);
+        let mut window = self.window(write, DEFAULT_WINDOW_TXS);
         window.add(height, block, spent)?;
         window.commit()
     }
 
     /// Phase 1 goes through a window: consecutive blocks' rows built in memory and written with the
-    /// checkpoint after the last of them.
-    pub fn window(&self, write: Write) -> IndexWindow<'_> {
+    /// checkpoint after the last of them, once it holds `window_txs` txs (a backfill's; the tip's
+    /// windows are one block).
+    pub fn window(&self, write: Write, window_txs: usize) -> IndexWindow<'_> {
+        let window_txs = window_txs.max(1);
         // A backfill window is sized for a full window up front (see `Batch::with_capacity`) and keeps its
         // memory from one commit to the next; a block following the tip is one small batch.
         let (rows, outputs, deltas) = match write {
             Write::Bulk => (
                 Batch::with_capacity(
-                    WINDOW_TXS * WINDOW_ROWS_PER_TX,
-                    WINDOW_TXS * WINDOW_BYTES_PER_TX,
+                    window_txs * WINDOW_ROWS_PER_TX,
+                    window_txs * WINDOW_BYTES_PER_TX,
                 ),
-                FastMap::with_capacity_and_hasher(WINDOW_TXS * 3, Default::default()),
-                FastMap::with_capacity_and_hasher(WINDOW_TXS * 5, Default::default()),
+                FastMap::with_capacity_and_hasher(window_txs * 3, Default::default()),
+                FastMap::with_capacity_and_hasher(window_txs * 5, Default::default()),
             ),
             Write::Logged => Default::default(),
         };
@@ -286,6 +288,7 @@ impl Shard {
             pending: 0,
             next_height: None,
             txs: 0,
+            window_txs,
         }
     }
 
@@ -1159,16 +1162,18 @@ pub struct IndexWindow<'a> {
     /// The checkpoint after the last block added.
     next_height: Option<u32>,
     txs: usize,
+    /// Full at this many txs.
+    window_txs: usize,
 }
 
 /// Writes of at least this many rows are worth a table file of their own rather than memtable inserts.
 const BULK_MIN_ROWS: usize = 1_000;
 
-/// Transactions per backfill window: with its maps of coins and stats, a window holds some 120 MB. Larger
+/// Transactions per backfill window (`chainidx node --window-txs`): with its maps of coins and stats, a window holds some 120 MB. Larger
 /// windows keep more coins from ever getting an `outputs` row (spent inside their window), look fewer up
 /// and merge fewer stats: 65,536 instead of 32,768 took 1 worker on 1.98M txs from 27.3/26.6 to
 /// 22.3/21.8 CPU-s per million txs (the compaction after it +2–4), for ~100 MiB more peak RSS.
-const WINDOW_TXS: usize = 65_536;
+pub const DEFAULT_WINDOW_TXS: usize = 65_536;
 /// Room a window's batch starts with, per tx: the generated chain writes ~16 rows and ~500 bytes of keys
 /// and values per tx (coins and pending inputs included).
 const WINDOW_ROWS_PER_TX: usize = 20;
@@ -1398,7 +1403,7 @@ impl IndexWindow<'_> {
     /// Enough rows held in memory: time to [`IndexWindow::commit`]. Blocks following the tip are
     /// committed one by one.
     pub fn is_full(&self) -> bool {
-        self.write == Write::Logged || self.txs >= WINDOW_TXS
+        self.write == Write::Logged || self.txs >= self.window_txs
     }
 
     /// Writes the window's rows, the coins it created and nobody in it spent, its stats (one merge per

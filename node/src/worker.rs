@@ -139,6 +139,8 @@ pub struct WorkerNode {
     compactions_queued: Arc<std::sync::atomic::AtomicU32>,
     /// What the coordinators last said (heartbeats); a worker run without them only knows its own shards.
     cluster_backfill_complete: AtomicBool,
+    /// Txs per backfill window ([`WorkerNode::set_window_txs`]).
+    window_txs: std::sync::atomic::AtomicUsize,
 }
 
 impl WorkerNode {
@@ -167,11 +169,18 @@ impl WorkerNode {
             compactions: Arc::new(Semaphore::new(1)),
             compactions_queued: Arc::new(std::sync::atomic::AtomicU32::new(0)),
             cluster_backfill_complete: AtomicBool::new(false),
+            window_txs: std::sync::atomic::AtomicUsize::new(crate::shard::DEFAULT_WINDOW_TXS),
         })
     }
 
     fn shard_dir(&self, shard_id: u32) -> PathBuf {
         self.data_dir.join(format!("shard-{shard_id:05}"))
+    }
+
+    /// Txs per backfill window (default [`crate::shard::DEFAULT_WINDOW_TXS`]). Tests make them small, so
+    /// that shards of a small chain are indexed in several windows, as large shards are.
+    pub fn set_window_txs(&self, window_txs: usize) {
+        self.window_txs.store(window_txs.max(1), Ordering::Relaxed);
     }
 
     /// On by default; benchmarks turn it off to measure the backfill and the compaction apart.
@@ -954,7 +963,7 @@ fn index_range(
                 }
             }
         });
-        let mut window = shard.window(write);
+        let mut window = shard.window(write, node.window_txs.load(Ordering::Relaxed));
         let mut blocks = 0;
         // Only under a lease: a worker cut off from the coordinators stops here before anyone else may
         // take the shard over.
