@@ -93,6 +93,8 @@ fn main() -> anyhow::Result<()> {
         })
         .collect();
     let mut runs = Vec::new();
+    // (binary, workers, CPU-s per million txs) of every run, for the ratios printed at the end.
+    let mut cpu_runs: Vec<(String, usize, f64)> = Vec::new();
     for (run, (workers, binary)) in runs_wanted.into_iter().enumerate() {
         if binaries.len() > 1 {
             println!("binary {binary}:");
@@ -212,6 +214,7 @@ fn main() -> anyhow::Result<()> {
             mib(engine.table_reader_bytes),
             mib(engine.block_cache_bytes)
         );
+        cpu_runs.push((binary.to_string(), workers, cpu_per_million));
         runs.push(json!({
             "engine_memory_mib": {"memtables": mib(engine.memtable_bytes), "table_readers": mib(engine.table_reader_bytes), "block_cache": mib(engine.block_cache_bytes)},
             "workers": workers, "binary": binary, "shard_blocks": shard_blocks, "seconds": elapsed, "tx_per_s": tx_s,
@@ -223,13 +226,76 @@ fn main() -> anyhow::Result<()> {
             "compaction_cpu_seconds_per_million_tx": compaction_cpu_per_million,
         }));
     }
+    let ratios = cpu_ratios(&cpu_runs);
+    for ratio in &ratios {
+        println!("{}", ratio.line);
+    }
     let report = json!({
         "chain": {"blocks": summary.blocks, "txs": summary.txs, "inputs": summary.inputs, "outputs": summary.outputs},
         "decode_only_tx_per_s": decode_tx_s,
         "backfill": runs,
+        "cpu_ratio_to_one_worker": ratios.iter().map(|r| r.json.clone()).collect::<Vec<_>>(),
     });
     chainidx::sandbox::write_bench_report("backfill", &report)?;
     Ok(())
+}
+
+struct CpuRatio {
+    line: String,
+    json: serde_json::Value,
+}
+
+/// CPU per tx with n workers over that with 1, per build: the ratio of the means, and run by run in the
+/// order given (`CHAINIDX_BENCH_WORKERS=1,8,1,8`: the first 8-worker run against the first 1-worker
+/// run, and so on), since consecutive runs share the machine's mood.
+fn cpu_ratios(runs: &[(String, usize, f64)]) -> Vec<CpuRatio> {
+    let mut binaries: Vec<&str> = Vec::new();
+    let mut counts: Vec<usize> = Vec::new();
+    for (binary, workers, _) in runs {
+        if !binaries.contains(&binary.as_str()) {
+            binaries.push(binary);
+        }
+        if *workers != 1 && !counts.contains(workers) {
+            counts.push(*workers);
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let several = binaries.len() > 1;
+    let mut ratios = Vec::new();
+    for binary in binaries {
+        let label = if several {
+            format!(" ({binary})")
+        } else {
+            String::new()
+        };
+        let cpu_of = |n: usize| -> Vec<f64> {
+            runs.iter()
+                .filter(|(b, w, _)| b == binary && *w == n)
+                .map(|(_, _, cpu)| *cpu)
+                .collect()
+        };
+        let one = cpu_of(1);
+        if one.is_empty() {
+            continue;
+        }
+        for &n in &counts {
+            let many = cpu_of(n);
+            if many.is_empty() {
+                continue;
+            }
+            let pairs: Vec<f64> = one.iter().zip(&many).map(|(o, m)| m / o).collect();
+            let of_means = mean(&many) / mean(&one);
+            let listed: Vec<String> = pairs.iter().map(|r| format!("{r:.2}")).collect();
+            ratios.push(CpuRatio {
+                line: format!(
+                    "CPU per tx, {n} workers / 1{label}: {of_means:.2} (run by run: {})",
+                    listed.join(", ")
+                ),
+                json: json!({"binary": binary, "workers": n, "ratio_of_means": of_means, "run_by_run": pairs}),
+            });
+        }
+    }
+    ratios
 }
 
 /// Bytes of RocksDB data under `path`: SST files and write-ahead logs (not RocksDB's info LOG files).
