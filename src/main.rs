@@ -120,6 +120,11 @@ enum Command {
         #[arg(long, default_value_t = chainidx_node::shard::DEFAULT_WINDOW_TXS as u64,
               value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
         window_txs: u64,
+        /// Inputs whose coins are looked for in other shards per round trip (phase 2). Larger batches write
+        /// fewer, larger table files but hold more memory: ~15 MB per shard resolving at the default.
+        #[arg(long, default_value_t = chainidx_node::worker::DEFAULT_RESOLVE_BATCH as u64,
+              value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
+        resolve_batch: u64,
     },
     /// Query a running cluster over its HTTP API.
     Query {
@@ -343,6 +348,7 @@ async fn run() -> anyhow::Result<()> {
             compact_after_backfill,
             cache_mib,
             window_txs,
+            resolve_batch,
         } => {
             chainidx_node::rocks::set_block_cache_bytes((cache_mib as usize) << 20);
             run_worker(
@@ -356,6 +362,7 @@ async fn run() -> anyhow::Result<()> {
                     index_threads,
                     compact_after_backfill,
                     window_txs: window_txs as usize,
+                    resolve_batch: resolve_batch as usize,
                 },
                 shutdown_signal(),
             )

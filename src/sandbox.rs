@@ -27,6 +27,8 @@ pub struct SandboxBuilder {
     compact_after_backfill: bool,
     /// `--window-txs` for every worker; `None`: the default.
     window_txs: Option<usize>,
+    /// `--resolve-batch` for every worker; `None`: the default.
+    resolve_batch: Option<usize>,
 }
 
 impl SandboxBuilder {
@@ -51,7 +53,15 @@ impl SandboxBuilder {
             replication: 1,
             compact_after_backfill: true,
             window_txs: None,
+            resolve_batch: None,
         }
+    }
+
+    /// Inputs per resolution batch in every worker (`--resolve-batch`): small ones make a small test
+    /// chain's shards resolve in several batches, as a real chain's do.
+    pub fn resolve_batch(mut self, inputs: usize) -> Self {
+        self.resolve_batch = Some(inputs);
+        self
     }
 
     /// Txs per backfill window in every worker (`--window-txs`): small ones make a small test chain's
@@ -305,11 +315,13 @@ impl Sandbox {
             .create(true)
             .append(true)
             .open(dir.join("worker.log"))?;
-        let window_txs = self
-            .config
-            .window_txs
-            .map(|txs| vec!["--window-txs".to_string(), txs.to_string()])
-            .unwrap_or_default();
+        let mut sizes = Vec::new();
+        if let Some(txs) = self.config.window_txs {
+            sizes.extend(["--window-txs".to_string(), txs.to_string()]);
+        }
+        if let Some(inputs) = self.config.resolve_batch {
+            sizes.extend(["--resolve-batch".to_string(), inputs.to_string()]);
+        }
         Command::new(&self.binary)
             .arg("node")
             .args(["--coordinator", &self.coordinator_list()])
@@ -324,7 +336,7 @@ impl Sandbox {
                 "--compact-after-backfill",
                 &self.config.compact_after_backfill.to_string(),
             ])
-            .args(window_txs)
+            .args(sizes)
             // The async runtime too: eight workers with two runtime threads each on two cores spent
             // their CPU switching between them.
             .env("TOKIO_WORKER_THREADS", self.index_threads().to_string())

@@ -23,6 +23,8 @@ pub struct WorkerArgs {
     pub compact_after_backfill: bool,
     /// Txs per backfill window.
     pub window_txs: usize,
+    /// Inputs per resolution batch.
+    pub resolve_batch: usize,
 }
 
 pub async fn run_worker(
@@ -52,6 +54,7 @@ pub async fn run_worker(
     let node = WorkerNode::with_index_threads(source, args.data.clone(), index_threads);
     node.set_compact_after_backfill(args.compact_after_backfill);
     node.set_window_txs(args.window_txs);
+    node.set_resolve_batch(args.resolve_batch);
     let server = tokio::spawn(chainidx_node::service::run(
         node.clone(),
         listener,

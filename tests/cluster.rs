@@ -36,6 +36,8 @@ async fn three_workers_answer_exactly_like_the_reference() {
     // ~600 txs per shard in windows of 200: coins of earlier windows are read back from `outputs`, as
     // in large shards.
     .window_txs(200)
+    // Several resolution batches per shard too.
+    .resolve_batch(100)
     .start()
     .await
     .unwrap();

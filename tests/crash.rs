@@ -77,7 +77,9 @@ async fn a_worker_dying_at_23_points_then_restarting_gives_exact_answers() {
         .workers(3)
         .shard_blocks(10)
         // ~400 txs per shard in windows of 150: a crash can fall between two windows of a shard.
-        .window_txs(150);
+        .window_txs(150)
+        // ...or between two of its resolution batches.
+        .resolve_batch(100);
         if let Crash::Failpoint(name, n) = crash {
             builder = builder.worker_failpoints(victim, format!("{name}={n}"));
         }
