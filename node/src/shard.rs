@@ -265,7 +265,6 @@ impl Shard {
     /// checkpoint after the last of them, once it holds `window_txs` txs (a backfill's; the tip's
     /// windows are one block).
     pub fn window(&self, write: Write, window_txs: usize) -> IndexWindow<'_> {
-        let window_txs = window_txs.max(1);
         // A backfill window is sized for a full window up front (see `Batch::with_capacity`) and keeps its
         // memory from one commit to the next; a block following the tip is one small batch.
         let (rows, outputs, deltas) = match write {
@@ -1169,9 +1168,9 @@ pub struct IndexWindow<'a> {
 /// Writes of at least this many rows are worth a table file of their own rather than memtable inserts.
 const BULK_MIN_ROWS: usize = 1_000;
 
-/// Transactions per backfill window (`chainidx node --window-txs`): with its maps of coins and stats, a window holds some 120 MB. Larger
-/// windows keep more coins from ever getting an `outputs` row (spent inside their window), look fewer up
-/// and merge fewer stats: 65,536 instead of 32,768 took 1 worker on 1.98M txs from 27.3/26.6 to
+/// Transactions per backfill window (`chainidx node --window-txs`): with its maps of coins and stats, a
+/// window holds some 120 MB. Larger windows keep more coins from ever getting an `outputs` row (spent
+/// inside their window), look fewer up and merge fewer stats: 65,536 instead of 32,768 took 1 worker on 1.98M txs from 27.3/26.6 to
 /// 22.3/21.8 CPU-s per million txs (the compaction after it +2–4), for ~100 MiB more peak RSS.
 pub const DEFAULT_WINDOW_TXS: usize = 65_536;
 /// Room a window's batch starts with, per tx: the generated chain writes ~16 rows and ~500 bytes of keys

@@ -195,6 +195,10 @@ impl WorkerNode {
         self.resolve_batch.store(inputs.max(1), Ordering::Relaxed);
     }
 
+    fn window_txs(&self) -> usize {
+        self.window_txs.load(Ordering::Relaxed)
+    }
+
     fn resolve_batch(&self) -> usize {
         self.resolve_batch.load(Ordering::Relaxed)
     }
@@ -981,7 +985,7 @@ fn index_range(
                 }
             }
         });
-        let mut window = shard.window(write, node.window_txs.load(Ordering::Relaxed));
+        let mut window = shard.window(write, node.window_txs());
         let mut blocks = 0;
         // Only under a lease: a worker cut off from the coordinators stops here before anyone else may
         // take the shard over.
