@@ -10,7 +10,9 @@
 
 use bitcoin::Block;
 use bitcoin::consensus::deserialize;
-use chainidx::sandbox::{SandboxBuilder, cpu_seconds, cpu_seconds_split, peak_rss_bytes};
+use chainidx::sandbox::{
+    SandboxBuilder, cpu_seconds, cpu_seconds_split, minor_faults, peak_rss_bytes,
+};
 use chainidx_core::generator::{GenConfig, generate};
 use chainidx_core::source::{BlkDirSource, BlockSource};
 use serde_json::json;
@@ -132,12 +134,16 @@ fn main() -> anyhow::Result<()> {
                 .map(|p| cpu_seconds_split(*p).1)
                 .sum::<f64>();
             let peak_rss = pids.iter().map(|p| peak_rss_bytes(*p)).max().unwrap_or(0);
+            let worker_faults = pids.iter().map(|p| minor_faults(*p)).sum::<u64>();
             let disk = data_bytes(&cluster_dir);
             let mut peer_bytes = 0;
             // The storage engine's share of one worker's memory (the largest), after the backfill.
             let mut engine = chainidx_proto::EngineMemory::default();
+            let (mut windows, mut batches) = (0, 0);
             for reply in sandbox.worker_statuses().await? {
                 peer_bytes += reply.peer_bytes;
+                windows += reply.shards.iter().map(|s| s.windows_committed).sum::<u64>();
+                batches += reply.shards.iter().map(|s| s.resolution_batches).sum::<u64>();
                 let memory = reply.engine_memory.unwrap_or_default();
                 let total = |m: &chainidx_proto::EngineMemory| {
                     m.memtable_bytes + m.table_reader_bytes + m.block_cache_bytes
@@ -160,6 +166,9 @@ fn main() -> anyhow::Result<()> {
                 system_cpu: system_at_backfill - own_system_before,
                 compaction_cpu,
                 peak_rss,
+                worker_faults,
+                windows,
+                batches,
                 peer_bytes,
                 engine,
                 disk,
@@ -172,6 +181,9 @@ fn main() -> anyhow::Result<()> {
             system_cpu,
             compaction_cpu,
             peak_rss,
+            worker_faults,
+            windows,
+            batches,
             peer_bytes,
             engine,
             disk,
@@ -186,13 +198,19 @@ fn main() -> anyhow::Result<()> {
             "backfill, {workers} worker(s), shards of {shard_blocks} blocks: {elapsed:.1}s, {tx_s:.0} tx/s total, \
              {per_worker:.0} tx/s per worker ({:.2} of decode-only), {cross} cross-shard inputs, \
              {:.0} bytes between workers per tx, {:.0} bytes on disk per tx as it completes ({:.0} after compaction), \
-             {cpu_per_million:.1} CPU-s per million tx (all processes; {:.0}% in the kernel), worker peak RSS {:.0} MiB",
+             {cpu_per_million:.1} CPU-s per million tx (all processes; {:.0}% in the kernel), worker peak RSS {:.0} MiB, \
+             {:.0} page faults per 1,000 tx (workers)",
             per_worker / decode_tx_s,
             per_tx(peer_bytes),
             per_tx(disk),
             per_tx(compacted),
             100.0 * system_cpu / cpu,
-            peak_rss as f64 / (1 << 20) as f64
+            peak_rss as f64 / (1 << 20) as f64,
+            1000.0 * per_tx(worker_faults)
+        );
+        println!(
+            "  {windows} windows and {batches} resolution batches written over {} shards",
+            blocks.div_ceil(shard_blocks)
         );
         println!(
             "  then compacting every shard (what workers do by default, --compact-after-backfill): \
@@ -223,6 +241,8 @@ fn main() -> anyhow::Result<()> {
             "disk_bytes_per_tx": per_tx(disk), "disk_bytes_per_tx_compacted": per_tx(compacted),
             "disk_bytes_per_tx_by_cf": per_cf.iter().map(|(cf, b)| (cf.clone(), per_tx(*b))).collect::<std::collections::BTreeMap<_, _>>(),
             "cpu_seconds_per_million_tx": cpu_per_million, "kernel_share_of_cpu": system_cpu / cpu, "worker_peak_rss_bytes": peak_rss,
+            "worker_page_faults_per_tx": per_tx(worker_faults),
+            "windows": windows, "resolution_batches": batches,
             "compaction_cpu_seconds_per_million_tx": compaction_cpu_per_million,
         }));
     }
@@ -326,6 +346,11 @@ struct Backfill {
     system_cpu: f64,
     compaction_cpu: f64,
     peak_rss: u64,
+    /// Minor page faults of the workers up to the backfill's end.
+    worker_faults: u64,
+    /// Backfill windows and resolution batches written, over all shards.
+    windows: u64,
+    batches: u64,
     peer_bytes: u64,
     engine: chainidx_proto::EngineMemory,
     disk: u64,

@@ -741,6 +741,18 @@ pub fn cpu_seconds_split(pid: u32) -> (f64, f64) {
     (seconds(11), seconds(12))
 }
 
+/// Minor page faults of a process so far, from /proc (Linux; 0 elsewhere): each is a page the kernel
+/// zeroed and mapped, so they show memory a process touched afresh (a transparent huge page counts once).
+pub fn minor_faults(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // minflt is the 8th field after the parenthesised command name.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    rest.split_whitespace()
+        .nth(7)
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Peak resident memory of a process in bytes (VmHWM), from /proc (Linux; 0 elsewhere).
 pub fn peak_rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

@@ -2,7 +2,7 @@
 //! row kind (see `doc/schema.md`).
 
 use chainidx_core::schema::{Cf, KEY_HASH_LEN, RETIRED_CFS};
-use chainidx_core::store::{Batch, EngineMemory, Op, ScanFrom, Store, StoreError};
+use chainidx_core::store::{Batch, EngineMemory, Op, ScanFrom, SortScratch, Store, StoreError};
 use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DB, Options, WriteOptions};
 use std::path::Path;
 
@@ -47,6 +47,10 @@ fn shared_write_buffers() -> &'static rocksdb::WriteBufferManager {
 }
 
 const WRITE_BUFFER_BYTES: usize = 64 << 20;
+
+/// Sort memory for `bulk_load`, kept for the next window (see [`SortScratch`]): one per window committed at
+/// once, so at most one per index thread.
+static SORT_SCRATCH: std::sync::Mutex<Vec<SortScratch>> = std::sync::Mutex::new(Vec::new());
 
 /// Where `bulk_load` writes table files before the database takes them over (moves them in). Files left
 /// there by a crash are removed when the database is opened.
@@ -237,6 +241,37 @@ impl RocksStore {
             .unwrap_or(0))
     }
 
+    /// [`Store::bulk_load`]: one table file per column family, ingested in turn.
+    fn ingest_sorted(&self, batch: &Batch, scratch: &mut SortScratch) -> Result<(), StoreError> {
+        let puts = batch.sorted_puts(scratch).map_err(|cf| {
+            StoreError::Engine(format!("bulk load into {} takes puts only", cf.name()))
+        })?;
+        let mut puts = puts.peekable();
+        while let Some(&(cf, _, _)) = puts.peek() {
+            let path = self.db.path().join(BULK_DIR).join(format!(
+                "{}-{}.sst",
+                cf.name(),
+                BULK_FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            // The table format of the column family (filter, block size), uncompressed: the writer would
+            // use the bottommost level's compression, but these files go to upper levels and are
+            // compressed when compaction brings them down.
+            let options = cf_options(cf, TableWriter::Ingestion, Bottommost::Uncompressed);
+            let mut writer = rocksdb::SstFileWriter::create(&options);
+            writer.open(&path).map_err(engine)?;
+            while let Some((_, key, value)) = puts.next_if(|&(next, _, _)| next == cf) {
+                writer.put(key, value).map_err(engine)?;
+            }
+            writer.finish().map_err(engine)?;
+            let mut ingest = rocksdb::IngestExternalFileOptions::default();
+            ingest.set_move_files(true);
+            self.db
+                .ingest_external_file_cf_opts(self.handle(cf), &ingest, vec![&path])
+                .map_err(engine)?;
+        }
+        Ok(())
+    }
+
     fn handle(&self, cf: Cf) -> &rocksdb::ColumnFamily {
         self.db
             .cf_handle(cf.name())
@@ -267,22 +302,6 @@ fn key_prefix(key: &[u8]) -> u128 {
     let n = key.len().min(16);
     prefix[..n].copy_from_slice(&key[..n]);
     u128::from_be_bytes(prefix)
-}
-
-/// `rows` (key, value) in key order, the last of equal keys only.
-fn sorted_rows<'a>(rows: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<(&'a [u8], &'a [u8])> {
-    let sorted = sort_by_key(rows);
-    let mut unique = Vec::with_capacity(sorted.len());
-    for (i, &(prefix, key, value)) in sorted.iter().enumerate() {
-        // A key whose prefix differs from the next one's cannot equal it.
-        let next = sorted.get(i + 1);
-        if next.is_some_and(|&(next_prefix, next_key, _)| next_prefix == prefix && next_key == key)
-        {
-            continue;
-        }
-        unique.push((key, value));
-    }
-    unique
 }
 
 impl Store for RocksStore {
@@ -323,48 +342,17 @@ impl Store for RocksStore {
     }
 
     fn bulk_load(&self, batch: &Batch) -> Result<(), StoreError> {
-        let mut by_cf: Vec<Vec<(&[u8], &[u8])>> = vec![Vec::new(); Cf::ALL.len()];
-        for op in batch.ops() {
-            match op {
-                Op::Put(cf, key, value) => {
-                    let index = Cf::ALL.iter().position(|c| *c == cf).expect("in ALL");
-                    by_cf[index].push((key, value));
-                }
-                Op::Delete(cf, _) | Op::Merge(cf, _, _) | Op::DeleteRange(cf, _, _) => {
-                    return Err(StoreError::Engine(format!(
-                        "bulk load into {} takes puts only",
-                        cf.name()
-                    )));
-                }
-            }
-        }
-        let mut ingest = rocksdb::IngestExternalFileOptions::default();
-        ingest.set_move_files(true);
-        for (cf, rows) in Cf::ALL.iter().copied().zip(by_cf) {
-            if rows.is_empty() {
-                continue;
-            }
-            let rows = sorted_rows(rows.into_iter());
-            let path = self.db.path().join(BULK_DIR).join(format!(
-                "{}-{}.sst",
-                cf.name(),
-                BULK_FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            ));
-            // The table format of the column family (filter, block size), uncompressed: the writer would use the
-            // bottommost level's compression, but these files go to upper levels and are compressed when
-            // compaction brings them down.
-            let options = cf_options(cf, TableWriter::Ingestion, Bottommost::Uncompressed);
-            let mut writer = rocksdb::SstFileWriter::create(&options);
-            writer.open(&path).map_err(engine)?;
-            for (key, value) in rows {
-                writer.put(key, value).map_err(engine)?;
-            }
-            writer.finish().map_err(engine)?;
-            self.db
-                .ingest_external_file_cf_opts(self.handle(cf), &ingest, vec![&path])
-                .map_err(engine)?;
-        }
-        Ok(())
+        let mut scratch = SORT_SCRATCH
+            .lock()
+            .expect("sort scratch lock")
+            .pop()
+            .unwrap_or_default();
+        let written = self.ingest_sorted(batch, &mut scratch);
+        SORT_SCRATCH
+            .lock()
+            .expect("sort scratch lock")
+            .push(scratch);
+        written
     }
 
     fn memory_usage(&self) -> Option<EngineMemory> {
@@ -567,44 +555,6 @@ mod tests {
         assert_eq!(got[0].as_deref(), Some(&b"two"[..]));
         assert_eq!(got[2].as_deref(), Some(&b"one"[..]));
         assert_eq!(got[1], None);
-    }
-
-    #[test]
-    fn sorted_rows_sorts_by_whole_keys_and_keeps_the_last_of_equal_keys() {
-        let long = |tail: u8| [vec![7u8; 16], vec![tail]].concat();
-        let keys: Vec<Vec<u8>> = vec![
-            b"b".to_vec(),
-            long(2),
-            b"ab\0".to_vec(),
-            long(1),
-            b"ab".to_vec(),
-            b"b".to_vec(),
-            vec![7u8; 16],
-            b"a".to_vec(),
-            long(1),
-        ];
-        // Each row's value is its index: the reference is a stable sort that keeps the last of a run.
-        let values: Vec<[u8; 1]> = (0..keys.len() as u8).map(|i| [i]).collect();
-        let mut expected: Vec<usize> = (0..keys.len()).collect();
-        expected.sort_by(|a, b| keys[*a].cmp(&keys[*b]));
-        expected.dedup_by(|later, earlier| {
-            let same = keys[*later] == keys[*earlier];
-            if same {
-                *earlier = *later;
-            }
-            same
-        });
-        let rows = sorted_rows(
-            keys.iter()
-                .zip(&values)
-                .map(|(key, value)| (key.as_slice(), value.as_slice())),
-        );
-        let got: Vec<usize> = rows.iter().map(|(_, value)| value[0] as usize).collect();
-        assert_eq!(got, expected);
-        assert_eq!(got.len(), 7, "two keys were written twice");
-        for (key, value) in rows {
-            assert_eq!(key, keys[value[0] as usize].as_slice());
-        }
     }
 
     #[test]

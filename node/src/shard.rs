@@ -149,6 +149,8 @@ impl Shard {
                     phase: pb::ShardPhase::Indexing as i32,
                     pending_inputs: 0,
                     cross_shard_inputs: 0,
+                    windows_committed: 0,
+                    resolution_batches: 0,
                 };
                 let mut batch = Batch::default();
                 batch.put(Cf::Meta, SHARD_STATE_KEY, state.encode_to_vec());
@@ -442,6 +444,7 @@ impl Shard {
         self.merge_stats(&mut batch, deltas);
         let mut state = self.state();
         state.pending_inputs = state.pending_inputs.saturating_sub(resolved.len() as u64);
+        state.resolution_batches += 1;
         batch.put(Cf::Meta, SHARD_STATE_KEY, state.encode_to_vec());
         self.store.write(batch, false)?;
         *self.state.lock().expect("state lock") = state;
@@ -1438,6 +1441,7 @@ impl IndexWindow<'_> {
         state.next_height = next_height;
         state.pending_inputs += self.pending;
         state.cross_shard_inputs += self.pending;
+        state.windows_committed += 1;
         self.pending = 0;
         self.txs = 0;
         batch.put(Cf::Meta, SHARD_STATE_KEY, state.encode_to_vec());

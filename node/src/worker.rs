@@ -99,6 +99,8 @@ impl ShardSlot {
             pending_inputs: state.pending_inputs,
             error: error.unwrap_or_default(),
             cross_shard_inputs: state.cross_shard_inputs,
+            windows_committed: state.windows_committed,
+            resolution_batches: state.resolution_batches,
             ..Default::default()
         }
     }
