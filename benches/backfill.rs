@@ -142,8 +142,16 @@ fn main() -> anyhow::Result<()> {
             let (mut windows, mut batches) = (0, 0);
             for reply in sandbox.worker_statuses().await? {
                 peer_bytes += reply.peer_bytes;
-                windows += reply.shards.iter().map(|s| s.windows_committed).sum::<u64>();
-                batches += reply.shards.iter().map(|s| s.resolution_batches).sum::<u64>();
+                windows += reply
+                    .shards
+                    .iter()
+                    .map(|s| s.windows_committed)
+                    .sum::<u64>();
+                batches += reply
+                    .shards
+                    .iter()
+                    .map(|s| s.resolution_batches)
+                    .sum::<u64>();
                 let memory = reply.engine_memory.unwrap_or_default();
                 let total = |m: &chainidx_proto::EngineMemory| {
                     m.memtable_bytes + m.table_reader_bytes + m.block_cache_bytes

@@ -126,10 +126,7 @@ impl Batch {
     /// Every put, grouped by column family (in declaration order) and in key order within each, the last
     /// of equal keys only: the rows of table files to ingest. Sorted in `scratch`, whose memory the caller
     /// keeps for the next batch. `Err` names the column family of an op that is not a put.
-    pub fn sorted_puts<'a>(
-        &'a self,
-        scratch: &'a mut SortScratch,
-    ) -> Result<SortedPuts<'a>, Cf> {
+    pub fn sorted_puts<'a>(&'a self, scratch: &'a mut SortScratch) -> Result<SortedPuts<'a>, Cf> {
         let rows = &mut scratch.rows;
         rows.clear();
         rows.reserve(self.entries.len());
@@ -180,9 +177,10 @@ struct SortRow {
     value_len: u32,
 }
 
-/// Memory for [`Batch::sorted_puts`], kept from one window to the next. A window's sort takes ~30 MB:
-/// allocated afresh, its pages went back to the OS between windows and the kernel zeroed them again for
-/// the next one (with eight workers on two cores, page faults were 15% of a worker's backfill CPU).
+/// Memory for [`Batch::sorted_puts`], kept from one window to the next. A window's sort takes ~30 MB;
+/// allocated afresh, its pages can go back to the OS between windows and be zeroed again (with eight
+/// workers on two cores, page faults were 15% of a worker's backfill CPU). With the sort rows halved to
+/// 32 bytes and kept: 385 → 356 page faults per 1,000 txs for eight workers, 154 → 148 for one.
 #[derive(Default)]
 pub struct SortScratch {
     rows: Vec<SortRow>,
@@ -349,11 +347,15 @@ mod tests {
         // Twice with the same scratch: what the first sort left in it does not leak into the second.
         for _ in 0..2 {
             let got: Vec<(Cf, &[u8], &[u8])> = batch.sorted_puts(&mut scratch).unwrap().collect();
-            let got_indices: Vec<usize> = got.iter().map(|(_, _, value)| value[0] as usize).collect();
+            let got_indices: Vec<usize> =
+                got.iter().map(|(_, _, value)| value[0] as usize).collect();
             assert_eq!(got_indices, expected);
             assert_eq!(got.len(), rows.len() - 2, "two keys were written twice");
             for (cf, key, value) in got {
-                assert_eq!((cf, key), (rows[value[0] as usize].0, &rows[value[0] as usize].1[..]));
+                assert_eq!(
+                    (cf, key),
+                    (rows[value[0] as usize].0, &rows[value[0] as usize].1[..])
+                );
             }
         }
         batch.delete(Cf::Outputs, b"x");
