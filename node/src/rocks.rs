@@ -281,9 +281,8 @@ impl RocksStore {
 
 /// `items` in the order of their keys, equal keys in the order given, each with its key's 16-byte prefix.
 /// Keys start with 8–16 random or height bytes, so comparing that prefix as one integer settles almost
-/// every comparison without touching the keys (a plain sort spent most of its time in `memcmp`). Each item
-/// travels with its key through the sort: looking rows up by index afterwards, in key order, was a cache
-/// miss per row (~5% of a worker's CPU in `bulk_load`).
+/// every comparison without touching the keys (a plain sort spent most of its time in `memcmp`). For
+/// `multi_get`'s keys; bulk loads sort the same way in `Batch::sorted_puts`, in memory they keep.
 fn sort_by_key<'a, T>(items: impl Iterator<Item = (&'a [u8], T)>) -> Vec<(u128, &'a [u8], T)> {
     let mut sorted: Vec<(u128, usize, &[u8], T)> = items
         .enumerate()
