@@ -48,8 +48,8 @@ fn shared_write_buffers() -> &'static rocksdb::WriteBufferManager {
 
 const WRITE_BUFFER_BYTES: usize = 64 << 20;
 
-/// Sort memory for `bulk_load`, kept for the next window (see [`SortScratch`]): one per window committed at
-/// once, so at most one per index thread.
+/// Sort memory for `bulk_load`, kept for the next window (see [`SortScratch`]): as many as bulk loads ever
+/// ran at once (windows, resolution batches, spends recorded for peers), each as large as its largest use.
 static SORT_SCRATCH: std::sync::Mutex<Vec<SortScratch>> = std::sync::Mutex::new(Vec::new());
 
 /// Where `bulk_load` writes table files before the database takes them over (moves them in). Files left
