@@ -235,12 +235,9 @@ impl Shard {
     fn merge_stats(
         &self,
         batch: &mut Batch,
-        deltas: impl IntoIterator<Item = (ScriptHash, pb::AddressStats)>,
+        deltas: impl IntoIterator<Item = ([u8; KEY_HASH_LEN], pb::AddressStats)>,
     ) {
-        let mut merges: Vec<_> = deltas
-            .into_iter()
-            .map(|(sh, delta)| (schema::stats_key(&sh), delta))
-            .collect();
+        let mut merges: Vec<_> = deltas.into_iter().collect();
         merges.sort_unstable_by_key(|a| a.0);
         let mut value = Vec::new();
         for (key, delta) in merges {
@@ -392,7 +389,7 @@ impl Shard {
     ) -> Result<(), ShardError> {
         let mut rows = Batch::default();
         let mut batch = Batch::default();
-        let mut deltas: FastMap<ScriptHash, pb::AddressStats> = FastMap::default();
+        let mut deltas: FastMap<[u8; KEY_HASH_LEN], pb::AddressStats> = FastMap::default();
         // (address key, height, position) whose tx this batch has counted already.
         let mut counted: FastSet<([u8; KEY_HASH_LEN], u32, u32)> = FastSet::default();
         for (spend, out) in resolved {
@@ -400,14 +397,14 @@ impl Shard {
             let key = addr_key(&sh);
             if !spend.counted.contains(&key) && counted.insert((key, spend.height, spend.position))
             {
-                deltas.entry(sh).or_default().tx_count += 1;
+                deltas.entry(key).or_default().tx_count += 1;
             }
             rows.put(
                 Cf::History,
                 history_key(&sh, spend.height, spend.position, KIND_SPENDING, spend.vin),
                 Vec::new(),
             );
-            let delta = deltas.entry(sh).or_default();
+            let delta = deltas.entry(key).or_default();
             delta.spent_txo_count += 1;
             delta.spent_sum += out.value;
             rows.put(
@@ -1159,7 +1156,9 @@ pub struct IndexWindow<'a> {
     /// Coins created in the window and not (yet) spent in it.
     /// Keyed by the whole outpoint: two txids sharing their 12-byte key (ground on purpose) stay apart.
     outputs: FastMap<([u8; 32], u32), pb::TxOut>,
-    deltas: FastMap<ScriptHash, pb::AddressStats>,
+    /// Keyed by the stats row's key (the address key): 20 bytes less per entry than the scripthash, in a
+    /// map sized for some 300k addresses.
+    deltas: FastMap<[u8; KEY_HASH_LEN], pb::AddressStats>,
     pending: u64,
     /// The checkpoint after the last block added.
     next_height: Option<u32>,
@@ -1320,7 +1319,7 @@ impl IndexWindow<'_> {
                                 history_key(&sh, height, position, KIND_SPENDING, vin),
                                 Vec::new(),
                             );
-                            let delta = deltas.entry(sh).or_default();
+                            let delta = deltas.entry(schema::stats_key(&sh)).or_default();
                             delta.spent_txo_count += 1;
                             delta.spent_sum += out.value;
                             touched.push(sh);
@@ -1373,7 +1372,7 @@ impl IndexWindow<'_> {
                     history_key(&sh, height, position, KIND_FUNDING, vout),
                     Vec::new(),
                 );
-                let delta = deltas.entry(sh).or_default();
+                let delta = deltas.entry(schema::stats_key(&sh)).or_default();
                 delta.funded_txo_count += 1;
                 delta.funded_sum += value;
                 touched.push(sh);
@@ -1392,7 +1391,7 @@ impl IndexWindow<'_> {
                 }
             }
             for sh in touched {
-                deltas.entry(sh).or_default().tx_count += 1;
+                deltas.entry(schema::stats_key(&sh)).or_default().tx_count += 1;
             }
         }
         self.pending += pending;
