@@ -62,25 +62,11 @@ async fn three_workers_answer_exactly_like_the_reference() {
     assert!(status.shards.iter().all(|s| s.pending_inputs == 0));
     // Small windows and batches, so that every shard crosses window and batch boundaries: coins of
     // earlier windows are read back, and a tx's inputs are never split between two batches.
-    for worker in sandbox.worker_statuses().await.unwrap() {
-        for shard in worker.shards {
-            assert!(
-                shard.windows_committed >= 2,
-                "shard {} committed {} window(s)",
-                shard.shard_id,
-                shard.windows_committed
-            );
-            if shard.cross_shard_inputs > 100 {
-                assert!(
-                    shard.resolution_batches >= 2,
-                    "shard {}: {} cross-shard inputs in {} batch(es)",
-                    shard.shard_id,
-                    shard.cross_shard_inputs,
-                    shard.resolution_batches
-                );
-            }
-        }
-    }
+    common::assert_shards_crossed_boundaries(
+        &sandbox.worker_statuses().await.unwrap(),
+        200,
+        "cluster",
+    );
 
     let reference = Reference::from_blk_dir(&chain);
     let (scripts, txs) =
