@@ -674,8 +674,7 @@ impl Shard {
                 m.funded_sum += output.value.to_sat();
                 touched.push(sh);
             }
-            touched.sort_unstable();
-            touched.dedup();
+            sort_dedup_scripthashes(&mut touched);
             for sh in touched {
                 minus.entry(sh).or_default().tx_count += 1;
             }
@@ -1377,8 +1376,7 @@ impl IndexWindow<'_> {
                 delta.funded_sum += value;
                 touched.push(sh);
             }
-            touched.sort_unstable();
-            touched.dedup();
+            sort_dedup_scripthashes(&mut touched);
             if !parked.is_empty() {
                 let counted: Vec<_> = touched.iter().map(addr_key).collect();
                 for (vin, input) in parked.drain(..) {
@@ -1559,6 +1557,15 @@ pub fn header_time(header: &[u8]) -> u32 {
         .get(68..72)
         .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
         .unwrap_or(0)
+}
+
+/// Sorts and deduplicates a tx's scripthashes (a few per tx, every tx): by their first 8 bytes as an
+/// integer first, the same order as comparing them whole, which calls `memcmp` (~1 in 12 of a backfill's
+/// `memcmp` calls were these sorts).
+fn sort_dedup_scripthashes(hashes: &mut Vec<ScriptHash>) {
+    let head = |hash: &ScriptHash| u64::from_be_bytes(hash[..8].try_into().expect("8 bytes"));
+    hashes.sort_unstable_by(|a, b| head(a).cmp(&head(b)).then_with(|| a.cmp(b)));
+    hashes.dedup();
 }
 
 #[cfg(test)]
