@@ -236,7 +236,6 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    limit_fresh_memory();
     match run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
@@ -244,26 +243,6 @@ async fn main() -> std::process::ExitCode {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-/// Makes glibc's allocator, which RocksDB's C++ uses (Rust code uses mimalloc), reuse the memory it
-/// already has rather than take fresh pages from the kernel, which zeroes each one: blocks up to 32 MiB
-/// come from its heaps instead of an `mmap` each (the default threshold is 128 KiB), and the heaps are
-/// never trimmed back to the kernel (so RSS does not shrink after a peak). Zeroing fresh pages was most
-/// of the kernel time eight workers spent over one in `--bench backfill` (`clear_page_erms`: ~3,800 of
-/// ~6,700 kernel samples in their threads on 584k txs, against ~600 for one worker); on these VMs a
-/// fresh page must also be backed again by the host, which takes back what the guest freed. On 584k txs
-/// (two interleaved pairs) this took 8 workers from 26.3–26.4 to 24.1–24.8 CPU-s per million txs, one
-/// worker unchanged (18.7–21.0 → 19.3–19.9). Turning transparent huge pages off too (a huge page is
-/// zeroed 2 MiB at a time) cut the zeroing further but made one worker ~7% slower, so they stay on.
-#[allow(unsafe_code)]
-fn limit_fresh_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt takes integers and changes a process-wide allocator parameter, valid at any time.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
 
