@@ -5,7 +5,8 @@
 //! Run: `cargo bench --profile dev --bench backfill` (env: CHAINIDX_BENCH_BLOCKS, default 60;
 //! CHAINIDX_BENCH_WORKERS, default "1,2,4,8"; CHAINIDX_BENCH_KEEP=1 keeps the data and logs;
 //! CHAINIDX_BENCH_BINARIES, comma-separated `chainidx` executables for the workers, each run once per worker
-//! count in turn — an A/B of two builds on this noisy machine, interleaved). Prints figures and writes
+//! count in turn, in reverse order every other time a worker count comes round — an A/B of two builds on
+//! this noisy machine, interleaved; give each worker count an even number of times). Prints figures and writes
 //! target/bench-backfill.json.
 
 use bitcoin::Block;
@@ -86,12 +87,21 @@ fn main() -> anyhow::Result<()> {
         Ok(list) => list.split(',').map(|b| b.trim().to_string()).collect(),
         Err(_) => vec![env!("CARGO_BIN_EXE_chainidx").to_string()],
     };
+    // Every other time a worker count comes round, its builds run in reverse order (A B, then B A): a
+    // run right after an 8-worker run costs ~10% less than one after a 1-worker run (the memory the
+    // last run freed is still backed by the VM's host), so a fixed order favoured the second build.
+    let mut seen: std::collections::HashMap<usize, usize> = Default::default();
     let runs_wanted: Vec<(usize, &str)> = worker_counts
         .iter()
         .flat_map(|&workers| {
-            binaries
-                .iter()
-                .map(move |binary| (workers, binary.as_str()))
+            let time = seen.entry(workers).or_default();
+            let reversed = *time % 2 == 1;
+            *time += 1;
+            let mut order: Vec<&str> = binaries.iter().map(String::as_str).collect();
+            if reversed {
+                order.reverse();
+            }
+            order.into_iter().map(move |binary| (workers, binary))
         })
         .collect();
     let mut runs = Vec::new();
