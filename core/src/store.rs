@@ -138,12 +138,9 @@ impl Batch {
                 return Err(entry.cf);
             }
             let key = &self.bytes[entry.start as usize..][..entry.key_len as usize];
-            let mut prefix = [0u8; 16];
-            let n = key.len().min(16);
-            prefix[..n].copy_from_slice(&key[..n]);
             assert!(entry.start < 1 << 56, "a batch holds under 2^56 bytes");
             rows.push(SortRow {
-                prefix: u128::from_be_bytes(prefix),
+                prefix: key_prefix(key),
                 cf_and_start: ((entry.cf as u64) << 56) | entry.start,
                 key_len: u32::from(entry.key_len),
                 value_len: entry.value_len,
@@ -168,6 +165,15 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
+
+/// A key's first 16 bytes (zero-padded) as one integer that sorts like them: sorts compare it first and
+/// read the keys only on a tie (a plain sort of keys spent most of its time in `memcmp`).
+pub fn key_prefix(key: &[u8]) -> u128 {
+    let mut prefix = [0u8; 16];
+    let n = key.len().min(16);
+    prefix[..n].copy_from_slice(&key[..n]);
+    u128::from_be_bytes(prefix)
 }
 
 /// A put while its batch is sorted ([`Batch::sorted_puts`]): its first 16 key bytes as one integer that

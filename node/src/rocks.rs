@@ -2,7 +2,9 @@
 //! row kind (see `doc/schema.md`).
 
 use chainidx_core::schema::{Cf, KEY_HASH_LEN, RETIRED_CFS};
-use chainidx_core::store::{Batch, EngineMemory, Op, ScanFrom, SortScratch, Store, StoreError};
+use chainidx_core::store::{
+    Batch, EngineMemory, Op, ScanFrom, SortScratch, Store, StoreError, key_prefix,
+};
 use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DB, Options, WriteOptions};
 use std::path::Path;
 
@@ -220,7 +222,7 @@ impl RocksStore {
     fn rocks_batch(&self, batch: Batch) -> rocksdb::WriteBatch {
         // Each column family looked up once per batch, not once per row: `cf_handle` searches a map by
         // name, which was ~1 in 8 of a backfill's `memcmp` calls (a window's stats are a merge per address).
-        debug_assert!(Cf::ALL.iter().enumerate().all(|(i, cf)| *cf as usize == i));
+        // Indexed by `cf as usize`: `Cf::ALL` is in declaration order (a test in `chainidx_core::store` checks).
         let handles = Cf::ALL.map(|cf| self.handle(cf));
         let handle = |cf: Cf| handles[cf as usize];
         let mut rocks_batch = rocksdb::WriteBatch::default();
@@ -296,14 +298,6 @@ fn sort_by_key<'a, T>(items: impl Iterator<Item = (&'a [u8], T)>) -> Vec<(u128, 
         .into_iter()
         .map(|(prefix, _, key, item)| (prefix, key, item))
         .collect()
-}
-
-/// A key's first 16 bytes (zero-padded) as one integer that sorts like them.
-fn key_prefix(key: &[u8]) -> u128 {
-    let mut prefix = [0u8; 16];
-    let n = key.len().min(16);
-    prefix[..n].copy_from_slice(&key[..n]);
-    u128::from_be_bytes(prefix)
 }
 
 impl Store for RocksStore {

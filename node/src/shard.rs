@@ -1573,6 +1573,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn scripthashes_sort_and_dedup_like_whole_comparisons() {
+        // Pairs share their first 8 bytes, so the tie-break on the whole hash decides their order.
+        let hash = |head: u8, tail: u8| {
+            let mut h = [head; 32];
+            h[31] = tail;
+            h
+        };
+        let mut hashes = vec![
+            hash(9, 1),
+            hash(2, 7),
+            hash(9, 0),
+            hash(2, 7),
+            hash(0, 5),
+            hash(9, 1),
+        ];
+        let mut expected = hashes.clone();
+        expected.sort_unstable();
+        expected.dedup();
+        sort_dedup_scripthashes(&mut hashes);
+        assert_eq!(hashes, expected);
+        assert_eq!(hashes.len(), 4);
+    }
+
+    #[test]
     fn an_outputs_row_is_only_taken_for_the_tx_whose_whole_txid_it_keeps() {
         let ours = [7u8; 32];
         let mut ground = ours;
