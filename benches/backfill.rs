@@ -3,7 +3,7 @@
 //! coordinator + worker processes over loopback gRPC, RocksDB, every input resolved).
 //!
 //! Run: `cargo bench --profile dev --bench backfill` (env: CHAINIDX_BENCH_BLOCKS, default 60;
-//! CHAINIDX_BENCH_WORKERS, default "1,2,4,8"; CHAINIDX_BENCH_KEEP=1 keeps the data and logs;
+//! CHAINIDX_BENCH_WORKERS, default "1,2,4,8"; CHAINIDX_BENCH_SHARDS, default 16; CHAINIDX_BENCH_KEEP=1 keeps the data and logs;
 //! CHAINIDX_BENCH_BINARIES, comma-separated `chainidx` executables for the workers, each run once per worker
 //! count in turn, in reverse order every other time a worker count comes round — an A/B of two builds on
 //! this noisy machine, interleaved; give each worker count an even number of times). Prints figures and writes
@@ -34,6 +34,8 @@ fn main() -> anyhow::Result<()> {
         .split(',')
         .filter_map(|w| w.trim().parse().ok())
         .collect();
+    // 16 by default; fewer makes each shard larger (the per-tx cost grows with a shard's size).
+    let shards: u32 = env_or("CHAINIDX_BENCH_SHARDS", 16).max(1);
     let dir = tempfile::tempdir()?;
     // CHAINIDX_BENCH_KEEP=1 keeps the clusters' directories (worker logs say how long each phase took).
     let dir = match std::env::var_os("CHAINIDX_BENCH_KEEP") {
@@ -114,8 +116,8 @@ fn main() -> anyhow::Result<()> {
         // One directory per run: a worker count given twice ("1,8,1") must backfill again, not find
         // the first run's finished shards.
         let cluster_dir = dir.path().join(format!("cluster-{run}-{workers}"));
-        // The same 16 shards whatever the worker count, so only the distribution differs between runs.
-        let shard_blocks = blocks.div_ceil(16).max(1);
+        // The same shards whatever the worker count, so only the distribution differs between runs.
+        let shard_blocks = blocks.div_ceil(shards).max(1);
         let own_cpu_before = cpu_seconds(std::process::id());
         let own_system_before = cpu_seconds_split(std::process::id()).1;
         let backfill = runtime.block_on(async {

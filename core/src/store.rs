@@ -311,8 +311,15 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the files the engine writes at the bottom of its tree are compressed. Off while a shard
     /// backfills before a full [`Store::compact`], which rewrites (and compresses) every file anyway:
     /// compressing them on the way was ~10% of a backfill's CPU. Not persisted: how an engine opens decides
-    /// (RocksDB's `open_uncompressed` opens with it off).
+    /// (RocksDB's `open_for_backfill` opens with it off).
     fn set_compression(&self, _enabled: bool) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Lets the engine compact on its own again once the full [`Store::compact`] after a backfill is done.
+    /// Until then a backfilling shard leaves the column families the backfill never reads to that
+    /// compaction (RocksDB's `open_for_backfill`). Not persisted either.
+    fn resume_auto_compactions(&self) -> Result<(), StoreError> {
         Ok(())
     }
 

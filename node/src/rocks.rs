@@ -75,25 +75,32 @@ enum TableWriter {
     Ingestion,
 }
 
-/// Whether the database compresses the files it writes at the bottom of its tree, from the moment it
-/// opens (see [`RocksStore::open_uncompressed`]).
+/// How a database writes from the moment it opens (see [`RocksStore::open_for_backfill`]): a backfilling
+/// shard, which a full compaction will rewrite, compresses nothing and leaves `history` to that compaction.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Bottommost {
-    Compressed,
-    Uncompressed,
+enum WriteMode {
+    Backfill,
+    Settled,
 }
 
-fn cf_options(cf: Cf, writer: TableWriter, bottommost: Bottommost) -> Options {
+fn cf_options(cf: Cf, writer: TableWriter, mode: WriteMode) -> Options {
     let mut options = Options::default();
     // Hashes, which most keys and values are, do not compress; what zstd gains (~40%: the zeroed sequence
     // numbers of compacted rows, repeated key bytes, script templates; LZ4 gained ~30%) is worth its CPU
     // only once, in the bottommost level. Compressing every file on the way in cost ~15% of backfill CPU
     // (`--bench backfill`).
     options.set_compression_type(rocksdb::DBCompressionType::None);
-    options.set_bottommost_compression_type(match bottommost {
-        Bottommost::Compressed => rocksdb::DBCompressionType::Zstd,
-        Bottommost::Uncompressed => rocksdb::DBCompressionType::None,
+    options.set_bottommost_compression_type(match mode {
+        WriteMode::Settled => rocksdb::DBCompressionType::Zstd,
+        WriteMode::Backfill => rocksdb::DBCompressionType::None,
     });
+    // A backfill never reads `history` (its rows are put, its stats merged), yet a shard of 8 windows had
+    // ingested and flushed past the L0 trigger, and compacting them was 2–3 CPU-s per 500k-tx shard
+    // (~4 CPU-s per million txs, from RocksDB's log), work the full compaction after the backfill
+    // redoes. Without automatic compactions RocksDB also skips its L0-count write stalls.
+    if cf == Cf::History && mode == WriteMode::Backfill {
+        options.set_disable_auto_compactions(true);
+    }
     // zstd level 6 instead of 3 where it pays (`--bench backfill`, 584k txs, bytes/tx compacted): history
     // 103.8 -> 95.5, txs 18.8 -> 17.9, the other families < 1 byte; 267 -> 256 bytes/tx in all for ~6 more
     // CPU-s per million txs in the compaction after the backfill (level 9: 254 for ~11 more; a 16 KiB
@@ -157,18 +164,19 @@ fn cf_options(cf: Cf, writer: TableWriter, bottommost: Bottommost) -> Options {
 
 impl RocksStore {
     pub fn open(path: &Path) -> Result<RocksStore, StoreError> {
-        RocksStore::open_with(path, Bottommost::Compressed)
+        RocksStore::open_with(path, WriteMode::Settled)
     }
 
-    /// Opens the database with compression off until [`Store::set_compression`] turns it on, for a shard
-    /// that a full compaction will rewrite anyway. Turning it off after opening instead was ~3% of a
-    /// backfill's CPU: every `SetOptions` call, one per column family and shard, writes RocksDB's
-    /// options file and parses it back to check it.
-    pub fn open_uncompressed(path: &Path) -> Result<RocksStore, StoreError> {
-        RocksStore::open_with(path, Bottommost::Uncompressed)
+    /// Opens the database for a shard that a full compaction will rewrite anyway: no compression until
+    /// [`Store::set_compression`] turns it on, no automatic compaction of `history` until
+    /// [`Store::resume_auto_compactions`]. Switching after opening instead was ~3% of a backfill's CPU:
+    /// every `SetOptions` call, one per column family and shard, writes RocksDB's options file and parses
+    /// it back to check it.
+    pub fn open_for_backfill(path: &Path) -> Result<RocksStore, StoreError> {
+        RocksStore::open_with(path, WriteMode::Backfill)
     }
 
-    fn open_with(path: &Path, bottommost: Bottommost) -> Result<RocksStore, StoreError> {
+    fn open_with(path: &Path, mode: WriteMode) -> Result<RocksStore, StoreError> {
         let mut options = Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
@@ -188,10 +196,7 @@ impl RocksStore {
         let descriptors = Cf::ALL
             .iter()
             .map(|cf| {
-                ColumnFamilyDescriptor::new(
-                    cf.name(),
-                    cf_options(*cf, TableWriter::Database, bottommost),
-                )
+                ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf, TableWriter::Database, mode))
             })
             .chain(retired);
         let db = DB::open_cf_descriptors(&options, path, descriptors).map_err(engine)?;
@@ -261,7 +266,7 @@ impl RocksStore {
             // The table format of the column family (filter, block size), uncompressed: the writer would
             // use the bottommost level's compression, but these files go to upper levels and are
             // compressed when compaction brings them down.
-            let options = cf_options(cf, TableWriter::Ingestion, Bottommost::Uncompressed);
+            let options = cf_options(cf, TableWriter::Ingestion, WriteMode::Backfill);
             let mut writer = rocksdb::SstFileWriter::create(&options);
             writer.open(&path).map_err(engine)?;
             while let Some((_, key, value)) = puts.next_if(|&(next, _, _)| next == cf) {
@@ -402,6 +407,15 @@ impl Store for RocksStore {
                 .map_err(engine)?;
         }
         Ok(())
+    }
+
+    fn resume_auto_compactions(&self) -> Result<(), StoreError> {
+        self.db
+            .set_options_cf(
+                self.handle(Cf::History),
+                &[("disable_auto_compactions", "false")],
+            )
+            .map_err(engine)
     }
 
     fn scan(
@@ -556,7 +570,7 @@ mod tests {
     #[test]
     fn a_compaction_with_compression_off_leaves_the_files_uncompressed() {
         let dir = tempfile::tempdir().unwrap();
-        let store = RocksStore::open_uncompressed(dir.path()).unwrap();
+        let store = RocksStore::open_for_backfill(dir.path()).unwrap();
         let sst_bytes = |store: &RocksStore| {
             store
                 .sst_bytes_per_cf()
@@ -594,6 +608,53 @@ mod tests {
             compressed < uncompressed / 4,
             "{compressed} vs {uncompressed} bytes"
         );
+    }
+
+    #[test]
+    fn a_backfilling_store_leaves_history_to_the_full_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open_for_backfill(dir.path()).unwrap();
+        let l0_files = |store: &RocksStore| {
+            let mut wait = rocksdb::WaitForCompactOptions::default();
+            wait.set_timeout(30_000_000);
+            store.db.wait_for_compact(&wait).unwrap();
+            store
+                .db
+                .property_int_value_cf(store.handle(Cf::History), "rocksdb.num-files-at-level0")
+                .unwrap()
+                .unwrap()
+        };
+        // Files whose keys interleave, as windows' history rows do: each must land in L0.
+        let ingest_files = |files: std::ops::Range<u32>| {
+            for file in files {
+                let mut batch = Batch::default();
+                for i in 0..100u32 {
+                    batch.put(
+                        Cf::History,
+                        [i.to_be_bytes(), file.to_be_bytes()].concat(),
+                        [],
+                    );
+                }
+                store.bulk_load(&batch).unwrap();
+            }
+        };
+        // Past the L0 trigger (16), which would compact them now in a settled database (the first file,
+        // overlapping nothing, goes straight to the bottom).
+        ingest_files(0..20);
+        assert_eq!(l0_files(&store), 19);
+        store.resume_auto_compactions().unwrap();
+        ingest_files(20..21);
+        assert!(l0_files(&store) < 16);
+        // A settled database compacts them on its own from the start.
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path()).unwrap();
+        for file in 0..20u32 {
+            let mut batch = Batch::default();
+            batch.put(Cf::History, file.to_be_bytes(), []);
+            batch.put(Cf::History, [9u8; 8], file.to_be_bytes());
+            store.bulk_load(&batch).unwrap();
+        }
+        assert!(l0_files(&store) < 16);
     }
 
     #[test]

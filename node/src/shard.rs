@@ -1082,11 +1082,13 @@ impl Shard {
 /// [`drop_spent_outputs`], then a full compaction of the engine: what a shard's database is rewritten to once
 /// its backfill is over (benchmarks call this on stopped clusters' databases, with a lock of their own).
 pub fn compact_store(store: &dyn Store, coin_rows: &Mutex<()>) -> Result<(), ShardError> {
-    // A backfilling shard's database was opened with it off (`RocksStore::open_uncompressed`); the
-    // rewrite below compresses.
+    // A backfilling shard's database was opened with compression off (`RocksStore::open_for_backfill`);
+    // the rewrite below compresses. Automatic compactions resume only after it: resumed before, they
+    // would first compact `history`'s many L0 files on their own, which the rewrite then redoes.
     store.set_compression(true)?;
     drop_spent_outputs(store, coin_rows)?;
-    Ok(store.compact()?)
+    store.compact()?;
+    Ok(store.resume_auto_compactions()?)
 }
 
 /// Deletes the `outputs` row of every coin that has an `outspends` row: only unspent coins need theirs

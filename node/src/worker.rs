@@ -464,7 +464,7 @@ impl WorkerNode {
         // A shard that will be compacted fully writes uncompressed until then: that compaction rewrites,
         // and compresses, every file anyway.
         let store = if will_compact {
-            RocksStore::open_uncompressed(&path)
+            RocksStore::open_for_backfill(&path)
         } else {
             RocksStore::open(&path)
         };
