@@ -34,7 +34,8 @@ fn main() -> anyhow::Result<()> {
         .split(',')
         .filter_map(|w| w.trim().parse().ok())
         .collect();
-    // 16 by default; fewer makes each shard larger (the per-tx cost grows with a shard's size).
+    // 16 by default; fewer makes each shard larger on the same chain, so that a shard's size and the
+    // chain's length can be varied apart.
     let shards: u32 = env_or("CHAINIDX_BENCH_SHARDS", 16).max(1);
     let dir = tempfile::tempdir()?;
     // CHAINIDX_BENCH_KEEP=1 keeps the clusters' directories (worker logs say how long each phase took).

@@ -612,8 +612,6 @@ mod tests {
 
     #[test]
     fn a_backfilling_store_leaves_history_to_the_full_compaction() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RocksStore::open_for_backfill(dir.path()).unwrap();
         let l0_files = |store: &RocksStore| {
             let mut wait = rocksdb::WaitForCompactOptions::default();
             wait.set_timeout(30_000_000);
@@ -624,8 +622,9 @@ mod tests {
                 .unwrap()
                 .unwrap()
         };
-        // Files whose keys interleave, as windows' history rows do: each must land in L0.
-        let ingest_files = |files: std::ops::Range<u32>| {
+        // Files whose keys interleave, as windows' history rows do: each lands in L0 (but the first,
+        // overlapping nothing, which goes straight to the bottom).
+        let ingest_files = |store: &RocksStore, files: std::ops::Range<u32>| {
             for file in files {
                 let mut batch = Batch::default();
                 for i in 0..100u32 {
@@ -638,22 +637,18 @@ mod tests {
                 store.bulk_load(&batch).unwrap();
             }
         };
-        // Past the L0 trigger (16), which would compact them now in a settled database (the first file,
-        // overlapping nothing, goes straight to the bottom).
-        ingest_files(0..20);
+        // Past the L0 trigger (16): left alone while backfilling, compacted once resumed.
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open_for_backfill(dir.path()).unwrap();
+        ingest_files(&store, 0..20);
         assert_eq!(l0_files(&store), 19);
         store.resume_auto_compactions().unwrap();
-        ingest_files(20..21);
+        ingest_files(&store, 20..21);
         assert!(l0_files(&store) < 16);
         // A settled database compacts them on its own from the start.
         let dir = tempfile::tempdir().unwrap();
         let store = RocksStore::open(dir.path()).unwrap();
-        for file in 0..20u32 {
-            let mut batch = Batch::default();
-            batch.put(Cf::History, file.to_be_bytes(), []);
-            batch.put(Cf::History, [9u8; 8], file.to_be_bytes());
-            store.bulk_load(&batch).unwrap();
-        }
+        ingest_files(&store, 0..20);
         assert!(l0_files(&store) < 16);
     }
 
