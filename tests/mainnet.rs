@@ -307,7 +307,19 @@ fn a_spent_coin_is_answered_from_its_tx_body_once_its_row_is_dropped() {
     let outputs = chainidx_core::schema::Cf::Outputs;
     use chainidx_core::store::Store;
     assert!(store.get(outputs, &key).unwrap().is_some());
+    // Until the drop, the shard knows every coin of its own has its row, so a miss needs no second look.
+    let all_coin_rows = || {
+        store
+            .get(
+                chainidx_core::schema::Cf::Meta,
+                chainidx_core::schema::ALL_COIN_ROWS_KEY,
+            )
+            .unwrap()
+            .is_some()
+    };
+    assert!(all_coin_rows());
     shard.compact().unwrap();
+    assert!(!all_coin_rows(), "the drop says so before any row goes");
     assert!(store.get(outputs, &key).unwrap().is_none(), "row dropped");
     assert!(!unspent(&shard).contains(&coin));
 

@@ -77,6 +77,12 @@ impl Cf {
 
 pub const SHARD_STATE_KEY: &[u8] = b"shard";
 
+/// Present from a shard's creation until it first drops spent coins' `outputs` rows
+/// (`drop_spent_outputs`): while it is, an `outputs` miss means "not this shard's coin", and a resolution
+/// need not also look in `outspends` for a coin whose row was dropped. A database from before this key
+/// lacks it and always looks, as it did.
+pub const ALL_COIN_ROWS_KEY: &[u8] = b"all_coin_rows";
+
 /// History row kinds: a row either funds the script (an output) or spends from it (an input).
 pub const KIND_FUNDING: u8 = 0;
 pub const KIND_SPENDING: u8 = 1;

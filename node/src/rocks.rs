@@ -83,6 +83,11 @@ enum WriteMode {
     Settled,
 }
 
+/// Column families a backfill only writes (`outspends` is read then only by a shard that has dropped spent
+/// coins' rows, after its own backfill): their automatic compactions wait for the full compaction after
+/// the backfill, which rewrites everything anyway.
+const LEFT_TO_FULL_COMPACTION: [Cf; 2] = [Cf::History, Cf::Outspends];
+
 fn cf_options(cf: Cf, writer: TableWriter, mode: WriteMode) -> Options {
     let mut options = Options::default();
     // Hashes, which most keys and values are, do not compress; what zstd gains (~40%: the zeroed sequence
@@ -98,7 +103,7 @@ fn cf_options(cf: Cf, writer: TableWriter, mode: WriteMode) -> Options {
     // ingested and flushed past the L0 trigger, and compacting them was 2–3 CPU-s per 500k-tx shard
     // (~4 CPU-s per million txs, from RocksDB's log), work the full compaction after the backfill
     // redoes. Without automatic compactions RocksDB also skips its L0-count write stalls.
-    if cf == Cf::History && mode == WriteMode::Backfill {
+    if LEFT_TO_FULL_COMPACTION.contains(&cf) && mode == WriteMode::Backfill {
         options.set_disable_auto_compactions(true);
     }
     // zstd level 6 instead of 3 where it pays (`--bench backfill`, 584k txs, bytes/tx compacted): history
@@ -168,7 +173,7 @@ impl RocksStore {
     }
 
     /// Opens the database for a shard that a full compaction will rewrite anyway: no compression until
-    /// [`Store::set_compression`] turns it on, no automatic compaction of `history` until
+    /// [`Store::set_compression`] turns it on, no automatic compaction of `history` and `outspends` until
     /// [`Store::resume_auto_compactions`]. Switching after opening instead was ~3% of a backfill's CPU:
     /// every `SetOptions` call, one per column family and shard, writes RocksDB's options file and parses
     /// it back to check it.
@@ -410,12 +415,12 @@ impl Store for RocksStore {
     }
 
     fn resume_auto_compactions(&self) -> Result<(), StoreError> {
-        self.db
-            .set_options_cf(
-                self.handle(Cf::History),
-                &[("disable_auto_compactions", "false")],
-            )
-            .map_err(engine)
+        for cf in LEFT_TO_FULL_COMPACTION {
+            self.db
+                .set_options_cf(self.handle(cf), &[("disable_auto_compactions", "false")])
+                .map_err(engine)?;
+        }
+        Ok(())
     }
 
     fn scan(
@@ -611,45 +616,48 @@ mod tests {
     }
 
     #[test]
-    fn a_backfilling_store_leaves_history_to_the_full_compaction() {
-        let l0_files = |store: &RocksStore| {
+    fn a_backfilling_store_leaves_history_and_outspends_to_the_full_compaction() {
+        let l0_files = |store: &RocksStore, cf: Cf| {
             let mut wait = rocksdb::WaitForCompactOptions::default();
             wait.set_timeout(30_000_000);
             store.db.wait_for_compact(&wait).unwrap();
             store
                 .db
-                .property_int_value_cf(store.handle(Cf::History), "rocksdb.num-files-at-level0")
+                .property_int_value_cf(store.handle(cf), "rocksdb.num-files-at-level0")
                 .unwrap()
                 .unwrap()
         };
-        // Files whose keys interleave, as windows' history rows do: each lands in L0 (but the first,
+        // Files whose keys interleave, as windows' rows do: each lands in L0 (but the first,
         // overlapping nothing, which goes straight to the bottom).
         let ingest_files = |store: &RocksStore, files: std::ops::Range<u32>| {
             for file in files {
                 let mut batch = Batch::default();
-                for i in 0..100u32 {
-                    batch.put(
-                        Cf::History,
-                        [i.to_be_bytes(), file.to_be_bytes()].concat(),
-                        [],
-                    );
+                for cf in [Cf::History, Cf::Outspends, Cf::Outputs] {
+                    for i in 0..100u32 {
+                        batch.put(cf, [i.to_be_bytes(), file.to_be_bytes()].concat(), []);
+                    }
                 }
                 store.bulk_load(&batch).unwrap();
             }
         };
-        // Past the L0 trigger (16): left alone while backfilling, compacted once resumed.
+        // Past the L0 trigger (16): left alone while backfilling, compacted once resumed; `outputs`,
+        // which a backfill reads, is compacted all along.
         let dir = tempfile::tempdir().unwrap();
         let store = RocksStore::open_for_backfill(dir.path()).unwrap();
         ingest_files(&store, 0..20);
-        assert_eq!(l0_files(&store), 19);
+        assert_eq!(l0_files(&store, Cf::History), 19);
+        assert_eq!(l0_files(&store, Cf::Outspends), 19);
+        assert!(l0_files(&store, Cf::Outputs) < 16);
         store.resume_auto_compactions().unwrap();
         ingest_files(&store, 20..21);
-        assert!(l0_files(&store) < 16);
+        assert!(l0_files(&store, Cf::History) < 16);
+        assert!(l0_files(&store, Cf::Outspends) < 16);
         // A settled database compacts them on its own from the start.
         let dir = tempfile::tempdir().unwrap();
         let store = RocksStore::open(dir.path()).unwrap();
         ingest_files(&store, 0..20);
-        assert!(l0_files(&store) < 16);
+        assert!(l0_files(&store, Cf::History) < 16);
+        assert!(l0_files(&store, Cf::Outspends) < 16);
     }
 
     #[test]

@@ -9,10 +9,10 @@ use bitcoin::hashes::Hash;
 use bitcoin::{Block, BlockHash, Transaction};
 use chainidx_core::chain::{ScriptHash, scripthash};
 use chainidx_core::schema::{
-    self, Cf, FORMAT_VERSION, Hash32, KEY_HASH_LEN, KIND_FUNDING, KIND_SPENDING, PendingInput,
-    SHARD_STATE_KEY, SpentBy, TxSlot, addr_key, decode_coin, decode_output, decode_pending,
-    encode_coin, encode_output, encode_pending, history_key, outpoint_key, parse_history_key,
-    pending_key, position_key, txid_key,
+    self, ALL_COIN_ROWS_KEY, Cf, FORMAT_VERSION, Hash32, KEY_HASH_LEN, KIND_FUNDING, KIND_SPENDING,
+    PendingInput, SHARD_STATE_KEY, SpentBy, TxSlot, addr_key, decode_coin, decode_output,
+    decode_pending, encode_coin, encode_output, encode_pending, history_key, outpoint_key,
+    parse_history_key, pending_key, position_key, txid_key,
 };
 use chainidx_core::source::{BlockSource, SourceError, SpentCoin};
 use chainidx_core::store::{Batch, ScanFrom, Store, StoreError};
@@ -154,6 +154,7 @@ impl Shard {
                 };
                 let mut batch = Batch::default();
                 batch.put(Cf::Meta, SHARD_STATE_KEY, state.encode_to_vec());
+                batch.put(Cf::Meta, ALL_COIN_ROWS_KEY, []);
                 store.write(batch, true)?;
                 state
             }
@@ -485,6 +486,12 @@ impl Shard {
                 value: out.value,
                 script: out.script,
             });
+        }
+        // Until this shard drops spent coins' rows, a miss is a coin of another shard: during a backfill
+        // most outpoints asked for are, and this lookup was one more filtered miss each. Read after the
+        // `outputs` lookup: the drop removes the key before any row.
+        if !asked_again.is_empty() && self.store.get(Cf::Meta, ALL_COIN_ROWS_KEY)?.is_some() {
+            asked_again.clear();
         }
         if !asked_again.is_empty() {
             let again_keys: Vec<&[u8]> = asked_again.iter().map(|&i| key_refs[i]).collect();
@@ -1099,6 +1106,12 @@ pub fn compact_store(store: &dyn Store, coin_rows: &Mutex<()>) -> Result<(), Sha
 /// under `coin_rows`, that the coin is still spent and still has a row, and deletes only those.
 pub fn drop_spent_outputs(store: &dyn Store, coin_rows: &Mutex<()>) -> Result<u64, ShardError> {
     const CHUNK: usize = 20_000;
+    // Durably, before any row goes: from now on a spender asking again may find its coin's row gone.
+    if store.get(Cf::Meta, ALL_COIN_ROWS_KEY)?.is_some() {
+        let mut batch = Batch::default();
+        batch.delete(Cf::Meta, ALL_COIN_ROWS_KEY);
+        store.write(batch, true)?;
+    }
     let mut after: Option<Vec<u8>> = None;
     let mut dropped = 0u64;
     loop {

@@ -461,8 +461,8 @@ impl WorkerNode {
         })?;
         let will_compact = self.compact_after_backfill.load(Ordering::Relaxed)
             && !path.join(COMPACTED_MARK).exists();
-        // A shard that will be compacted fully writes uncompressed, and leaves `history` uncompacted,
-        // until then: that compaction rewrites, and compresses, every file anyway.
+        // A shard that will be compacted fully writes uncompressed, and leaves `history` and `outspends`
+        // uncompacted, until then: that compaction rewrites, and compresses, every file anyway.
         let store = if will_compact {
             RocksStore::open_for_backfill(&path)
         } else {
