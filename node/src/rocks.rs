@@ -117,10 +117,16 @@ fn cf_options(cf: Cf, writer: TableWriter, mode: WriteMode) -> Options {
     let mut table = BlockBasedOptions::default();
     table.set_block_cache(shared_block_cache());
     // Index and filter blocks live in the (bounded) block cache rather than beside every open table file,
-    // where they grew with the data; L0's, read by every lookup, stay pinned.
+    // where they grew with the data; L0's, read by every lookup, stay pinned. Not those of the column
+    // families a backfill leaves to the full compaction: their L0 files pile up unread, and their pinned
+    // blocks had pushed the cache past its size (86 MiB of 64 after 7.99M txs), so that the filters of
+    // `outputs`, which every lookup reads, were read in again and again (RocksDB's statistics, 7.99M
+    // txs: 114 GB of filter blocks brought into the cache during the backfill, 35 GB unpinned).
     table.set_cache_index_and_filter_blocks(true);
     table.set_cache_index_and_filter_blocks_with_high_priority(true);
-    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(
+        !(mode == WriteMode::Backfill && LEFT_TO_FULL_COMPACTION.contains(&cf)),
+    );
     // Point lookups (outputs, txs, outspends, stats) mostly miss in shards that do not hold the row.
     // Ribbon filters take ~30% less space than Bloom filters for the same false positives but ~4x the CPU
     // to build: they are for files that stay (compactions below L0); flushed and ingested files, which
