@@ -1107,11 +1107,9 @@ pub fn compact_store(store: &dyn Store, coin_rows: &Mutex<()>) -> Result<(), Sha
 pub fn drop_spent_outputs(store: &dyn Store, coin_rows: &Mutex<()>) -> Result<u64, ShardError> {
     const CHUNK: usize = 20_000;
     // Durably, before any row goes: from now on a spender asking again may find its coin's row gone.
-    if store.get(Cf::Meta, ALL_COIN_ROWS_KEY)?.is_some() {
-        let mut batch = Batch::default();
-        batch.delete(Cf::Meta, ALL_COIN_ROWS_KEY);
-        store.write(batch, true)?;
-    }
+    let mut batch = Batch::default();
+    batch.delete(Cf::Meta, ALL_COIN_ROWS_KEY);
+    store.write(batch, true)?;
     let mut after: Option<Vec<u8>> = None;
     let mut dropped = 0u64;
     loop {
