@@ -153,8 +153,12 @@ fn main() -> anyhow::Result<()> {
             // The storage engine's share of one worker's memory (the largest), after the backfill.
             let mut engine = chainidx_proto::EngineMemory::default();
             let (mut windows, mut batches) = (0, 0);
+            let mut routing = Routing::default();
             for reply in sandbox.worker_statuses().await? {
                 peer_bytes += reply.peer_bytes;
+                routing.routed += reply.inputs_routed;
+                routing.walked += reply.inputs_walked;
+                routing.lookups += reply.spend_lookups_sent;
                 windows += reply
                     .shards
                     .iter()
@@ -191,6 +195,7 @@ fn main() -> anyhow::Result<()> {
                 windows,
                 batches,
                 peer_bytes,
+                routing,
                 engine,
                 disk,
             })
@@ -206,6 +211,7 @@ fn main() -> anyhow::Result<()> {
             windows,
             batches,
             peer_bytes,
+            routing,
             engine,
             disk,
         } = backfill;
@@ -233,6 +239,12 @@ fn main() -> anyhow::Result<()> {
             "  {windows} windows and {batches} resolution batches written over {} shards",
             blocks.div_ceil(shard_blocks)
         );
+        let lookups_per_input = routing.lookups as f64 / (routing.routed + routing.walked).max(1) as f64;
+        println!(
+            "  cross-shard inputs: {} sent by the earlier shards' txid filters, {} walked back (every filter ruled \
+             their coin out); {lookups_per_input:.2} lookups sent to peers per input",
+            routing.routed, routing.walked
+        );
         println!(
             "  then compacting every shard (what workers do by default, --compact-after-backfill): \
              {compaction_cpu_per_million:.1} CPU-s per million tx"
@@ -257,6 +269,10 @@ fn main() -> anyhow::Result<()> {
         runs.push(json!({
             "engine_memory_mib": {"memtables": mib(engine.memtable_bytes), "table_readers": mib(engine.table_reader_bytes), "block_cache": mib(engine.block_cache_bytes)},
             "workers": workers, "binary": binary, "shard_blocks": shard_blocks, "seconds": elapsed, "tx_per_s": tx_s,
+            "cross_shard_inputs_routed": routing.routed, "cross_shard_inputs_walked": routing.walked,
+            "peer_lookups_per_cross_shard_input": lookups_per_input,
+            "cross_shard_inputs_routed": routing.routed, "cross_shard_inputs_walked": routing.walked,
+            "peer_lookups_per_cross_shard_input": lookups_per_input,
             "tx_per_s_per_worker": per_worker, "ratio_to_decode_only": per_worker / decode_tx_s,
             "cross_shard_inputs": cross, "bytes_between_workers_per_tx": per_tx(peer_bytes),
             "disk_bytes_per_tx": per_tx(disk), "disk_bytes_per_tx_compacted": per_tx(compacted),
@@ -373,8 +389,17 @@ struct Backfill {
     windows: u64,
     batches: u64,
     peer_bytes: u64,
+    routing: Routing,
     engine: chainidx_proto::EngineMemory,
     disk: u64,
+}
+
+/// How the workers found their cross-shard inputs' coins (`WorkerStatusReply`).
+#[derive(Default)]
+struct Routing {
+    routed: u64,
+    walked: u64,
+    lookups: u64,
 }
 
 /// The data bytes of a stopped cluster whose workers compacted every shard, and the SST bytes per column

@@ -38,6 +38,10 @@ async fn three_workers_answer_exactly_like_the_reference() {
     .window_txs(200)
     // Several resolution batches per shard too.
     .resolve_batch(100)
+    // The second worker's shards serve txid filters that rule out everything, as out-of-date ones could:
+    // inputs spending their coins are found by walking back through every earlier shard, the others are
+    // sent where the filters say.
+    .worker_failpoints(1, "txid-filter:rule-out-all=on")
     .start()
     .await
     .unwrap();
@@ -60,6 +64,16 @@ async fn three_workers_answer_exactly_like_the_reference() {
         "too few cross-shard spends to test resolution: {cross}"
     );
     assert!(status.shards.iter().all(|s| s.pending_inputs == 0));
+    let workers = sandbox.worker_statuses().await.unwrap();
+    let routed: u64 = workers.iter().map(|w| w.inputs_routed).sum();
+    let walked: u64 = workers.iter().map(|w| w.inputs_walked).sum();
+    let lookups: u64 = workers.iter().map(|w| w.spend_lookups_sent).sum();
+    assert_eq!(routed + walked, cross, "every cross-shard input resolved once");
+    assert!(
+        routed > cross / 4 && walked > cross / 10,
+        "both ways taken: {routed} routed, {walked} walked of {cross}"
+    );
+    assert!(lookups >= cross, "{lookups} lookups for {cross} inputs");
     // Small windows and batches, so that every shard crosses window and batch boundaries: coins of
     // earlier windows are read back, and a tx's inputs are never split between two batches.
     common::assert_shards_crossed_boundaries(
@@ -75,7 +89,10 @@ async fn three_workers_answer_exactly_like_the_reference() {
         scripts > 1000 && txs > 5000,
         "chain too small to mean much: {scripts} scripts, {txs} txs"
     );
-    eprintln!("checked {scripts} scripts and {txs} txs; {cross} inputs crossed shards");
+    eprintln!(
+        "checked {scripts} scripts and {txs} txs; {cross} inputs crossed shards ({routed} routed by txid \
+         filters, {walked} walked back, {lookups} lookups sent)"
+    );
 
     // The generator's ground truth agrees too (a second, independent oracle).
     let api = Api::new(sandbox.http_url());

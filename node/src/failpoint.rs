@@ -1,7 +1,8 @@
 //! Failpoints for crash tests: `CHAINIDX_FAILPOINTS="name=N[,name=N]"` makes the process abort — like
 //! kill -9, nothing flushed, no goodbye — the N-th time it reaches `failpoint(name)`; `name=sleep:MS`
-//! delays every pass instead (a slow disk, so fault tests can act in the middle of a backfill). Unset, a
-//! failpoint costs one relaxed atomic load.
+//! delays every pass instead (a slow disk, so fault tests can act in the middle of a backfill); `name=on`
+//! switches on a misbehaviour that [`failpoint_on`] asks about. Unset, a failpoint costs one relaxed
+//! atomic load.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -17,12 +18,17 @@ pub const RESOLVE_AFTER_INGEST: &str = "resolve:after-ingest";
 pub const RESOLVE_AFTER_LOOKUP: &str = "resolve:after-lookup";
 pub const RESOLVE_AFTER_APPLY: &str = "resolve:after-apply";
 pub const SPEND_AFTER_WRITE: &str = "spend:after-write";
+/// With `=on`: the worker's shards answer txid filters that rule out every txid, as an out-of-date filter
+/// could, so that their coins are only found by the fallback walk.
+pub const TXID_FILTER_RULES_OUT_ALL: &str = "txid-filter:rule-out-all";
 
 enum Action {
     /// Abort on the n-th pass.
     AbortAt(usize, AtomicUsize),
     /// Sleep this many milliseconds on every pass.
     Sleep(u64),
+    /// Only [`failpoint_on`] looks at it.
+    On,
 }
 
 fn armed() -> &'static HashMap<String, Action> {
@@ -33,9 +39,12 @@ fn armed() -> &'static HashMap<String, Action> {
             .split(',')
             .filter_map(|spec| spec.split_once('='))
             .filter_map(|(name, action)| {
-                let action = match action.trim().strip_prefix("sleep:") {
-                    Some(ms) => Action::Sleep(ms.parse().ok()?),
-                    None => Action::AbortAt(action.trim().parse().ok()?, AtomicUsize::new(0)),
+                let action = match action.trim() {
+                    "on" => Action::On,
+                    action => match action.strip_prefix("sleep:") {
+                        Some(ms) => Action::Sleep(ms.parse().ok()?),
+                        None => Action::AbortAt(action.parse().ok()?, AtomicUsize::new(0)),
+                    },
                 };
                 Some((name.trim().to_string(), action))
             })
@@ -56,4 +65,9 @@ pub fn failpoint(name: &str) {
         Some(Action::Sleep(ms)) => std::thread::sleep(std::time::Duration::from_millis(*ms)),
         _ => {}
     }
+}
+
+/// Whether `name=on` was given.
+pub fn failpoint_on(name: &str) -> bool {
+    matches!(armed().get(name), Some(Action::On))
 }

@@ -5,6 +5,7 @@
 //! - [`failpoint`]: named points where crash tests abort the process.
 //! - [`rocks`]: the RocksDB engine behind `chainidx_core::store::Store`.
 //! - [`shard`]: one shard's rows: phase-1 indexing, phase-2 attribution, lookups for peers, queries.
+//! - [`txid_filter`]: the Bloom filter of a shard's txids that routes a resolving shard's inputs.
 //! - [`worker`]: the shards a worker holds and the background tasks that backfill them.
 //! - [`service`]: the gRPC `Worker` service and `run(listener, shutdown)`.
 
@@ -13,6 +14,7 @@ pub mod fault;
 pub mod rocks;
 pub mod service;
 pub mod shard;
+pub mod txid_filter;
 pub mod worker;
 
 pub use worker::{WorkerNode, connect_worker};

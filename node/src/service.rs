@@ -1,7 +1,9 @@
 //! The worker's gRPC service: backfill control from the coordinator, spent-output lookups from peers, and
 //! per-shard queries fanned out by the coordinator.
 
+use crate::failpoint::{self, failpoint_on};
 use crate::shard::ShardError;
+use crate::txid_filter::{BITS_PER_TX, TxidFilter};
 use crate::worker::{MAX_MESSAGE_BYTES, WorkerError, WorkerNode};
 use chainidx_core::chain::ScriptHash;
 use chainidx_core::schema::Hash32;
@@ -9,6 +11,7 @@ use chainidx_proto as pb;
 use chainidx_proto::worker_server::{Worker, WorkerServer};
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -111,7 +114,30 @@ impl Worker for WorkerService {
             peer_bytes: self.node.peer_bytes(),
             engine_memory: Some(self.node.engine_memory()),
             compactions_queued: self.node.compactions_queued(),
+            inputs_routed: self.node.resolve_counts.routed.load(Ordering::Relaxed),
+            inputs_walked: self.node.resolve_counts.walked.load(Ordering::Relaxed),
+            spend_lookups_sent: self.node.resolve_counts.lookups.load(Ordering::Relaxed),
         }))
+    }
+
+    async fn txid_filter(
+        &self,
+        request: Request<pb::TxidFilterRequest>,
+    ) -> Result<Response<pb::TxidFilterReply>, Status> {
+        let shard_id = request.into_inner().shard_id;
+        let shard = self.shard(shard_id)?;
+        // Its txs are not all there yet.
+        if shard.state().phase == pb::ShardPhase::Indexing as i32 {
+            return Err(Status::unavailable(format!(
+                "shard {shard_id} is still indexing here"
+            )));
+        }
+        let filter = blocking(move || Ok(shard.txid_filter()?)).await?;
+        if failpoint_on(failpoint::TXID_FILTER_RULES_OUT_ALL) {
+            let empty = TxidFilter::with_capacity(filter.size_bytes() * 8 / BITS_PER_TX);
+            return Ok(Response::new(empty.to_proto(shard_id)));
+        }
+        Ok(Response::new(filter.to_proto(shard_id)))
     }
 
     async fn spend_outputs(

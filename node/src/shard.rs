@@ -4,6 +4,7 @@
 //! shards have answered. [`Shard::spend_outputs`] answers those questions for other shards.
 
 use crate::failpoint::{self, failpoint};
+use crate::txid_filter::TxidFilter;
 use bitcoin::consensus::{deserialize, serialize};
 use bitcoin::hashes::Hash;
 use bitcoin::{Block, BlockHash, Transaction};
@@ -101,6 +102,16 @@ pub struct Shard {
     /// `unspend_outputs`) and by each step of [`drop_spent_outputs`], which must not delete a row
     /// whose coin became unspent between its scan and its delete.
     coin_rows: Mutex<()>,
+    /// [`Shard::txid_filter`]'s last filter, dropped whenever a block's rows are written or removed.
+    txid_filter: Mutex<CachedTxidFilter>,
+}
+
+/// The generation counts writes of `txs` rows, so a filter built from a scan that a write overtook is
+/// not kept.
+#[derive(Default)]
+struct CachedTxidFilter {
+    generation: u64,
+    filter: Option<Arc<TxidFilter>>,
 }
 
 impl Shard {
@@ -166,7 +177,43 @@ impl Shard {
             source,
             state: Mutex::new(state),
             coin_rows: Mutex::new(()),
+            txid_filter: Mutex::default(),
         })
+    }
+
+    /// A Bloom filter of the txids this shard holds (a scan of `txs`, kept until a block is written or
+    /// removed), for shards resolving their inputs: they send an input only to the shards whose filter
+    /// may hold its coin's tx.
+    pub fn txid_filter(&self) -> Result<Arc<TxidFilter>, ShardError> {
+        let generation = {
+            let cached = self.txid_filter.lock().expect("txid filter lock");
+            if let Some(filter) = &cached.filter {
+                return Ok(filter.clone());
+            }
+            cached.generation
+        };
+        let mut keys: Vec<[u8; KEY_HASH_LEN]> = Vec::new();
+        self.store.scan(Cf::Txs, &[], ScanFrom::First, &mut |key, _| {
+            if let Ok(key) = key.try_into() {
+                keys.push(key);
+            }
+            true
+        })?;
+        let mut filter = TxidFilter::with_capacity(keys.len());
+        keys.iter().for_each(|key| filter.insert(key));
+        let filter = Arc::new(filter);
+        let mut cached = self.txid_filter.lock().expect("txid filter lock");
+        if cached.generation == generation {
+            cached.filter = Some(filter.clone());
+        }
+        Ok(filter)
+    }
+
+    /// After `txs` rows were written or removed.
+    fn forget_txid_filter(&self) {
+        let mut cached = self.txid_filter.lock().expect("txid filter lock");
+        cached.generation += 1;
+        cached.filter = None;
     }
 
     /// End of the range (exclusive); the tip shard's grows as the chain does.
@@ -716,6 +763,7 @@ impl Shard {
         state.next_height = height;
         batch.put(Cf::Meta, SHARD_STATE_KEY, state.encode_to_vec());
         self.store.write(batch, true)?;
+        self.forget_txid_filter();
         *self.state.lock().expect("state lock") = state;
         Ok(())
     }
@@ -1459,6 +1507,7 @@ impl IndexWindow<'_> {
             Write::Bulk => shard.store.write_unlogged(batch)?,
             Write::Logged => shard.store.write(batch, false)?,
         }
+        shard.forget_txid_filter();
         *shard.state.lock().expect("state lock") = state;
         Ok(())
     }

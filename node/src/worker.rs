@@ -1,14 +1,17 @@
 //! A worker's shards and the two backfill phases that run on them.
 //!
 //! Phase 1 (index) runs one shard at a time per worker, with block fetch + decode on one thread and row
-//! writing on another. Phase 2 (resolve) sends a shard's pending inputs to earlier shards, nearest first
-//! (most coins are spent young), in batches, until each is found.
+//! writing on another. Phase 2 (resolve) sends a shard's pending inputs, in batches, to the earlier shards
+//! whose txid filters may hold their coins, nearest first (most coins are spent young), until each is
+//! found.
 
 use crate::failpoint::{self, failpoint};
 use crate::rocks::RocksStore;
 use crate::shard::{IndexWindow, PendingSpend, Shard, ShardError, Write};
+use crate::txid_filter::{TxidFilter, next_candidate};
 use bitcoin::Block;
 use bitcoin::consensus::deserialize;
+use chainidx_core::schema::txid_key;
 use chainidx_core::source::{BlockSource, SourceError, SpentCoin};
 use chainidx_proto as pb;
 use chainidx_proto::worker_client::WorkerClient;
@@ -148,6 +151,20 @@ pub struct WorkerNode {
     window_txs: std::sync::atomic::AtomicUsize,
     /// Inputs per resolution batch ([`WorkerNode::set_resolve_batch`]).
     resolve_batch: std::sync::atomic::AtomicUsize,
+    /// Earlier shards' txid filters by shard id, with the range each was fetched for.
+    txid_filters: Mutex<HashMap<u32, ((u32, u32), Arc<TxidFilter>)>>,
+    pub resolve_counts: ResolveCounts,
+}
+
+/// How this worker's shards found the coins of their cross-shard inputs (`Worker.Status`).
+#[derive(Default)]
+pub struct ResolveCounts {
+    /// Inputs sent by txid filters.
+    pub routed: std::sync::atomic::AtomicU64,
+    /// Inputs every filter ruled out, walked back through every earlier shard.
+    pub walked: std::sync::atomic::AtomicU64,
+    /// Lookups sent to peers (one per shard asked per input).
+    pub lookups: std::sync::atomic::AtomicU64,
 }
 
 impl WorkerNode {
@@ -178,6 +195,8 @@ impl WorkerNode {
             cluster_backfill_complete: AtomicBool::new(false),
             window_txs: std::sync::atomic::AtomicUsize::new(crate::shard::DEFAULT_WINDOW_TXS),
             resolve_batch: std::sync::atomic::AtomicUsize::new(DEFAULT_RESOLVE_BATCH),
+            txid_filters: Mutex::new(HashMap::new()),
+            resolve_counts: ResolveCounts::default(),
         })
     }
 
@@ -779,42 +798,64 @@ impl WorkerNode {
         Ok((sent, recorded))
     }
 
-    /// Asks earlier shards, nearest first, for the outputs `batch` spends; each peer sees only what the
-    /// nearer ones did not have.
+    /// Finds the outputs `batch` spends in the earlier shards (nearest first). Each input goes to the
+    /// nearest shard whose txid filter may hold its coin's tx, and what that shard does not hold to the
+    /// next such shard; inputs that every filter rules out (a filter out of date after a reorg; in a
+    /// consistent cluster, none) walk back through every earlier shard, as they did before filters.
     async fn lookup_spent(
         &self,
         batch: &[PendingSpend],
         earlier: &[pb::ShardPeer],
     ) -> Result<Vec<pb::TxOut>, WorkerError> {
+        let filters = self.txid_filters(earlier).await;
         let mut found: Vec<Option<pb::TxOut>> = vec![None; batch.len()];
+        // Per input: the earlier shards before this one (nearest first) were asked or ruled out.
+        let mut next = vec![0usize; batch.len()];
         let mut remaining: Vec<usize> = (0..batch.len()).collect();
-        for peer in earlier {
-            if remaining.is_empty() {
-                break;
+        let mut unrouted = Vec::new();
+        while !remaining.is_empty() {
+            let mut by_peer: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+            for &i in &remaining {
+                let key = txid_key(&batch[i].input.prev_txid);
+                match next_candidate(&filters, next[i], &key) {
+                    Some(j) => by_peer.entry(j).or_default().push(i),
+                    None => unrouted.push(i),
+                }
             }
-            let spends = remaining
-                .iter()
-                .map(|&i| {
-                    let s = &batch[i];
-                    s.to_ref()
-                })
-                .collect();
-            let reply = self.send_spends(peer, spends, Spends::Record).await?;
-            for hit in reply.found {
-                let slot = remaining.get(hit.index as usize).copied().ok_or_else(|| {
-                    WorkerError::Peer {
-                        addr: peer.grpc_addr.clone(),
-                        detail: format!("answered index {} of {}", hit.index, remaining.len()),
+            remaining.clear();
+            for (j, asked) in by_peer {
+                self.ask_for_spent(&earlier[j], batch, &asked, &mut found)
+                    .await?;
+                for i in asked {
+                    if found[i].is_none() {
+                        next[i] = j + 1;
+                        remaining.push(i);
                     }
-                })?;
-                found[slot] = Some(pb::TxOut {
-                    value: hit.value,
-                    script: hit.script,
-                });
+                }
             }
-            remaining.retain(|&i| found[i].is_none());
         }
-        if let Some(&i) = remaining.first() {
+        let routed = batch.len() - unrouted.len();
+        self.resolve_counts
+            .routed
+            .fetch_add(routed as u64, Ordering::Relaxed);
+        if !unrouted.is_empty() {
+            self.resolve_counts
+                .walked
+                .fetch_add(unrouted.len() as u64, Ordering::Relaxed);
+            tracing::warn!(
+                inputs = unrouted.len(),
+                "txid filters ruled out every shard holding these inputs' coins; walking back"
+            );
+            for peer in earlier {
+                unrouted.retain(|&i| found[i].is_none());
+                if unrouted.is_empty() {
+                    break;
+                }
+                self.ask_for_spent(peer, batch, &unrouted, &mut found)
+                    .await?;
+            }
+        }
+        if let Some(i) = found.iter().position(Option::is_none) {
             let s = &batch[i];
             return Err(WorkerError::Unresolved {
                 txid: display_hash(&s.input.spender_txid),
@@ -824,6 +865,90 @@ impl WorkerNode {
             });
         }
         Ok(found.into_iter().map(|o| o.expect("all found")).collect())
+    }
+
+    /// Asks `peer` for the outputs that `batch[asked]` spend (recording those spends there) and fills in
+    /// `found` with what it holds.
+    async fn ask_for_spent(
+        &self,
+        peer: &pb::ShardPeer,
+        batch: &[PendingSpend],
+        asked: &[usize],
+        found: &mut [Option<pb::TxOut>],
+    ) -> Result<(), WorkerError> {
+        let spends = asked.iter().map(|&i| batch[i].to_ref()).collect();
+        self.resolve_counts
+            .lookups
+            .fetch_add(asked.len() as u64, Ordering::Relaxed);
+        let reply = self.send_spends(peer, spends, Spends::Record).await?;
+        for hit in reply.found {
+            let i = asked
+                .get(hit.index as usize)
+                .copied()
+                .ok_or_else(|| WorkerError::Peer {
+                    addr: peer.grpc_addr.clone(),
+                    detail: format!("answered index {} of {}", hit.index, asked.len()),
+                })?;
+            found[i] = Some(pb::TxOut {
+                value: hit.value,
+                script: hit.script,
+            });
+        }
+        Ok(())
+    }
+
+    /// The txid filters of `earlier` (same order), fetched once per shard and range and kept: the shards
+    /// before a resolving one no longer change (a reorg may make one out of date, which only costs
+    /// walks). `None` where a peer gave none (still indexing, unreachable, an older build): that shard is
+    /// asked about every input.
+    async fn txid_filters(&self, earlier: &[pb::ShardPeer]) -> Vec<Option<Arc<TxidFilter>>> {
+        let mut filters = Vec::with_capacity(earlier.len());
+        for peer in earlier {
+            let range = (peer.start_height, peer.end_height);
+            let cached = self
+                .txid_filters
+                .lock()
+                .expect("txid filters lock")
+                .get(&peer.shard_id)
+                .filter(|(r, _)| *r == range)
+                .map(|(_, f)| f.clone());
+            if let Some(filter) = cached {
+                filters.push(Some(filter));
+                continue;
+            }
+            let fetched = match self.peer(&peer.grpc_addr).await {
+                Ok(mut client) => client
+                    .txid_filter(pb::TxidFilterRequest {
+                        shard_id: peer.shard_id,
+                    })
+                    .await
+                    .map_err(|status| status.message().to_string())
+                    .and_then(|reply| {
+                        let reply = reply.into_inner();
+                        self.peer_bytes.fetch_add(
+                            prost::Message::encoded_len(&reply) as u64,
+                            Ordering::Relaxed,
+                        );
+                        TxidFilter::from_proto(&reply)
+                    }),
+                Err(error) => Err(error.to_string()),
+            };
+            match fetched {
+                Ok(filter) => {
+                    let filter = Arc::new(filter);
+                    self.txid_filters
+                        .lock()
+                        .expect("txid filters lock")
+                        .insert(peer.shard_id, (range, filter.clone()));
+                    filters.push(Some(filter));
+                }
+                Err(detail) => {
+                    tracing::warn!(shard = peer.shard_id, %detail, "no txid filter; asking that shard about every input");
+                    filters.push(None);
+                }
+            }
+        }
+        filters
     }
 
     /// Sends spends to the shard `peer`: to record them (answering the outputs it holds) or to forget them
