@@ -239,7 +239,8 @@ fn main() -> anyhow::Result<()> {
             "  {windows} windows and {batches} resolution batches written over {} shards",
             blocks.div_ceil(shard_blocks)
         );
-        let lookups_per_input = routing.lookups as f64 / (routing.routed + routing.walked).max(1) as f64;
+        let lookups_per_input =
+            routing.lookups as f64 / (routing.routed + routing.walked).max(1) as f64;
         println!(
             "  cross-shard inputs: {} sent by the earlier shards' txid filters, {} walked back (every filter ruled \
              their coin out); {lookups_per_input:.2} lookups sent to peers per input",

@@ -68,7 +68,11 @@ async fn three_workers_answer_exactly_like_the_reference() {
     let routed: u64 = workers.iter().map(|w| w.inputs_routed).sum();
     let walked: u64 = workers.iter().map(|w| w.inputs_walked).sum();
     let lookups: u64 = workers.iter().map(|w| w.spend_lookups_sent).sum();
-    assert_eq!(routed + walked, cross, "every cross-shard input resolved once");
+    assert_eq!(
+        routed + walked,
+        cross,
+        "every cross-shard input resolved once"
+    );
     assert!(
         routed > cross / 4 && walked > cross / 10,
         "both ways taken: {routed} routed, {walked} walked of {cross}"

@@ -193,12 +193,13 @@ impl Shard {
             cached.generation
         };
         let mut keys: Vec<[u8; KEY_HASH_LEN]> = Vec::new();
-        self.store.scan(Cf::Txs, &[], ScanFrom::First, &mut |key, _| {
-            if let Ok(key) = key.try_into() {
-                keys.push(key);
-            }
-            true
-        })?;
+        self.store
+            .scan(Cf::Txs, &[], ScanFrom::First, &mut |key, _| {
+                if let Ok(key) = key.try_into() {
+                    keys.push(key);
+                }
+                true
+            })?;
         let mut filter = TxidFilter::with_capacity(keys.len());
         keys.iter().for_each(|key| filter.insert(key));
         let filter = Arc::new(filter);

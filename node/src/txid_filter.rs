@@ -66,7 +66,7 @@ impl TxidFilter {
 
     /// Refuses a malformed filter rather than routing by it.
     pub fn from_proto(reply: &pb::TxidFilterReply) -> Result<TxidFilter, String> {
-        if reply.bits.is_empty() || reply.bits.len() % 8 != 0 {
+        if reply.bits.is_empty() || !reply.bits.len().is_multiple_of(8) {
             return Err(format!(
                 "a txid filter of {} bytes (a positive multiple of 8 expected)",
                 reply.bits.len()

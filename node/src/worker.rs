@@ -151,10 +151,13 @@ pub struct WorkerNode {
     window_txs: std::sync::atomic::AtomicUsize,
     /// Inputs per resolution batch ([`WorkerNode::set_resolve_batch`]).
     resolve_batch: std::sync::atomic::AtomicUsize,
-    /// Earlier shards' txid filters by shard id, with the range each was fetched for.
-    txid_filters: Mutex<HashMap<u32, ((u32, u32), Arc<TxidFilter>)>>,
+    /// Earlier shards' txid filters by shard id.
+    txid_filters: Mutex<HashMap<u32, FetchedFilter>>,
     pub resolve_counts: ResolveCounts,
 }
+
+/// A peer shard's txid filter and the range (start, end) it was fetched for.
+type FetchedFilter = ((u32, u32), Arc<TxidFilter>);
 
 /// How this worker's shards found the coins of their cross-shard inputs (`Worker.Status`).
 #[derive(Default)]
