@@ -38,6 +38,10 @@ pub const COMPACTED_MARK: &str = "compacted";
 /// instead of 20,000 took 1 worker on 1.98M txs from 23.1/23.5 to 22.2/21.9 CPU-s per million txs
 /// (interleaved pairs); a batch holds ~15 MB.
 pub const DEFAULT_RESOLVE_BATCH: usize = 60_000;
+/// The most a worker holds of its peers' txid filters (1.5 bytes per tx: ~90M txs of earlier shards).
+/// Memory stays flat however long the chain; shards past it, fetched last (the farthest from the shard
+/// resolving then), are asked about every input, i.e. walked.
+pub const TXID_FILTER_BUDGET_BYTES: usize = 128 << 20;
 /// Generous: a history page can carry 1 MB transactions.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
@@ -902,10 +906,17 @@ impl WorkerNode {
 
     /// The txid filters of `earlier` (same order), fetched once per shard and range and kept: the shards
     /// before a resolving one no longer change (a reorg may make one out of date, which only costs
-    /// walks). `None` where a peer gave none (still indexing, unreachable, an older build): that shard is
-    /// asked about every input.
+    /// walks). `None` where a peer gave none (still indexing, unreachable, an older build) or once the
+    /// worker holds [`TXID_FILTER_BUDGET_BYTES`] of them: that shard is asked about every input.
     async fn txid_filters(&self, earlier: &[pb::ShardPeer]) -> Vec<Option<Arc<TxidFilter>>> {
         let mut filters = Vec::with_capacity(earlier.len());
+        let mut held: usize = self
+            .txid_filters
+            .lock()
+            .expect("txid filters lock")
+            .values()
+            .map(|(_, f)| f.size_bytes())
+            .sum();
         for peer in earlier {
             let range = (peer.start_height, peer.end_height);
             let cached = self
@@ -917,6 +928,10 @@ impl WorkerNode {
                 .map(|(_, f)| f.clone());
             if let Some(filter) = cached {
                 filters.push(Some(filter));
+                continue;
+            }
+            if held >= TXID_FILTER_BUDGET_BYTES {
+                filters.push(None);
                 continue;
             }
             let fetched = match self.peer(&peer.grpc_addr).await {
@@ -938,6 +953,7 @@ impl WorkerNode {
             };
             match fetched {
                 Ok(filter) => {
+                    held += filter.size_bytes();
                     let filter = Arc::new(filter);
                     self.txid_filters
                         .lock()
