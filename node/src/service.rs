@@ -61,6 +61,18 @@ impl WorkerService {
         Ok(self.node.slot(id)?.shard.clone())
     }
 
+    /// A shard that peers may ask for its coins or txids: one still indexing here (a copy being built)
+    /// cannot answer for them yet, and the asker retries later.
+    fn indexed_shard(&self, id: u32) -> Result<Arc<crate::shard::Shard>, Status> {
+        let shard = self.shard(id)?;
+        if shard.state().phase == pb::ShardPhase::Indexing as i32 {
+            return Err(Status::unavailable(format!(
+                "shard {id} is still indexing here"
+            )));
+        }
+        Ok(shard)
+    }
+
     /// The shards a query names, later heights first; a shard this worker does not serve fails the call
     /// (NOT_FOUND), so the coordinator asks another replica.
     fn shards_newest_first(&self, ids: &[u32]) -> Result<Vec<Arc<crate::shard::Shard>>, Status> {
@@ -125,13 +137,7 @@ impl Worker for WorkerService {
         request: Request<pb::TxidFilterRequest>,
     ) -> Result<Response<pb::TxidFilterReply>, Status> {
         let shard_id = request.into_inner().shard_id;
-        let shard = self.shard(shard_id)?;
-        // Its txs are not all there yet.
-        if shard.state().phase == pb::ShardPhase::Indexing as i32 {
-            return Err(Status::unavailable(format!(
-                "shard {shard_id} is still indexing here"
-            )));
-        }
+        let shard = self.indexed_shard(shard_id)?;
         let filter = blocking(move || Ok(shard.txid_filter()?)).await?;
         if failpoint_on(failpoint::TXID_FILTER_RULES_OUT_ALL) {
             let empty = TxidFilter::with_capacity(filter.size_bytes() * 8 / BITS_PER_TX);
@@ -145,14 +151,7 @@ impl Worker for WorkerService {
         request: Request<pb::SpendOutputsRequest>,
     ) -> Result<Response<pb::SpendOutputsReply>, Status> {
         let r = request.into_inner();
-        let shard = self.shard(r.shard_id)?;
-        // A copy still being built cannot answer for its coins yet; the asker retries later.
-        if shard.state().phase == pb::ShardPhase::Indexing as i32 {
-            return Err(Status::unavailable(format!(
-                "shard {} is still indexing here",
-                r.shard_id
-            )));
-        }
+        let shard = self.indexed_shard(r.shard_id)?;
         self.node.check_write(r.shard_id)?;
         let found = blocking(move || Ok(shard.spend_outputs(&r.spends)?)).await?;
         Ok(Response::new(pb::SpendOutputsReply { found }))
