@@ -125,6 +125,13 @@ enum Command {
         #[arg(long, default_value_t = chainidx_node::worker::DEFAULT_RESOLVE_BATCH as u64,
               value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
         resolve_batch: u64,
+        /// Memory for earlier shards' txid filters, in MiB (1.5 bytes per tx: the default holds ~90M
+        /// txs). Each cross-shard input goes straight to the shard whose filter may hold its coin; a shard
+        /// whose filter does not fit is asked about every input, which costs bytes between workers and
+        /// lookups instead of memory.
+        #[arg(long, default_value_t = (chainidx_node::worker::TXID_FILTER_BUDGET_BYTES >> 20) as u64,
+              value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
+        txid_filter_mib: u64,
     },
     /// Query a running cluster over its HTTP API.
     Query {
@@ -349,6 +356,7 @@ async fn run() -> anyhow::Result<()> {
             cache_mib,
             window_txs,
             resolve_batch,
+            txid_filter_mib,
         } => {
             chainidx_node::rocks::set_block_cache_bytes((cache_mib as usize) << 20);
             run_worker(
@@ -363,6 +371,7 @@ async fn run() -> anyhow::Result<()> {
                     compact_after_backfill,
                     window_txs: window_txs as usize,
                     resolve_batch: resolve_batch as usize,
+                    txid_filter_bytes: (txid_filter_mib as usize) << 20,
                 },
                 shutdown_signal(),
             )

@@ -29,6 +29,8 @@ pub struct SandboxBuilder {
     window_txs: Option<usize>,
     /// `--resolve-batch` for every worker; `None`: the default.
     resolve_batch: Option<usize>,
+    /// More `chainidx node` arguments for worker `i` (every start of it).
+    worker_args: Vec<(usize, Vec<String>)>,
 }
 
 impl SandboxBuilder {
@@ -54,6 +56,7 @@ impl SandboxBuilder {
             compact_after_backfill: true,
             window_txs: None,
             resolve_batch: None,
+            worker_args: Vec::new(),
         }
     }
 
@@ -107,6 +110,13 @@ impl SandboxBuilder {
     /// Arms failpoints (`name=N,...`, see `chainidx_node::failpoint`) in worker `i`'s first process.
     pub fn worker_failpoints(mut self, i: usize, spec: impl Into<String>) -> Self {
         self.failpoints.push((i, spec.into()));
+        self
+    }
+
+    /// More `chainidx node` arguments for worker `i`, on every start of it (e.g. `--txid-filter-mib 0`).
+    pub fn worker_args(mut self, i: usize, args: &[&str]) -> Self {
+        self.worker_args
+            .push((i, args.iter().map(|a| a.to_string()).collect()));
         self
     }
 
@@ -321,6 +331,9 @@ impl Sandbox {
         }
         if let Some(inputs) = self.config.resolve_batch {
             sizes.extend(["--resolve-batch".to_string(), inputs.to_string()]);
+        }
+        for (_, args) in self.config.worker_args.iter().filter(|(w, _)| *w == i) {
+            sizes.extend(args.iter().cloned());
         }
         Command::new(&self.binary)
             .arg("node")

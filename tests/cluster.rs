@@ -42,6 +42,9 @@ async fn three_workers_answer_exactly_like_the_reference() {
     // inputs spending their coins are found by walking back through every earlier shard, the others are
     // sent where the filters say.
     .worker_failpoints(1, "txid-filter:rule-out-all=on")
+    // The third holds no filters at all (as past its memory budget): it asks every earlier shard about
+    // every input, nearest first, until one holds the coin.
+    .worker_args(2, &["--txid-filter-mib", "0"])
     .start()
     .await
     .unwrap();
@@ -78,6 +81,23 @@ async fn three_workers_answer_exactly_like_the_reference() {
         "both ways taken: {routed} routed, {walked} walked of {cross}"
     );
     assert!(lookups >= cross, "{lookups} lookups for {cross} inputs");
+    let unfiltered: Vec<_> = workers
+        .iter()
+        .filter(|w| w.txid_filter_bytes == 0 && w.inputs_routed + w.inputs_walked > 0)
+        .collect();
+    assert_eq!(
+        unfiltered.len(),
+        1,
+        "one worker resolved inputs holding no filters"
+    );
+    let (inputs, asked) = (
+        unfiltered[0].inputs_routed + unfiltered[0].inputs_walked,
+        unfiltered[0].spend_lookups_sent,
+    );
+    assert!(
+        asked > inputs + inputs / 10,
+        "without filters, inputs are asked about shard by shard: {asked} lookups for {inputs} inputs"
+    );
     // Small windows and batches, so that every shard crosses window and batch boundaries: coins of
     // earlier windows are read back, and a tx's inputs are never split between two batches.
     common::assert_shards_crossed_boundaries(
@@ -95,7 +115,8 @@ async fn three_workers_answer_exactly_like_the_reference() {
     );
     eprintln!(
         "checked {scripts} scripts and {txs} txs; {cross} inputs crossed shards ({routed} routed by txid \
-         filters, {walked} walked back, {lookups} lookups sent)"
+         filters, {walked} walked back, {lookups} lookups sent; the worker holding no filters sent \
+         {asked} for its {inputs})"
     );
 
     // The generator's ground truth agrees too (a second, independent oracle).

@@ -129,6 +129,7 @@ impl Worker for WorkerService {
             inputs_routed: self.node.resolve_counts.routed.load(Ordering::Relaxed),
             inputs_walked: self.node.resolve_counts.walked.load(Ordering::Relaxed),
             spend_lookups_sent: self.node.resolve_counts.lookups.load(Ordering::Relaxed),
+            txid_filter_bytes: self.node.txid_filter_bytes() as u64,
         }))
     }
 

@@ -157,6 +157,8 @@ pub struct WorkerNode {
     resolve_batch: std::sync::atomic::AtomicUsize,
     /// Earlier shards' txid filters by shard id.
     txid_filters: Mutex<HashMap<u32, FetchedFilter>>,
+    /// Bytes of peers' txid filters held at most ([`WorkerNode::set_txid_filter_budget`]).
+    txid_filter_budget: std::sync::atomic::AtomicUsize,
     pub resolve_counts: ResolveCounts,
 }
 
@@ -203,6 +205,7 @@ impl WorkerNode {
             window_txs: std::sync::atomic::AtomicUsize::new(crate::shard::DEFAULT_WINDOW_TXS),
             resolve_batch: std::sync::atomic::AtomicUsize::new(DEFAULT_RESOLVE_BATCH),
             txid_filters: Mutex::new(HashMap::new()),
+            txid_filter_budget: std::sync::atomic::AtomicUsize::new(TXID_FILTER_BUDGET_BYTES),
             resolve_counts: ResolveCounts::default(),
         })
     }
@@ -221,6 +224,22 @@ impl WorkerNode {
     /// shards of a small chain resolve in several batches, as large shards do.
     pub fn set_resolve_batch(&self, inputs: usize) {
         self.resolve_batch.store(inputs.max(1), Ordering::Relaxed);
+    }
+
+    /// Bytes of earlier shards' txid filters this worker holds at most (default
+    /// [`TXID_FILTER_BUDGET_BYTES`]); shards whose filter does not fit are asked about every input.
+    pub fn set_txid_filter_budget(&self, bytes: usize) {
+        self.txid_filter_budget.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes of earlier shards' txid filters held.
+    pub fn txid_filter_bytes(&self) -> usize {
+        self.txid_filters
+            .lock()
+            .expect("txid filters lock")
+            .values()
+            .map(|(_, f)| f.size_bytes())
+            .sum()
     }
 
     fn window_txs(&self) -> usize {
@@ -910,13 +929,7 @@ impl WorkerNode {
     /// worker holds [`TXID_FILTER_BUDGET_BYTES`] of them: that shard is asked about every input.
     async fn txid_filters(&self, earlier: &[pb::ShardPeer]) -> Vec<Option<Arc<TxidFilter>>> {
         let mut filters = Vec::with_capacity(earlier.len());
-        let mut held: usize = self
-            .txid_filters
-            .lock()
-            .expect("txid filters lock")
-            .values()
-            .map(|(_, f)| f.size_bytes())
-            .sum();
+        let mut held = self.txid_filter_bytes();
         for peer in earlier {
             let range = (peer.start_height, peer.end_height);
             let cached = self
@@ -930,7 +943,7 @@ impl WorkerNode {
                 filters.push(Some(filter));
                 continue;
             }
-            if held >= TXID_FILTER_BUDGET_BYTES {
+            if held >= self.txid_filter_budget.load(Ordering::Relaxed) {
                 filters.push(None);
                 continue;
             }
