@@ -1542,8 +1542,6 @@ fn tx_out(value: u64, script: &[u8]) -> pb::TxOut {
     }
 }
 
-/// The coin of `txid` in an `outputs` value, if it is that tx's: the key holds only 12 bytes of the txid,
-/// the value the other 20. `None` for no row or another tx's row.
 /// A tx read back from the source, checked against the txid key stored for its position.
 struct TxBody {
     height: u32,
@@ -1581,6 +1579,8 @@ fn earlier_window_coins(
     Ok(keys.into_iter().zip(rows).collect())
 }
 
+/// The coin of `txid` in an `outputs` value, if it is that tx's: the key holds only 12 bytes of the txid,
+/// the value the other 20. `None` for no row or another tx's row.
 fn output_of(
     bytes: Option<&[u8]>,
     txid: &Hash32,
