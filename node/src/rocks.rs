@@ -274,10 +274,9 @@ impl RocksStore {
 
     /// [`Store::bulk_load`]: one table file per column family, ingested in turn.
     fn ingest_sorted(&self, batch: &Batch, scratch: &mut SortScratch) -> Result<(), StoreError> {
-        let puts = batch.sorted_puts(scratch).map_err(|cf| {
+        let mut puts = batch.sorted_puts(scratch).map_err(|cf| {
             StoreError::Engine(format!("bulk load into {} takes puts only", cf.name()))
         })?;
-        let mut puts = puts;
         let mut gathered = GatheredRows::default();
         let mut next = puts.gather(GATHER_ROWS, &mut gathered);
         while let Some(cf) = next {
