@@ -54,11 +54,11 @@ const WRITE_BUFFER_BYTES: usize = 64 << 20;
 /// ran at once (windows, resolution batches, spends recorded for peers), each as large as its largest use.
 static SORT_SCRATCH: std::sync::Mutex<Vec<SortScratch>> = std::sync::Mutex::new(Vec::new());
 
-/// Where `bulk_load` writes table files before the database takes them over (moves them in). Files left
-/// there by a crash are removed when the database is opened.
 /// Rows copied together before a table writer takes them (`SortedPuts::gather`): some 200 KB, which
 /// stay in cache while the writer reads them.
 const GATHER_ROWS: usize = 4_096;
+/// Where `bulk_load` writes table files before the database takes them over (moves them in). Files left
+/// there by a crash are removed when the database is opened.
 const BULK_DIR: &str = "bulk";
 static BULK_FILES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 

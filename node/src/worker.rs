@@ -926,7 +926,8 @@ impl WorkerNode {
     /// The txid filters of `earlier` (same order), fetched once per shard and range and kept: the shards
     /// before a resolving one no longer change (a reorg may make one out of date, which only costs
     /// walks). `None` where a peer gave none (still indexing, unreachable, an older build) or once the
-    /// worker holds [`TXID_FILTER_BUDGET_BYTES`] of them: that shard is asked about every input.
+    /// worker holds its budget of them ([`WorkerNode::set_txid_filter_budget`]): that shard is asked about
+    /// every input.
     async fn txid_filters(&self, earlier: &[pb::ShardPeer]) -> Vec<Option<Arc<TxidFilter>>> {
         let mut filters = Vec::with_capacity(earlier.len());
         let mut held = self.txid_filter_bytes();
