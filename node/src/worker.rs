@@ -1145,7 +1145,8 @@ fn index_range(
                 }
             }
         });
-        let mut window = shard.window(write, node.window_txs());
+        // Made at the first block, whose size says about how many txs the shard has left.
+        let mut window: Option<IndexWindow> = None;
         let mut blocks = 0;
         // Only under a lease: a worker cut off from the coordinators stops here before anyone else may
         // take the shard over.
@@ -1160,17 +1161,49 @@ fn index_range(
                 Ok(fetched) => fetched,
                 Err(error) => {
                     // Keep the whole blocks already read: a retry resumes after them.
-                    commit(&mut window, &mut blocks)?;
+                    if let Some(window) = window.as_mut() {
+                        commit(window, &mut blocks)?;
+                    }
                     return Err(error);
                 }
             };
             node.wait_write(shard.id)?;
+            let window = window.get_or_insert_with(|| {
+                let expected = expected_txs(end - height, block.txdata.len(), node.window_txs());
+                shard.window(write, node.window_txs(), expected)
+            });
             window.add(height, &block, spent.as_deref())?;
             blocks += 1;
             if window.is_full() {
-                commit(&mut window, &mut blocks)?;
+                commit(window, &mut blocks)?;
             }
         }
-        commit(&mut window, &mut blocks)
+        match window.as_mut() {
+            Some(window) => commit(window, &mut blocks),
+            None => Ok(()),
+        }
     })
+}
+
+/// About how many txs a shard has left, from its first block indexed now: a quarter more, for blocks
+/// that grow, and no fewer than a quarter window, for a shard that starts with tiny blocks (growing a
+/// window's buffers by doubling costs more than the memory it saves).
+fn expected_txs(blocks_left: u32, first_block_txs: usize, window_txs: usize) -> usize {
+    let estimate = (blocks_left as usize).saturating_mul(first_block_txs);
+    estimate.saturating_add(estimate / 4).max(window_txs / 4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expected_txs;
+
+    #[test]
+    fn a_window_is_sized_by_what_is_left_of_its_shard_within_bounds() {
+        // 15 blocks of 2,400 txs left: a quarter more than 36,000.
+        assert_eq!(expected_txs(15, 2_400, 65_536), 45_000);
+        // A shard starting with tiny blocks still gets a quarter window.
+        assert_eq!(expected_txs(1_000, 1, 65_536), 16_384);
+        // No overflow for absurd sizes; the window caps it (`Shard::window`).
+        assert_eq!(expected_txs(u32::MAX, usize::MAX, 65_536), usize::MAX);
+    }
 }
