@@ -281,17 +281,17 @@ impl Shard {
     /// memtable's skiplist starts each insert from where the last one went, so a sorted batch walks it
     /// once instead of searching it from the top per row (in hash order these inserts took 2.4 CPU-s per
     /// million txs on a 3.99M-tx backfill, the cost that grew most with a shard; sorted, 0.13).
-    fn merge_stats(
+    fn merge_stats<S: Into<pb::AddressStats>>(
         &self,
         batch: &mut Batch,
-        deltas: impl IntoIterator<Item = ([u8; KEY_HASH_LEN], pb::AddressStats)>,
+        deltas: impl IntoIterator<Item = ([u8; KEY_HASH_LEN], S)>,
     ) {
         let mut merges: Vec<_> = deltas.into_iter().collect();
         merges.sort_unstable_by_key(|a| a.0);
         let mut value = Vec::new();
         for (key, delta) in merges {
             value.clear();
-            delta.encode(&mut value).expect("a Vec grows");
+            delta.into().encode(&mut value).expect("a Vec grows");
             batch.merge(Cf::History, key, &value);
         }
     }
@@ -1220,16 +1220,62 @@ pub struct IndexWindow<'a> {
     rows: Batch,
     /// Coins created in the window and not (yet) spent in it.
     /// Keyed by the whole outpoint: two txids sharing their 12-byte key (ground on purpose) stay apart.
-    outputs: FastMap<([u8; 32], u32), pb::TxOut>,
+    outputs: FastMap<([u8; 32], u32), WindowCoin>,
     /// Keyed by the stats row's key (the address key): 20 bytes less per entry than the scripthash, in a
     /// map sized for some 300k addresses.
-    deltas: FastMap<[u8; KEY_HASH_LEN], pb::AddressStats>,
+    deltas: FastMap<[u8; KEY_HASH_LEN], WindowStats>,
     pending: u64,
     /// The checkpoint after the last block added.
     next_height: Option<u32>,
     txs: usize,
     /// Full at this many txs.
     window_txs: usize,
+}
+
+/// A coin in a window's map: 64 bytes with its outpoint, so that each of the map's entries lies in one
+/// cache line (a `TxOut`, whose script is a `Vec`, made them 72: two lines per lookup, each a miss).
+struct WindowCoin {
+    value: u64,
+    script: Box<[u8]>,
+}
+
+const _: () = assert!(std::mem::size_of::<(([u8; 32], u32), WindowCoin)>() == 64);
+
+impl From<WindowCoin> for pb::TxOut {
+    fn from(coin: WindowCoin) -> pb::TxOut {
+        pb::TxOut {
+            value: coin.value,
+            script: coin.script.into_vec(),
+        }
+    }
+}
+
+/// What a window adds to an address's stats: 40 bytes with its key instead of 56 for an `AddressStats`,
+/// in a map of ~300k addresses looked up at random (packed to 4-byte alignment, so that no padding
+/// follows the 12-byte key). A window's counts fit in 32 bits: it would take billions of outputs, tens of
+/// GB, in one window.
+#[derive(Default)]
+#[repr(C, packed(4))]
+struct WindowStats {
+    funded_sum: u64,
+    spent_sum: u64,
+    funded_txo_count: u32,
+    spent_txo_count: u32,
+    tx_count: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<([u8; KEY_HASH_LEN], WindowStats)>() == 40);
+
+impl From<WindowStats> for pb::AddressStats {
+    fn from(stats: WindowStats) -> pb::AddressStats {
+        pb::AddressStats {
+            funded_txo_count: stats.funded_txo_count.into(),
+            funded_sum: stats.funded_sum,
+            spent_txo_count: stats.spent_txo_count.into(),
+            spent_sum: stats.spent_sum,
+            tx_count: stats.tx_count.into(),
+        }
+    }
 }
 
 /// Writes of at least this many rows are worth a table file of their own rather than memtable inserts.
@@ -1366,11 +1412,11 @@ impl IndexWindow<'_> {
                         }),
                         // Spent inside the window: the coin never reaches `outputs`.
                         None => match input_coins.next() {
-                            Some(InputCoin::Window(out)) => Some(out),
+                            Some(InputCoin::Window(coin)) => Some(coin.into()),
                             Some(InputCoin::InBlock) => match window_outputs
                                 .remove(&(prev_txid, input.previous_output.vout))
                             {
-                                Some(out) => Some(out),
+                                Some(coin) => Some(coin.into()),
                                 None => output_of(
                                     shard.store.get(Cf::Outputs, &prev_key)?.as_deref(),
                                     &prev_txid,
@@ -1432,12 +1478,12 @@ impl IndexWindow<'_> {
                 let vout = vout as u32;
                 let value = output.value.to_sat();
                 let sh = scripthash(&output.script_pubkey);
-                let out = pb::TxOut {
+                let coin = WindowCoin {
                     value,
-                    script: output.script_pubkey.to_bytes(),
+                    script: output.script_pubkey.as_bytes().into(),
                 };
                 // Written at commit unless spent inside the window.
-                window_outputs.insert((txid, vout), out);
+                window_outputs.insert((txid, vout), coin);
                 batch.put(
                     Cf::History,
                     history_key(&sh, height, position, KIND_FUNDING, vout),
@@ -1567,7 +1613,7 @@ struct TxBody {
 /// miss in a map of ~200k coins) instead of twice.
 enum InputCoin {
     /// Created earlier in the window: taken out of its map already.
-    Window(pb::TxOut),
+    Window(WindowCoin),
     /// Created by a tx of the same block, which puts it in the window's map on the way.
     InBlock,
     /// Not the window's: an `outputs` row of an earlier window, or another shard's coin.
@@ -1582,7 +1628,7 @@ fn locate_input_coins(
     shard: &Shard,
     block: &Block,
     txids: &[Hash32],
-    window_outputs: &mut FastMap<(Hash32, u32), pb::TxOut>,
+    window_outputs: &mut FastMap<(Hash32, u32), WindowCoin>,
 ) -> Result<
     (
         Vec<InputCoin>,
