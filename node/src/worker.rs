@@ -24,6 +24,7 @@ use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 
 /// What a peer is asked to do with spends of its coins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Spends {
     Record,
     Forget,
@@ -742,23 +743,9 @@ impl WorkerNode {
             let remote = tokio::task::spawn_blocking(move || reader.remote_spends_of_block(height))
                 .await
                 .map_err(|e| WorkerError::Task(e.to_string()))??;
-            let mut remaining = remote;
-            for peer in &earlier {
-                if remaining.is_empty() {
-                    break;
-                }
-                let reply = self
-                    .send_spends(peer, remaining.clone(), Spends::Forget)
-                    .await?;
-                let held: std::collections::HashSet<u32> =
-                    reply.found.iter().map(|f| f.index).collect();
-                remaining = remaining
-                    .into_iter()
-                    .enumerate()
-                    .filter(|(i, _)| !held.contains(&(*i as u32)))
-                    .map(|(_, s)| s)
-                    .collect();
-            }
+            // Routed by txid filters like a resolution: a block's spends of old coins no longer walk
+            // back through every earlier shard. A coin no earlier shard holds has no spend to forget.
+            self.route_spends(&remote, &earlier, Spends::Forget).await?;
             let writer = shard.clone();
             tokio::task::spawn_blocking(move || writer.rollback_block(height))
                 .await
@@ -824,63 +811,15 @@ impl WorkerNode {
         Ok((sent, recorded))
     }
 
-    /// Finds the outputs `batch` spends in the earlier shards (nearest first). Each input goes to the
-    /// nearest shard whose txid filter may hold its coin's tx, and what that shard does not hold to the
-    /// next such shard; inputs that every filter rules out (a filter out of date after a reorg; in a
-    /// consistent cluster, none) walk back through every earlier shard, as they did before filters.
+    /// Finds the outputs `batch` spends in the earlier shards ([`WorkerNode::route_spends`]), recording
+    /// the spends there.
     async fn lookup_spent(
         &self,
         batch: &[PendingSpend],
         earlier: &[pb::ShardPeer],
     ) -> Result<Vec<pb::TxOut>, WorkerError> {
-        let filters = self.txid_filters(earlier).await;
-        let mut found: Vec<Option<pb::TxOut>> = vec![None; batch.len()];
-        // Per input: the earlier shards before this one (nearest first) were asked or ruled out.
-        let mut next = vec![0usize; batch.len()];
-        let mut remaining: Vec<usize> = (0..batch.len()).collect();
-        let mut unrouted = Vec::new();
-        while !remaining.is_empty() {
-            let mut by_peer: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
-            for &i in &remaining {
-                let key = txid_key(&batch[i].input.prev_txid);
-                match next_candidate(&filters, next[i], &key) {
-                    Some(j) => by_peer.entry(j).or_default().push(i),
-                    None => unrouted.push(i),
-                }
-            }
-            remaining.clear();
-            for (j, asked) in by_peer {
-                self.ask_for_spent(&earlier[j], batch, &asked, &mut found)
-                    .await?;
-                for i in asked {
-                    if found[i].is_none() {
-                        next[i] = j + 1;
-                        remaining.push(i);
-                    }
-                }
-            }
-        }
-        let routed = batch.len() - unrouted.len();
-        self.resolve_counts
-            .routed
-            .fetch_add(routed as u64, Ordering::Relaxed);
-        if !unrouted.is_empty() {
-            self.resolve_counts
-                .walked
-                .fetch_add(unrouted.len() as u64, Ordering::Relaxed);
-            tracing::warn!(
-                inputs = unrouted.len(),
-                "txid filters ruled out every shard holding these inputs' coins; walking back"
-            );
-            for peer in earlier {
-                unrouted.retain(|&i| found[i].is_none());
-                if unrouted.is_empty() {
-                    break;
-                }
-                self.ask_for_spent(peer, batch, &unrouted, &mut found)
-                    .await?;
-            }
-        }
+        let spends: Vec<pb::SpendRef> = batch.iter().map(PendingSpend::to_ref).collect();
+        let found = self.route_spends(&spends, earlier, Spends::Record).await?;
         if let Some(i) = found.iter().position(Option::is_none) {
             let s = &batch[i];
             return Err(WorkerError::Unresolved {
@@ -890,23 +829,99 @@ impl WorkerNode {
                 prev: format!("{}:{}", display_hash(&s.input.prev_txid), s.input.prev_vout),
             });
         }
-        Ok(found.into_iter().map(|o| o.expect("all found")).collect())
+        Ok(found
+            .into_iter()
+            .map(|hit| {
+                let hit = hit.expect("all found");
+                pb::TxOut {
+                    value: hit.value,
+                    script: hit.script,
+                }
+            })
+            .collect())
     }
 
-    /// Asks `peer` for the outputs that `batch[asked]` spend (recording those spends there) and fills in
-    /// `found` with what it holds.
-    async fn ask_for_spent(
+    /// Sends each spend to the shards before this one that hold its coin, recording or forgetting it
+    /// there, and returns each one's answer (`None`: no earlier shard holds the coin). Each spend goes to
+    /// the nearest shard whose txid filter may hold its coin's tx, and what that shard does not hold to the
+    /// next such shard; spends that every filter rules out (a filter out of date after a reorg; in a
+    /// consistent cluster, none) walk back through every earlier shard, as they did before filters.
+    async fn route_spends(
+        &self,
+        spends: &[pb::SpendRef],
+        earlier: &[pb::ShardPeer],
+        what: Spends,
+    ) -> Result<Vec<Option<pb::SpentOutput>>, WorkerError> {
+        let filters = self.txid_filters(earlier).await;
+        let mut found: Vec<Option<pb::SpentOutput>> = vec![None; spends.len()];
+        // Per spend: the earlier shards before this one (nearest first) were asked or ruled out.
+        let mut next = vec![0usize; spends.len()];
+        let mut remaining: Vec<usize> = (0..spends.len()).collect();
+        let mut unrouted = Vec::new();
+        while !remaining.is_empty() {
+            let mut by_peer: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+            for &i in &remaining {
+                let key = prev_txid_key(&spends[i])?;
+                match next_candidate(&filters, next[i], &key) {
+                    Some(j) => by_peer.entry(j).or_default().push(i),
+                    None => unrouted.push(i),
+                }
+            }
+            remaining.clear();
+            for (j, asked) in by_peer {
+                self.ask_peer(&earlier[j], spends, &asked, what, &mut found)
+                    .await?;
+                for i in asked {
+                    if found[i].is_none() {
+                        next[i] = j + 1;
+                        remaining.push(i);
+                    }
+                }
+            }
+        }
+        if what == Spends::Record {
+            let routed = spends.len() - unrouted.len();
+            self.resolve_counts
+                .routed
+                .fetch_add(routed as u64, Ordering::Relaxed);
+            self.resolve_counts
+                .walked
+                .fetch_add(unrouted.len() as u64, Ordering::Relaxed);
+        }
+        if !unrouted.is_empty() {
+            tracing::warn!(
+                spends = unrouted.len(),
+                ?what,
+                "txid filters ruled out every shard holding these spends' coins; walking back"
+            );
+            for peer in earlier {
+                unrouted.retain(|&i| found[i].is_none());
+                if unrouted.is_empty() {
+                    break;
+                }
+                self.ask_peer(peer, spends, &unrouted, what, &mut found)
+                    .await?;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Sends `spends[asked]` to `peer` (to record or forget) and fills in `found` with what it holds.
+    async fn ask_peer(
         &self,
         peer: &pb::ShardPeer,
-        batch: &[PendingSpend],
+        spends: &[pb::SpendRef],
         asked: &[usize],
-        found: &mut [Option<pb::TxOut>],
+        what: Spends,
+        found: &mut [Option<pb::SpentOutput>],
     ) -> Result<(), WorkerError> {
-        let spends = asked.iter().map(|&i| batch[i].to_ref()).collect();
-        self.resolve_counts
-            .lookups
-            .fetch_add(asked.len() as u64, Ordering::Relaxed);
-        let reply = self.send_spends(peer, spends, Spends::Record).await?;
+        let request = asked.iter().map(|&i| spends[i].clone()).collect();
+        if what == Spends::Record {
+            self.resolve_counts
+                .lookups
+                .fetch_add(asked.len() as u64, Ordering::Relaxed);
+        }
+        let reply = self.send_spends(peer, request, what).await?;
         for hit in reply.found {
             let i = asked
                 .get(hit.index as usize)
@@ -915,10 +930,7 @@ impl WorkerNode {
                     addr: peer.grpc_addr.clone(),
                     detail: format!("answered index {} of {}", hit.index, asked.len()),
                 })?;
-            found[i] = Some(pb::TxOut {
-                value: hit.value,
-                script: hit.script,
-            });
+            found[i] = Some(hit);
         }
         Ok(())
     }
@@ -1183,6 +1195,17 @@ fn index_range(
             None => Ok(()),
         }
     })
+}
+
+/// The txid key a txid filter is probed with, of the tx whose coin `spend` spends. Spends are this
+/// worker's own (from its shards' rows): a txid that is not 32 bytes is a bug, reported rather than routed.
+fn prev_txid_key(
+    spend: &pb::SpendRef,
+) -> Result<[u8; chainidx_core::schema::KEY_HASH_LEN], WorkerError> {
+    let txid: &[u8; 32] = spend.prev_txid.as_slice().try_into().map_err(|_| {
+        WorkerError::Task(format!("a spend of a {}-byte txid", spend.prev_txid.len()))
+    })?;
+    Ok(txid_key(txid))
 }
 
 /// About how many txs a shard has left, from its first block indexed now: a quarter more, for blocks
