@@ -281,17 +281,16 @@ impl Shard {
     /// memtable's skiplist starts each insert from where the last one went, so a sorted batch walks it
     /// once instead of searching it from the top per row (in hash order these inserts took 2.4 CPU-s per
     /// million txs on a 3.99M-tx backfill, the cost that grew most with a shard; sorted, 0.13).
-    fn merge_stats<S: Into<pb::AddressStats>>(
-        &self,
-        batch: &mut Batch,
-        deltas: impl IntoIterator<Item = ([u8; KEY_HASH_LEN], S)>,
-    ) {
-        let mut merges: Vec<_> = deltas.into_iter().collect();
-        merges.sort_unstable_by_key(|a| a.0);
+    /// `deltas` may hold several records of one address (one per tx): they are summed into one merge.
+    /// Emptied, its memory kept.
+    fn merge_stats(&self, batch: &mut Batch, deltas: &mut Vec<([u8; KEY_HASH_LEN], StatsDelta)>) {
+        sum_by_address(deltas);
         let mut value = Vec::new();
-        for (key, delta) in merges {
+        for (key, delta) in deltas.drain(..) {
             value.clear();
-            delta.into().encode(&mut value).expect("a Vec grows");
+            pb::AddressStats::from(delta)
+                .encode(&mut value)
+                .expect("a Vec grows");
             batch.merge(Cf::History, key, &value);
         }
     }
@@ -442,24 +441,28 @@ impl Shard {
     ) -> Result<(), ShardError> {
         let mut rows = Batch::default();
         let mut batch = Batch::default();
-        let mut deltas: FastMap<[u8; KEY_HASH_LEN], pb::AddressStats> = FastMap::default();
+        let mut deltas = Vec::with_capacity(resolved.len());
         // (address key, height, position) whose tx this batch has counted already.
         let mut counted: FastSet<([u8; KEY_HASH_LEN], u32, u32)> = FastSet::default();
         for (spend, out) in resolved {
             let sh = scripthash(bitcoin::Script::from_bytes(&out.script));
             let key = addr_key(&sh);
-            if !spend.counted.contains(&key) && counted.insert((key, spend.height, spend.position))
-            {
-                deltas.entry(key).or_default().tx_count += 1;
-            }
+            let new_tx = !spend.counted.contains(&key)
+                && counted.insert((key, spend.height, spend.position));
             rows.put(
                 Cf::History,
                 history_key(&sh, spend.height, spend.position, KIND_SPENDING, spend.vin),
                 Vec::new(),
             );
-            let delta = deltas.entry(key).or_default();
-            delta.spent_txo_count += 1;
-            delta.spent_sum += out.value;
+            deltas.push((
+                key,
+                StatsDelta {
+                    spent_sum: out.value,
+                    spent_txo_count: 1,
+                    tx_count: u32::from(new_tx),
+                    ..StatsDelta::default()
+                },
+            ));
             rows.put(
                 Cf::Prevouts,
                 pending_key(spend.height, spend.position, spend.vin),
@@ -491,7 +494,7 @@ impl Shard {
                 }
             }
         }
-        self.merge_stats(&mut batch, deltas);
+        self.merge_stats(&mut batch, &mut deltas);
         let mut state = self.state();
         state.pending_inputs = state.pending_inputs.saturating_sub(resolved.len() as u64);
         state.resolution_batches += 1;
@@ -1222,9 +1225,9 @@ pub struct IndexWindow<'a> {
     /// Keyed by the whole outpoint: two txids sharing their 12-byte key (ground on purpose) stay apart.
     outputs: FastMap<([u8; 32], u32), WindowCoin>,
     /// What each tx adds to the stats of each address it touches, one record per (tx, address) by the
-    /// stats row's key, appended: summed per address at commit, after a sort ([`sum_by_address`]). A map
-    /// of the window's ~300k addresses took a cache miss per lookup (~5% of a worker's samples).
-    deltas: Vec<([u8; KEY_HASH_LEN], WindowStats)>,
+    /// stats row's key, appended: summed per address at commit ([`sum_by_address`]). A map of the
+    /// window's ~300k addresses took a cache miss per lookup (~5% of a worker's samples).
+    deltas: Vec<([u8; KEY_HASH_LEN], StatsDelta)>,
     pending: u64,
     /// The checkpoint after the last block added.
     next_height: Option<u32>,
@@ -1251,13 +1254,13 @@ impl From<WindowCoin> for pb::TxOut {
     }
 }
 
-/// What a window adds to an address's stats: 40 bytes with its key instead of 56 for an `AddressStats`,
-/// in a map of ~300k addresses looked up at random (packed to 4-byte alignment, so that no padding
-/// follows the 12-byte key). A window's counts fit in 32 bits: it would take billions of outputs, tens of
-/// GB, in one window.
+/// What a tx adds to an address's stats, in a window or a resolution batch: 40 bytes with its key
+/// instead of 56 for an `AddressStats` (packed to 4-byte alignment, so that no padding follows the
+/// 12-byte key), in records sorted and summed per address before they are written. A window's or a
+/// batch's counts fit in 32 bits: it would take billions of outputs, tens of GB, in one.
 #[derive(Default, Clone, Copy)]
 #[repr(C, packed(4))]
-struct WindowStats {
+struct StatsDelta {
     funded_sum: u64,
     spent_sum: u64,
     funded_txo_count: u32,
@@ -1265,10 +1268,10 @@ struct WindowStats {
     tx_count: u32,
 }
 
-const _: () = assert!(std::mem::size_of::<([u8; KEY_HASH_LEN], WindowStats)>() == 40);
+const _: () = assert!(std::mem::size_of::<([u8; KEY_HASH_LEN], StatsDelta)>() == 40);
 
-impl WindowStats {
-    fn add(&mut self, other: WindowStats) {
+impl StatsDelta {
+    fn add(&mut self, other: StatsDelta) {
         self.funded_sum += other.funded_sum;
         self.spent_sum += other.spent_sum;
         self.funded_txo_count += other.funded_txo_count;
@@ -1282,8 +1285,8 @@ const _: () = assert!(
     "sum_by_address sorts keys as a u64 and a u32"
 );
 
-/// Sorts a window's stats records by address key and sums each address's into one, in place.
-fn sum_by_address(records: &mut Vec<([u8; KEY_HASH_LEN], WindowStats)>) {
+/// Sorts stats records by address key and sums each address's into one, in place.
+fn sum_by_address(records: &mut Vec<([u8; KEY_HASH_LEN], StatsDelta)>) {
     // Integer keys compare faster than 12-byte slices.
     records.sort_unstable_by_key(|(key, _)| {
         let (high, low) = key.split_at(8);
@@ -1301,8 +1304,8 @@ fn sum_by_address(records: &mut Vec<([u8; KEY_HASH_LEN], WindowStats)>) {
     });
 }
 
-impl From<WindowStats> for pb::AddressStats {
-    fn from(stats: WindowStats) -> pb::AddressStats {
+impl From<StatsDelta> for pb::AddressStats {
+    fn from(stats: StatsDelta) -> pb::AddressStats {
         pb::AddressStats {
             funded_txo_count: stats.funded_txo_count.into(),
             funded_sum: stats.funded_sum,
@@ -1531,7 +1534,7 @@ impl IndexWindow<'_> {
             touched.sort_unstable_by(|(a, _), (b, _)| scripthash_order(a, b));
             let mut counted = Vec::new();
             for script in touched.chunk_by(|(a, _), (b, _)| a == b) {
-                deltas.push((schema::stats_key(&script[0].0), WindowStats::default()));
+                deltas.push((schema::stats_key(&script[0].0), StatsDelta::default()));
                 let delta = &mut deltas.last_mut().expect("just pushed").1;
                 delta.tx_count += 1;
                 for (_, touch) in script {
@@ -1602,8 +1605,7 @@ impl IndexWindow<'_> {
             }
             Write::Logged => std::mem::take(&mut self.rows),
         };
-        sum_by_address(&mut self.deltas);
-        shard.merge_stats(&mut batch, self.deltas.drain(..));
+        shard.merge_stats(&mut batch, &mut self.deltas);
         let mut state = shard.state();
         state.next_height = next_height;
         state.pending_inputs += self.pending;
@@ -1740,8 +1742,8 @@ pub fn add_stats<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<Vec<u8>> 
     Some(total.encode_to_vec())
 }
 
-/// A txid in a peer's request, which must be 32 bytes.
-fn request_txid(bytes: &[u8], what: &'static str) -> Result<Hash32, ShardError> {
+/// A txid in a peer's request (or a spend this worker sends one), which must be 32 bytes.
+pub(crate) fn request_txid(bytes: &[u8], what: &'static str) -> Result<Hash32, ShardError> {
     bytes
         .try_into()
         .map_err(|_| corrupt(what, "txid is not 32 bytes"))
@@ -1783,7 +1785,7 @@ mod tests {
         let record = |key: u8, last: u8, funded: u64, spent: u64| {
             let mut k = [key; KEY_HASH_LEN];
             k[KEY_HASH_LEN - 1] = last;
-            let stats = WindowStats {
+            let stats = StatsDelta {
                 funded_sum: funded,
                 spent_sum: spent,
                 funded_txo_count: u32::from(funded > 0),

@@ -7,7 +7,7 @@
 
 use crate::failpoint::{self, failpoint};
 use crate::rocks::RocksStore;
-use crate::shard::{IndexWindow, PendingSpend, Shard, ShardError, Write};
+use crate::shard::{IndexWindow, PendingSpend, Shard, ShardError, Write, request_txid};
 use crate::txid_filter::{TxidFilter, next_candidate};
 use bitcoin::Block;
 use bitcoin::consensus::deserialize;
@@ -861,7 +861,7 @@ impl WorkerNode {
         while !remaining.is_empty() {
             let mut by_peer: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
             for &i in &remaining {
-                let key = prev_txid_key(&spends[i])?;
+                let key = txid_key(&request_txid(&spends[i].prev_txid, "spend")?);
                 match next_candidate(&filters, next[i], &key) {
                     Some(j) => by_peer.entry(j).or_default().push(i),
                     None => unrouted.push(i),
@@ -1195,17 +1195,6 @@ fn index_range(
             None => Ok(()),
         }
     })
-}
-
-/// The txid key a txid filter is probed with, of the tx whose coin `spend` spends. Spends are this
-/// worker's own (from its shards' rows): a txid that is not 32 bytes is a bug, reported rather than routed.
-fn prev_txid_key(
-    spend: &pb::SpendRef,
-) -> Result<[u8; chainidx_core::schema::KEY_HASH_LEN], WorkerError> {
-    let txid: &[u8; 32] = spend.prev_txid.as_slice().try_into().map_err(|_| {
-        WorkerError::Task(format!("a spend of a {}-byte txid", spend.prev_txid.len()))
-    })?;
-    Ok(txid_key(txid))
 }
 
 /// About how many txs a shard has left, from its first block indexed now: a quarter more, for blocks
