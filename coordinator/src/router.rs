@@ -286,35 +286,41 @@ impl QueryRouter {
                 ApiError::NotFound(format!("transaction {} not found", display(txid)))
             })?;
         // Owners record where a spender is, not its txid: a second round asks the spenders' shards.
-        let spent: Vec<&mut pb::Outspend> = outspends.iter_mut().filter(|o| o.spent).collect();
+        let spent: Vec<(u32, &mut pb::Outspend)> = (0u32..)
+            .zip(outspends.iter_mut())
+            .filter(|(_, o)| o.spent)
+            .collect();
         if spent.is_empty() {
             return Ok(outspends);
         }
-        let positions: Vec<pb::TxPosition> = spent
+        let spends: Vec<pb::SpendRef> = spent
             .iter()
-            .map(|o| pb::TxPosition {
-                height: o.height,
-                position: o.position,
+            .map(|(vout, o)| pb::SpendRef {
+                prev_txid: txid.to_vec(),
+                prev_vout: *vout,
+                spender_vin: o.vin,
+                spender_height: o.height,
+                spender_position: o.position,
             })
             .collect();
         let routes: Vec<Route> = self
             .routes()?
             .into_iter()
             .filter(|(status, _)| {
-                positions
-                    .iter()
-                    .any(|p| status.start_height <= p.height && p.height < status.end_height)
+                spends.iter().any(|s| {
+                    status.start_height <= s.spender_height && s.spender_height < status.end_height
+                })
             })
             .collect();
         let replies = per_worker(&routes, |shard_ids, mut client| {
             let request = pb::TxidsAtRequest {
                 shard_ids,
-                positions: positions.clone(),
+                spends: spends.clone(),
             };
             async move { client.txids_at(request).await }
         })
         .await?;
-        for (index, outspend) in spent.into_iter().enumerate() {
+        for (index, (_, outspend)) in spent.into_iter().enumerate() {
             outspend.txid = replies
                 .iter()
                 .filter_map(|reply| reply.txids.get(index))

@@ -356,12 +356,11 @@ impl Worker for WorkerService {
     ) -> Result<Response<pb::TxidsAtReply>, Status> {
         let r = request.into_inner();
         let shards = self.shards_newest_first(&r.shard_ids)?;
-        let positions: Vec<(u32, u32)> =
-            r.positions.iter().map(|p| (p.height, p.position)).collect();
+        let spends = r.spends;
         let txids = blocking(move || {
-            let mut txids = vec![Vec::new(); positions.len()];
+            let mut txids = vec![Vec::new(); spends.len()];
             for shard in shards {
-                for (slot, txid) in txids.iter_mut().zip(shard.txids_at(&positions)?) {
+                for (slot, txid) in txids.iter_mut().zip(shard.spender_txids(&spends)?) {
                     if let Some(txid) = txid {
                         *slot = txid.to_vec();
                     }

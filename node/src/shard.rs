@@ -853,10 +853,6 @@ impl Shard {
     }
 
     /// The whole txid at (height, position): only the tx's body has it.
-    fn txid_at(&self, height: u32, position: u32) -> Result<Hash32, ShardError> {
-        Ok(self.tx_body(height, position)?.txid)
-    }
-
     /// Whether `txid` is one of this shard's txs: then this shard holds its coins. By its 12-byte key only
     /// (a rollback asks this for every input of a block, and reading each coin's tx back from the source
     /// would be a fetch per input): see "Hashes in keys" in doc/schema.md for what grinding can do.
@@ -1063,18 +1059,24 @@ impl Shard {
         Ok(utxos)
     }
 
-    /// The txid at each (height, position) this shard holds; `None` for heights outside it. Each is hashed
-    /// from the tx's body, read in block order so that a source fetching whole blocks (`rpc:`, 16 kept)
-    /// fetches each block once.
-    pub fn txids_at(&self, positions: &[(u32, u32)]) -> Result<Vec<Option<Hash32>>, ShardError> {
+    /// The txid of each spender this shard holds; `None` for heights outside it. Each is hashed from the
+    /// tx's body, read in block order so that a source fetching whole blocks (`rpc:`, 16 kept) fetches
+    /// each block once, and the body's input must spend the outpoint named with it ([`check_spender`]).
+    pub fn spender_txids(
+        &self,
+        spends: &[pb::SpendRef],
+    ) -> Result<Vec<Option<Hash32>>, ShardError> {
         let next_height = self.state().next_height;
-        let mut order: Vec<usize> = (0..positions.len()).collect();
-        order.sort_unstable_by_key(|&i| positions[i]);
-        let mut txids = vec![None; positions.len()];
+        let mut order: Vec<usize> = (0..spends.len()).collect();
+        order.sort_unstable_by_key(|&i| (spends[i].spender_height, spends[i].spender_position));
+        let mut txids = vec![None; spends.len()];
         for i in order {
-            let (height, position) = positions[i];
+            let spend = &spends[i];
+            let height = spend.spender_height;
             if height >= self.start && height < next_height {
-                txids[i] = Some(self.txid_at(height, position)?);
+                let body = self.tx_body(height, spend.spender_position)?;
+                check_spender(&body.tx, spend)?;
+                txids[i] = Some(body.txid);
             }
         }
         Ok(txids)
@@ -1723,6 +1725,34 @@ fn spent_by(spend: &pb::SpendRef) -> SpentBy {
     }
 }
 
+/// An `outspends` row is found by its tx's 12-byte txid key, so it can name the spender of another tx
+/// sharing those bytes (a ground pair, doc/schema.md "Hashes in keys"): an outspend is only answered if
+/// the spender's input really spends the outpoint asked about; otherwise the query fails loudly rather
+/// than send an investigator down the other tx's trail.
+fn check_spender(spender: &Transaction, spend: &pb::SpendRef) -> Result<(), ShardError> {
+    let prev_txid = request_txid(&spend.prev_txid, "spent txid")?;
+    let spent = spender
+        .input
+        .get(spend.spender_vin as usize)
+        .map(|input| input.previous_output);
+    match spent {
+        Some(out) if out.txid.to_byte_array() == prev_txid && out.vout == spend.prev_vout => Ok(()),
+        _ => Err(corrupt(
+            "outspend",
+            format!(
+                "the row of {}:{} names input {} of the tx at {}:{}, which spends {}: another tx shares \
+                 this txid's first {KEY_HASH_LEN} bytes",
+                bitcoin::Txid::from_byte_array(prev_txid),
+                spend.prev_vout,
+                spend.spender_vin,
+                spend.spender_height,
+                spend.spender_position,
+                spent.map_or("nothing".to_string(), |out| out.to_string()),
+            ),
+        )),
+    }
+}
+
 fn block_hash(hash: &[u8]) -> Result<BlockHash, ShardError> {
     BlockHash::from_slice(hash).map_err(|e| corrupt("block meta", e))
 }
@@ -1852,6 +1882,43 @@ mod tests {
         sort_dedup_scripthashes(&mut hashes);
         assert_eq!(hashes, expected);
         assert_eq!(hashes.len(), 4);
+    }
+
+    #[test]
+    fn an_outspend_is_only_answered_if_the_spender_spends_that_very_outpoint() {
+        let ours = [7u8; 32];
+        let mut ground = ours;
+        ground[31] ^= 1; // same 12-byte key, another tx
+        let spender = Transaction {
+            version: bitcoin::transaction::Version::TWO,
+            lock_time: bitcoin::absolute::LockTime::ZERO,
+            input: vec![bitcoin::TxIn {
+                previous_output: bitcoin::OutPoint::new(bitcoin::Txid::from_byte_array(ground), 3),
+                ..Default::default()
+            }],
+            output: Vec::new(),
+        };
+        let spend = |txid: [u8; 32], vout: u32, vin: u32| pb::SpendRef {
+            prev_txid: txid.to_vec(),
+            prev_vout: vout,
+            spender_vin: vin,
+            spender_height: 9,
+            spender_position: 1,
+        };
+        assert!(check_spender(&spender, &spend(ground, 3, 0)).is_ok());
+        let err = check_spender(&spender, &spend(ours, 3, 0)).unwrap_err();
+        assert!(
+            err.to_string().contains("another tx shares"),
+            "the twin's spender is refused: {err}"
+        );
+        assert!(
+            check_spender(&spender, &spend(ground, 2, 0)).is_err(),
+            "another vout"
+        );
+        assert!(
+            check_spender(&spender, &spend(ground, 3, 1)).is_err(),
+            "no such input"
+        );
     }
 
     #[test]
