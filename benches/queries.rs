@@ -3,7 +3,7 @@
 //! deep history pages, UTXOs and tx lookups, and summary throughput with 8 clients.
 //!
 //! Run: `cargo bench --profile dev --bench queries` (env CHAINIDX_BENCH_BLOCKS, default 128 blocks of
-//! ~2,500 txs: ~300k txs on the hot address; 400 gives ~1M). Writes target/bench-queries.json.
+//! ~2,500 txs: ~300k txs on the hot address; 416 gives 1.01M). Writes target/bench-queries.json.
 
 use chainidx::sandbox::SandboxBuilder;
 use chainidx_core::generator::{GenConfig, generate};
