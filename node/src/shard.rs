@@ -1741,7 +1741,7 @@ fn check_spender(spender: &Transaction, spend: &pb::SpendRef) -> Result<(), Shar
             "outspend",
             format!(
                 "the row of {}:{} names input {} of the tx at {}:{}, which spends {}: another tx shares \
-                 this txid's first {KEY_HASH_LEN} bytes",
+                 this txid's first {KEY_HASH_LEN} bytes (or a reorg is rewriting that block)",
                 bitcoin::Txid::from_byte_array(prev_txid),
                 spend.prev_vout,
                 spend.spender_vin,
