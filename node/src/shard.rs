@@ -852,7 +852,6 @@ impl Shard {
         schema::tx_slot(&bytes, position).ok_or_else(no_tx)
     }
 
-    /// The whole txid at (height, position): only the tx's body has it.
     /// Whether `txid` is one of this shard's txs: then this shard holds its coins. By its 12-byte key only
     /// (a rollback asks this for every input of a block, and reading each coin's tx back from the source
     /// would be a fetch per input): see "Hashes in keys" in doc/schema.md for what grinding can do.
