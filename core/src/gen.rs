@@ -6,8 +6,10 @@
 //! values balance, but signatures are random bytes of realistic sizes.
 //!
 //! # Model
-//! - Addresses are numbered; an address's script hash/key bytes are a bijective mix of its number and the
-//!   seed, so they are unique and need no storage. Ids `0..5` are the "exchanges" (id 0 is the hot address),
+//! - Addresses are numbered; an address's key bytes (and a taproot output key) are a bijective mix of its
+//!   number and the seed, so they are unique and need no storage. A script commits to what its spenders
+//!   reveal, as on the real chain: the HASH160 of the key (P2PKH, P2WPKH) or redeem script (P2SH), the
+//!   SHA256 of the witness script (P2WSH). Ids `0..5` are the "exchanges" (id 0 is the hot address),
 //!   then the miners, then a pool of reused "regular" addresses, then fresh addresses made on demand.
 //! - Spendable outputs live in per-height buckets (outputs of ordinary addresses and matured coinbases) or in
 //!   one pool per exchange. An input is drawn by first choosing an age class (same block / 1–10 blocks old /
@@ -23,7 +25,7 @@
 use crate::chain::{address_of, subsidy};
 use bitcoin::absolute::LockTime;
 use bitcoin::block::{Header, Version as BlockVersion};
-use bitcoin::hashes::Hash;
+use bitcoin::hashes::{Hash, hash160, sha256};
 use bitcoin::script::Builder;
 use bitcoin::transaction::Version as TxVersion;
 use bitcoin::{
@@ -693,10 +695,32 @@ impl ChainGen {
     }
 
     fn script(&self, addr: u32) -> ScriptBuf {
-        script_for(
-            self.addrs[addr as usize].kind,
-            &id_bytes(self.hash_key, addr),
-        )
+        let kind = self.addrs[addr as usize].kind;
+        let mut hash = [0u8; 32];
+        match kind {
+            Kind::P2pkh | Kind::P2wpkh => hash[..20]
+                .copy_from_slice(&hash160::Hash::hash(&self.pubkey(addr, 0)).to_byte_array()),
+            Kind::P2sh => hash[..20].copy_from_slice(
+                &hash160::Hash::hash(&self.p2sh_redeem_script(addr)).to_byte_array(),
+            ),
+            Kind::P2wsh => {
+                hash = sha256::Hash::hash(&self.multisig_script(addr, 2, 2)).to_byte_array();
+            }
+            Kind::P2tr => hash = id_bytes(self.hash_key, addr),
+        }
+        script_for(kind, &hash)
+    }
+
+    /// A P2SH address's redeem script: legacy 2-of-3 multisig for a quarter of them, else P2SH-P2WPKH
+    /// (the v0 program of the key's hash).
+    fn p2sh_redeem_script(&self, addr: u32) -> Vec<u8> {
+        if id_bytes(self.hash_key, addr)[0].is_multiple_of(4) {
+            self.multisig_script(addr, 2, 3)
+        } else {
+            let mut redeem = vec![0x00, 0x14];
+            redeem.extend_from_slice(&hash160::Hash::hash(&self.pubkey(addr, 0)).to_byte_array());
+            redeem
+        }
     }
 
     fn fresh(&mut self, kind: Kind) -> u32 {
@@ -1255,22 +1279,21 @@ impl ChainGen {
                 (ScriptBuf::new(), witness)
             }
             Kind::P2sh => {
-                if id_bytes(self.hash_key, addr)[0].is_multiple_of(4) {
-                    // Legacy 2-of-3 multisig.
-                    let mut script = vec![0x00];
-                    push_data(&mut script, &self.sig());
-                    push_data(&mut script, &self.sig());
-                    push_data(&mut script, &self.multisig_script(addr, 2, 3));
-                    (ScriptBuf::from_bytes(script), Witness::new())
-                } else {
-                    // P2SH-P2WPKH: the redeem script is the v0 program of the key's hash.
-                    let mut redeem = vec![0x00, 0x14];
-                    redeem.extend_from_slice(&id_bytes(self.pubkey_key, addr)[..20]);
+                let redeem = self.p2sh_redeem_script(addr);
+                if redeem[0] == 0x00 {
+                    // P2SH-P2WPKH: the scriptSig pushes the witness program; the witness spends it.
                     let mut script = Vec::with_capacity(23);
                     push_data(&mut script, &redeem);
                     let witness =
                         Witness::from_slice(&[&self.sig()[..], &self.pubkey(addr, 0)[..]]);
                     (ScriptBuf::from_bytes(script), witness)
+                } else {
+                    // Legacy 2-of-3 multisig.
+                    let mut script = vec![0x00];
+                    push_data(&mut script, &self.sig());
+                    push_data(&mut script, &self.sig());
+                    push_data(&mut script, &redeem);
+                    (ScriptBuf::from_bytes(script), Witness::new())
                 }
             }
             Kind::P2wsh => {

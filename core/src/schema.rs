@@ -5,7 +5,9 @@
 //! are stored in rust-bitcoin's internal byte order (the reverse of how they are displayed).
 
 /// Bumped whenever a row layout changes; a database of another version is refused, never misread.
-pub const FORMAT_VERSION: u32 = 8;
+pub const FORMAT_VERSION: u32 = 9;
+
+use crate::spent_script::{Commitment, Template};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Cf {
@@ -24,10 +26,11 @@ pub enum Cf {
     Outputs,
     /// txid key ‖ vout → spender height ‖ position ‖ vin; in the shard that *created* the output.
     Outspends,
-    /// spender height ‖ position ‖ vin → coin it spends (varint value ‖ script); in the spender's shard.
+    /// spender height ‖ position ‖ vin → coin it spends (varint value·8 + template tag ‖ script unless the
+    /// input rebuilds it, [`encode_prevout`]); in the spender's shard.
     Prevouts,
-    /// height ‖ position ‖ vin → prev txid ‖ prev vout ‖ spender txid ‖ address keys the tx already counts;
-    /// inputs awaiting cross-shard resolution.
+    /// height ‖ position ‖ vin → prev txid ‖ prev vout ‖ spender txid ‖ the input's script commitment ‖
+    /// address keys the tx already counts; inputs awaiting cross-shard resolution.
     Pending,
     /// height ‖ position ‖ vin → prev txid ‖ prev vout ‖ spender txid ‖ creating height; inputs already
     /// attributed from undo data whose owner shard must still record the spend.
@@ -253,26 +256,24 @@ pub fn parse_history_key(key: &[u8]) -> Option<HistoryRow> {
     })
 }
 
-/// Value of an `outputs` or `prevouts` row: the coin's amount as a LEB128 varint, then its script (the
-/// rest of the value). A protobuf `TxOut` spent 4 more bytes per coin on field tags and lengths.
-pub fn encode_coin(value: u64, script: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(10 + script.len());
-    push_coin(&mut out, value, script);
-    out
+/// A coin as `outputs` (and an escaped `prevouts` value) keep it: its amount as a LEB128 varint, then its
+/// script (the rest of the value). A protobuf `TxOut` spent 4 more bytes per coin on field tags and lengths.
+fn push_coin(out: &mut Vec<u8>, value: u64, script: &[u8]) {
+    push_varint(out, value);
+    out.extend_from_slice(script);
 }
 
-fn push_coin(out: &mut Vec<u8>, value: u64, script: &[u8]) {
+fn push_varint(out: &mut Vec<u8>, value: u64) {
     let mut rest = value;
     while rest >= 0x80 {
         out.push((rest as u8) | 0x80);
         rest >>= 7;
     }
     out.push(rest as u8);
-    out.extend_from_slice(script);
 }
 
-/// (value, script) of an [`encode_coin`] value; `None` if the varint is unterminated or too long.
-pub fn decode_coin(bytes: &[u8]) -> Option<(u64, &[u8])> {
+/// A LEB128 varint and the bytes after it; `None` if it is unterminated or longer than 10 bytes.
+fn decode_varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
     let mut value = 0u64;
     for (i, byte) in bytes.iter().enumerate().take(10) {
         value |= u64::from(byte & 0x7f).checked_shl(7 * i as u32)?;
@@ -281,6 +282,54 @@ pub fn decode_coin(bytes: &[u8]) -> Option<(u64, &[u8])> {
         }
     }
     None
+}
+
+/// How a `prevouts` row gives the spent coin's script.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpentScript<'a> {
+    /// Kept whole: the spending input's data does not rebuild it.
+    Whole(&'a [u8]),
+    /// Rebuilt from the spending input (`spent_script::rebuild`).
+    Rebuilt(Template),
+}
+
+/// Tag of a `prevouts` value whose amount did not fit beside the tag: the amount follows as a varint of
+/// its own, then the whole script. No real amount needs it (21M BTC < 2⁵¹ sat).
+const PREVOUT_WIDE_AMOUNT: u64 = 7;
+
+/// Value of a `prevouts` row: a LEB128 varint of amount·8 + tag, then the script if the tag is 0. A tag of
+/// 1–4 is the [`Template`] under which the spending input rebuilds the script (checked when written), so
+/// ~85% of inputs keep no script bytes here. The tag costs no byte of its own below 2⁶¹ sat.
+pub fn encode_prevout(value: u64, template: Option<Template>, script: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10 + script.len());
+    let tag = template.map_or(0, |t| u64::from(t.tag()));
+    if value >> 61 == 0 {
+        push_varint(&mut out, (value << 3) | tag);
+        if template.is_none() {
+            out.extend_from_slice(script);
+        }
+    } else {
+        push_varint(&mut out, PREVOUT_WIDE_AMOUNT);
+        push_coin(&mut out, value, script);
+    }
+    out
+}
+
+/// (amount, script) of an [`encode_prevout`] value; `None` if it is malformed.
+pub fn decode_prevout(bytes: &[u8]) -> Option<(u64, SpentScript<'_>)> {
+    let (head, rest) = decode_varint(bytes)?;
+    match head & 7 {
+        0 => Some((head >> 3, SpentScript::Whole(rest))),
+        PREVOUT_WIDE_AMOUNT if head == PREVOUT_WIDE_AMOUNT => {
+            let (value, script) = decode_varint(rest)?;
+            Some((value, SpentScript::Whole(script)))
+        }
+        tag => {
+            let template = Template::from_tag(tag as u8)?;
+            rest.is_empty()
+                .then_some((head >> 3, SpentScript::Rebuilt(template)))
+        }
+    }
 }
 
 /// Value of an `outputs` row: the 20 txid bytes the key leaves out, then the coin. Readers compare them
@@ -296,7 +345,7 @@ pub fn encode_output(txid: &Hash32, value: u64, script: &[u8]) -> Vec<u8> {
 /// (rest of the txid, value, script) of an [`encode_output`] value.
 pub fn decode_output(bytes: &[u8]) -> Option<(&[u8], u64, &[u8])> {
     let (rest, coin) = bytes.split_at_checked(32 - KEY_HASH_LEN)?;
-    let (value, script) = decode_coin(coin)?;
+    let (value, script) = decode_varint(coin)?;
     Some((rest, value, script))
 }
 
@@ -350,20 +399,60 @@ impl PendingInput {
     }
 }
 
-/// A `pending` row's value: the input, then the address keys its tx already counts in `tx_count` from
-/// phase 1 (its outputs' and its attributed inputs' addresses), so that phase 2 counts the tx once per
-/// address without reading `history` back.
-pub fn encode_pending(input: &PendingInput, counted: &[[u8; KEY_HASH_LEN]]) -> Vec<u8> {
-    let mut value = Vec::with_capacity(68 + KEY_HASH_LEN * counted.len());
+/// A decoded `pending` row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingRow {
+    pub input: PendingInput,
+    /// What the input's data commits its coin's script to (`spent_script::commitment`), so that phase 2
+    /// can write the coin's `prevouts` row without its script, as phase 1 does, without the tx's body.
+    pub commitment: Option<Commitment>,
+    /// Address keys whose `tx_count` already counts the spending tx.
+    pub counted: Vec<[u8; KEY_HASH_LEN]>,
+}
+
+/// A `pending` row's value: the input; its commitment (kind 0 none, 1 HASH160 ‖ 20 bytes, 2 SHA256 ‖ 32
+/// bytes); then the address keys its tx already counts in `tx_count` from phase 1 (its outputs' and its
+/// attributed inputs' addresses), so that phase 2 counts the tx once per address without reading
+/// `history` back.
+pub fn encode_pending(
+    input: &PendingInput,
+    commitment: Option<&Commitment>,
+    counted: &[[u8; KEY_HASH_LEN]],
+) -> Vec<u8> {
+    let mut value = Vec::with_capacity(68 + 33 + KEY_HASH_LEN * counted.len());
     value.extend_from_slice(&input.encode());
+    match commitment {
+        None => value.push(0),
+        Some(Commitment::Hash160(hash)) => {
+            value.push(1);
+            value.extend_from_slice(hash);
+        }
+        Some(Commitment::Sha256(hash)) => {
+            value.push(2);
+            value.extend_from_slice(hash);
+        }
+    }
     for key in counted {
         value.extend_from_slice(key);
     }
     value
 }
 
-pub fn decode_pending(value: &[u8]) -> Option<(PendingInput, Vec<[u8; KEY_HASH_LEN]>)> {
+pub fn decode_pending(value: &[u8]) -> Option<PendingRow> {
     let (input, rest) = value.split_at_checked(68)?;
+    let (kind, rest) = rest.split_first()?;
+    let (commitment, rest) = match kind {
+        0 => (None, rest),
+        1 => {
+            let (hash, rest) = rest.split_first_chunk::<20>()?;
+            (Some(Commitment::Hash160(*hash)), rest)
+        }
+        2 => {
+            let (hash, rest) = rest.split_first_chunk::<32>()?;
+            (Some(Commitment::Sha256(*hash)), rest)
+        }
+        _ => return None,
+    };
     if !rest.len().is_multiple_of(KEY_HASH_LEN) {
         return None;
     }
@@ -371,7 +460,11 @@ pub fn decode_pending(value: &[u8]) -> Option<(PendingInput, Vec<[u8; KEY_HASH_L
         .chunks_exact(KEY_HASH_LEN)
         .map(|key| key.try_into().expect("12 bytes"))
         .collect();
-    Some((PendingInput::decode(input)?, counted))
+    Some(PendingRow {
+        input: PendingInput::decode(input)?,
+        commitment,
+        counted,
+    })
 }
 
 pub fn be_u32(bytes: &[u8]) -> u32 {
@@ -412,18 +505,55 @@ mod tests {
             21_000_000 * 100_000_000,
             u64::MAX,
         ] {
-            let bytes = encode_coin(value, &script);
+            let mut bytes = Vec::new();
+            push_coin(&mut bytes, value, &script);
             assert_eq!(
-                decode_coin(&bytes),
+                decode_varint(&bytes),
                 Some((value, script.as_slice())),
                 "{value}"
             );
         }
-        assert_eq!(encode_coin(100_000, &[]).len(), 3);
-        assert_eq!(decode_coin(&encode_coin(5, &[])), Some((5, [].as_slice())));
-        assert_eq!(decode_coin(&[0x80]), None, "unterminated");
-        assert_eq!(decode_coin(&[0xff; 11]), None, "longer than 10 bytes");
-        assert_eq!(decode_coin(&[]), None);
+        let mut bytes = Vec::new();
+        push_coin(&mut bytes, 100_000, &[]);
+        assert_eq!(bytes.len(), 3);
+        assert_eq!(decode_varint(&[0x80]), None, "unterminated");
+        assert_eq!(decode_varint(&[0xff; 11]), None, "longer than 10 bytes");
+        assert_eq!(decode_varint(&[]), None);
+    }
+
+    #[test]
+    fn prevouts_keep_a_template_tag_or_the_whole_script() {
+        let script = [0x51, 0x20, 9, 9];
+        for value in [0, 546, 21_000_000 * 100_000_000, (1 << 61) - 1] {
+            let whole = encode_prevout(value, None, &script);
+            assert_eq!(
+                decode_prevout(&whole),
+                Some((value, SpentScript::Whole(script.as_slice())))
+            );
+            let tagged = encode_prevout(value, Some(Template::P2wsh), &script);
+            assert_eq!(
+                decode_prevout(&tagged),
+                Some((value, SpentScript::Rebuilt(Template::P2wsh)))
+            );
+            assert_eq!(tagged.len(), whole.len() - script.len(), "the tag is free");
+        }
+        // Amounts past 2^61 sat (none real) keep their own varint and the whole script.
+        for value in [1 << 61, u64::MAX] {
+            let bytes = encode_prevout(value, Some(Template::P2pkh), &script);
+            assert_eq!(
+                decode_prevout(&bytes),
+                Some((value, SpentScript::Whole(script.as_slice())))
+            );
+        }
+        assert_eq!(encode_prevout(0, None, &[]), [0]);
+        assert_eq!(decode_prevout(&[5]), None, "unknown tag");
+        assert_eq!(
+            decode_prevout(&[(1 << 3) | 7]),
+            None,
+            "wide tag with an amount"
+        );
+        assert_eq!(decode_prevout(&[1, 0x51]), None, "a tag and a script");
+        assert_eq!(decode_prevout(&[0x80]), None, "unterminated");
     }
 
     #[test]
@@ -453,18 +583,31 @@ mod tests {
         };
         assert_eq!(PendingInput::decode(&pending.encode()), Some(pending));
         let counted = vec![[8u8; KEY_HASH_LEN], [9u8; KEY_HASH_LEN]];
+        for commitment in [
+            None,
+            Some(Commitment::Hash160([4; 20])),
+            Some(Commitment::Sha256([5; 32])),
+        ] {
+            let row = PendingRow {
+                input: pending,
+                commitment,
+                counted: counted.clone(),
+            };
+            let bytes = encode_pending(&pending, commitment.as_ref(), &counted);
+            assert_eq!(decode_pending(&bytes), Some(row));
+            assert_eq!(decode_pending(&bytes[..bytes.len() - 1]), None);
+        }
         assert_eq!(
-            decode_pending(&encode_pending(&pending, &counted)),
-            Some((pending, counted))
-        );
-        assert_eq!(
-            decode_pending(&encode_pending(&pending, &[]).as_slice()[..67]),
+            decode_pending(&encode_pending(&pending, None, &[]).as_slice()[..68]),
             None
         );
         assert_eq!(
-            decode_pending(&[encode_pending(&pending, &[]), vec![1]].concat()),
+            decode_pending(&[encode_pending(&pending, None, &[]), vec![1]].concat()),
             None
         );
+        let mut unknown_kind = encode_pending(&pending, None, &[]);
+        unknown_kind[68] = 3;
+        assert_eq!(decode_pending(&unknown_kind), None);
         assert_eq!(SpentBy::decode(&[0u8; 3]), None);
     }
 

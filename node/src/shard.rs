@@ -7,15 +7,16 @@ use crate::failpoint::{self, failpoint};
 use crate::txid_filter::TxidFilter;
 use bitcoin::consensus::{deserialize, serialize};
 use bitcoin::hashes::Hash;
-use bitcoin::{Block, BlockHash, Transaction};
+use bitcoin::{Block, BlockHash, Transaction, TxIn};
 use chainidx_core::chain::{ScriptHash, scripthash};
 use chainidx_core::schema::{
     self, ALL_COIN_ROWS_KEY, Cf, FORMAT_VERSION, Hash32, KEY_HASH_LEN, KIND_FUNDING, KIND_SPENDING,
-    PendingInput, SHARD_STATE_KEY, SpentBy, TxSlot, addr_key, decode_coin, decode_output,
-    decode_pending, encode_coin, encode_output, encode_pending, history_key, outpoint_key,
-    parse_history_key, pending_key, position_key, txid_key,
+    PendingInput, SHARD_STATE_KEY, SpentBy, SpentScript, TxSlot, addr_key, decode_output,
+    decode_pending, decode_prevout, encode_output, encode_pending, encode_prevout, history_key,
+    outpoint_key, parse_history_key, pending_key, position_key, txid_key,
 };
 use chainidx_core::source::{BlockSource, SourceError, SpentCoin};
+use chainidx_core::spent_script::{self, Commitment};
 use chainidx_core::store::{Batch, ScanFrom, Store, StoreError};
 use chainidx_proto as pb;
 use prost::Message;
@@ -61,6 +62,9 @@ pub struct PendingSpend {
     pub position: u32,
     pub vin: u32,
     pub input: PendingInput,
+    /// What the input's data commits its coin's script to: with it, the coin's `prevouts` row need not
+    /// keep the script (`spent_script`).
+    pub commitment: Option<Commitment>,
     /// Address keys whose `tx_count` already counts the spending tx (from phase 1).
     pub counted: Vec<[u8; KEY_HASH_LEN]>,
 }
@@ -351,7 +355,7 @@ impl Shard {
         self.store
             .scan(Cf::Pending, &[], ScanFrom::First, &mut |key, value| {
                 match (key.len() == 12, decode_pending(value)) {
-                    (true, Some((input, counted))) => {
+                    (true, Some(row)) => {
                         let (height, position) =
                             (schema::be_u32(&key[0..4]), schema::be_u32(&key[4..8]));
                         if out.len() >= limit
@@ -365,8 +369,9 @@ impl Shard {
                             height,
                             position,
                             vin: schema::be_u32(&key[8..12]),
-                            input,
-                            counted,
+                            input: row.input,
+                            commitment: row.commitment,
+                            counted: row.counted,
                         });
                     }
                     _ => bad = Some(hex::encode(key)),
@@ -395,6 +400,7 @@ impl Shard {
                             position: schema::be_u32(&key[4..8]),
                             vin: schema::be_u32(&key[8..12]),
                             input,
+                            commitment: None,
                             counted: Vec::new(),
                         },
                         schema::be_u32(&value[68..72]),
@@ -463,10 +469,13 @@ impl Shard {
                     ..StatsDelta::default()
                 },
             ));
+            let template = spend
+                .commitment
+                .and_then(|c| spent_script::template_matching(&out.script, &c));
             rows.put(
                 Cf::Prevouts,
                 pending_key(spend.height, spend.position, spend.vin),
-                encode_coin(out.value, &out.script),
+                encode_prevout(out.value, template, &out.script),
             );
         }
         let key_of = |spend: &PendingSpend| pending_key(spend.height, spend.position, spend.vin);
@@ -686,7 +695,7 @@ impl Shard {
                     let prevout = self
                         .store
                         .get(Cf::Prevouts, &input_key)?
-                        .map(|bytes| prevout(&bytes, &input_key))
+                        .map(|bytes| prevout(&bytes, &input_key, input))
                         .transpose()?;
                     if let Some(out) = &prevout {
                         let sh = scripthash(bitcoin::Script::from_bytes(&out.script));
@@ -937,9 +946,11 @@ impl Shard {
                 .collect();
             let key_refs: Vec<&[u8]> = keys.iter().map(|key| key.as_slice()).collect();
             let values = self.store.multi_get(Cf::Prevouts, &key_refs)?;
-            for ((slot, key), value) in prevouts.iter_mut().zip(&keys).zip(values) {
+            for (((slot, key), value), input) in
+                prevouts.iter_mut().zip(&keys).zip(values).zip(&tx.input)
+            {
                 if let Some(bytes) = value {
-                    *slot = prevout(&bytes, key)?;
+                    *slot = prevout(&bytes, key, input)?;
                 }
             }
         }
@@ -1403,7 +1414,7 @@ impl IndexWindow<'_> {
         // Per tx, kept for the next one. What each input and output adds to its script's stats,
         // applied once per script; inputs whose coin no shard here has yet, parked in `pending`.
         let mut touched: Vec<(ScriptHash, Touch)> = Vec::new();
-        let mut parked: Vec<(u32, PendingInput)> = Vec::new();
+        let mut parked: Vec<(u32, PendingInput, Option<Commitment>)> = Vec::new();
         for (position, tx) in block.txdata.iter().enumerate() {
             let txid = txids[position];
             let position = position as u32;
@@ -1494,7 +1505,11 @@ impl IndexWindow<'_> {
                             batch.put(
                                 Cf::Prevouts,
                                 pending_key(height, position, vin),
-                                encode_coin(out.value, &out.script),
+                                encode_prevout(
+                                    out.value,
+                                    spent_script::template_for(&out.script, input),
+                                    &out.script,
+                                ),
                             );
                         }
                         // Written below, once the tx's addresses are known.
@@ -1505,6 +1520,7 @@ impl IndexWindow<'_> {
                                 prev_vout: input.previous_output.vout,
                                 spender_txid: txid,
                             },
+                            spent_script::commitment(input),
                         )),
                     }
                 }
@@ -1555,11 +1571,11 @@ impl IndexWindow<'_> {
                 }
             }
             if !parked.is_empty() {
-                for (vin, input) in parked.drain(..) {
+                for (vin, input, commitment) in parked.drain(..) {
                     batch.put(
                         Cf::Pending,
                         pending_key(height, position, vin),
-                        encode_pending(&input, &counted),
+                        encode_pending(&input, commitment.as_ref(), &counted),
                     );
                     pending += 1;
                 }
@@ -1625,10 +1641,24 @@ impl IndexWindow<'_> {
     }
 }
 
-/// A `prevouts` value as a `TxOut`.
-fn prevout(bytes: &[u8], key: &[u8]) -> Result<pb::TxOut, ShardError> {
-    let (value, script) = decode_coin(bytes).ok_or_else(|| corrupt("prevout", hex::encode(key)))?;
-    Ok(tx_out(value, script))
+/// A `prevouts` value as a `TxOut`; `input` is the spending input, which rebuilds a script the row does
+/// not keep.
+fn prevout(bytes: &[u8], key: &[u8], input: &TxIn) -> Result<pb::TxOut, ShardError> {
+    let (value, script) =
+        decode_prevout(bytes).ok_or_else(|| corrupt("prevout", hex::encode(key)))?;
+    match script {
+        SpentScript::Whole(script) => Ok(tx_out(value, script)),
+        SpentScript::Rebuilt(template) => match spent_script::rebuild(template, input) {
+            Some(script) => Ok(pb::TxOut { value, script }),
+            None => Err(corrupt(
+                "prevout",
+                format!(
+                    "{}: the spending input no longer gives its coin's script",
+                    hex::encode(key)
+                ),
+            )),
+        },
+    }
 }
 
 fn tx_out(value: u64, script: &[u8]) -> pb::TxOut {
