@@ -1594,6 +1594,13 @@ mod tests {
                             .remove(&input.previous_output)
                             .unwrap_or_else(|| panic!("{txid} spends a missing or spent output"));
                         in_value += spent.value.to_sat();
+                        // Scripts commit to what their spenders reveal, as on the real chain.
+                        let script = spent.script_pubkey.as_bytes();
+                        assert_eq!(
+                            crate::spent_script::template_for(script, input).is_some(),
+                            !spent.script_pubkey.is_p2tr(),
+                            "{txid} spends {script:x?}"
+                        );
                         let address = address_of(&spent.script_pubkey, Network::Regtest).unwrap();
                         let r = per_address.entry(address).or_default();
                         r.spent_count += 1;
