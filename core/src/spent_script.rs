@@ -7,7 +7,8 @@
 //! it; a rollback reads the block), rebuilds the script. The writer checks that the rebuilt script is the
 //! coin's, byte for byte, so nothing here relies on the chain's consensus rules: an input whose data does
 //! not rebuild its coin's script (taproot key spends, P2PK, bare multisig, anything odd) keeps the script
-//! in full.
+//! in full. [`commitment`] is part of the on-disk format: rows written by one rule are read back by it, so
+//! changing which hash it picks for an input's shape needs a new `schema::FORMAT_VERSION`.
 
 use bitcoin::TxIn;
 use bitcoin::hashes::{Hash, hash160, sha256};
