@@ -276,6 +276,9 @@ fn push_varint(out: &mut Vec<u8>, value: u64) {
 fn decode_varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
     let mut value = 0u64;
     for (i, byte) in bytes.iter().enumerate().take(10) {
+        if i == 9 && *byte > 1 {
+            return None; // past 64 bits
+        }
         value |= u64::from(byte & 0x7f).checked_shl(7 * i as u32)?;
         if byte & 0x80 == 0 {
             return Some((value, &bytes[i + 1..]));
@@ -518,6 +521,11 @@ mod tests {
         assert_eq!(bytes.len(), 3);
         assert_eq!(decode_varint(&[0x80]), None, "unterminated");
         assert_eq!(decode_varint(&[0xff; 11]), None, "longer than 10 bytes");
+        assert_eq!(
+            decode_varint(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02]),
+            None,
+            "past 64 bits"
+        );
         assert_eq!(decode_varint(&[]), None);
     }
 

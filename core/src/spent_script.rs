@@ -45,13 +45,24 @@ fn hash160_of(data: &[u8]) -> [u8; 20] {
     hash160::Hash::hash(data).to_byte_array()
 }
 
-/// The last data push of a push-only script; `None` if any instruction is an opcode or does not parse.
+/// What OP_1NEGATE and OP_1..OP_16 push (as Bitcoin's `IsPushOnly` counts them: pushes).
+const SMALL_NUMBERS: [u8; 17] = [0x81, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
+
+/// The item a push-only script leaves on top of the stack; `None` if any instruction is another opcode
+/// or does not parse.
 fn last_push(script: &Script) -> Option<&[u8]> {
     let mut last = None;
     for instruction in script.instructions() {
         match instruction.ok()? {
             Instruction::PushBytes(data) => last = Some(data.as_bytes()),
-            Instruction::Op(_) => return None,
+            Instruction::Op(op) => {
+                let number = match op.to_u8() {
+                    0x4f => 0,                         // OP_1NEGATE
+                    code @ 0x51..=0x60 => code - 0x50, // OP_1..OP_16
+                    _ => return None,
+                };
+                last = Some(&SMALL_NUMBERS[usize::from(number)..=usize::from(number)]);
+            }
         }
     }
     last
@@ -247,7 +258,7 @@ mod tests {
         assert_eq!(template_for(&p2tr, &taproot), None);
         let p2pk = [[0x21].as_slice(), &key, &[0xac]].concat();
         assert_eq!(template_for(&p2pk, &spender), None);
-        let mut not_push_only = p2pkh_sig;
+        let mut not_push_only = p2pkh_sig.clone();
         not_push_only.push(0x76); // OP_DUP
         assert_eq!(commitment(&input(not_push_only, &[])), None);
         assert_eq!(commitment(&input(Vec::new(), &[])), None);
@@ -261,5 +272,53 @@ mod tests {
         );
         assert_eq!(Template::from_tag(0), None);
         assert_eq!(Template::from_tag(5), None);
+    }
+
+    /// Old rows are read back with today's rule: pinned digests (computed with Python's hashlib) catch a
+    /// change of the rule, or of the script parser underneath it, that would misread them (then bump the
+    /// format version).
+    #[test]
+    fn commitments_are_pinned() {
+        let hex = |c: Option<Commitment>| match c {
+            Some(Commitment::Hash160(h)) => format!("h160:{}", hex::encode(h)),
+            Some(Commitment::Sha256(h)) => format!("sha256:{}", hex::encode(h)),
+            None => "none".into(),
+        };
+        let key = [0x02; 33];
+        let mut p2pkh_sig = Vec::new();
+        push(&mut p2pkh_sig, &[0x30; 72]);
+        push(&mut p2pkh_sig, &key);
+        // An HTLC-style P2SH spend: ‹sig› OP_1 ‹redeem script›, the redeem script pushed with OP_PUSHDATA1.
+        let mut htlc_sig = Vec::new();
+        push(&mut htlc_sig, &[0x30; 72]);
+        htlc_sig.push(0x51);
+        htlc_sig.extend_from_slice(&[0x4c, 80]);
+        htlc_sig.extend_from_slice(&[0x63; 80]);
+        let cases = [
+            (
+                input(p2pkh_sig, &[]),
+                "h160:51814f108670aced2d77c1805ddd6634bc9d4731",
+            ),
+            (
+                input(htlc_sig, &[]),
+                "h160:d06c43dacdebf772082b7289739a629f4fe5dffa",
+            ),
+            (
+                input(vec![0x51], &[]),
+                "h160:c51b66bced5e4491001bd702669770dccf440982",
+            ),
+            (
+                input(Vec::new(), &[&[0x30; 72], &key]),
+                "h160:51814f108670aced2d77c1805ddd6634bc9d4731",
+            ),
+            (
+                input(Vec::new(), &[&[], &[0x51, 0xae]]),
+                "sha256:5e49bec8cd8b5fa3a9dcc3744061a7f3bba1eda9175759ee37325527905519a9",
+            ),
+            (input(Vec::new(), &[&[0x11; 64]]), "none"),
+        ];
+        for (i, (spender, want)) in cases.iter().enumerate() {
+            assert_eq!(hex(commitment(spender)), *want, "case {i}");
+        }
     }
 }
