@@ -23,6 +23,7 @@
 //! for values, so the same config gives byte-identical files on every platform.
 
 use crate::chain::{address_of, subsidy};
+use crate::spent_script::{Commitment, Template};
 use bitcoin::absolute::LockTime;
 use bitcoin::block::{Header, Version as BlockVersion};
 use bitcoin::hashes::{Hash, hash160, sha256};
@@ -446,35 +447,6 @@ fn id_bytes(key: u64, id: u32) -> [u8; 32] {
     out
 }
 
-fn script_for(kind: Kind, hash: &[u8; 32]) -> ScriptBuf {
-    let mut bytes = Vec::with_capacity(34);
-    match kind {
-        Kind::P2pkh => {
-            bytes.extend_from_slice(&[0x76, 0xa9, 0x14]);
-            bytes.extend_from_slice(&hash[..20]);
-            bytes.extend_from_slice(&[0x88, 0xac]);
-        }
-        Kind::P2sh => {
-            bytes.extend_from_slice(&[0xa9, 0x14]);
-            bytes.extend_from_slice(&hash[..20]);
-            bytes.push(0x87);
-        }
-        Kind::P2wpkh => {
-            bytes.extend_from_slice(&[0x00, 0x14]);
-            bytes.extend_from_slice(&hash[..20]);
-        }
-        Kind::P2wsh => {
-            bytes.extend_from_slice(&[0x00, 0x20]);
-            bytes.extend_from_slice(hash);
-        }
-        Kind::P2tr => {
-            bytes.extend_from_slice(&[0x51, 0x20]);
-            bytes.extend_from_slice(hash);
-        }
-    }
-    ScriptBuf::from_bytes(bytes)
-}
-
 /// Appends a minimal data push of `data` (at most 255 bytes) to a script being built by hand.
 fn push_data(script: &mut Vec<u8>, data: &[u8]) {
     match data.len() {
@@ -694,21 +666,27 @@ impl ChainGen {
         (addr as usize) < EXCHANGES
     }
 
+    /// The address's script, built by the same templates an indexer rebuilds spent scripts with.
     fn script(&self, addr: u32) -> ScriptBuf {
-        let kind = self.addrs[addr as usize].kind;
-        let mut hash = [0u8; 32];
-        match kind {
-            Kind::P2pkh | Kind::P2wpkh => hash[..20]
-                .copy_from_slice(&hash160::Hash::hash(&self.pubkey(addr, 0)).to_byte_array()),
-            Kind::P2sh => hash[..20].copy_from_slice(
-                &hash160::Hash::hash(&self.p2sh_redeem_script(addr)).to_byte_array(),
+        let hash160 = |data: &[u8]| Commitment::Hash160(hash160::Hash::hash(data).to_byte_array());
+        let (template, commitment) = match self.addrs[addr as usize].kind {
+            Kind::P2pkh => (Template::P2pkh, hash160(&self.pubkey(addr, 0))),
+            Kind::P2wpkh => (Template::P2wpkh, hash160(&self.pubkey(addr, 0))),
+            Kind::P2sh => (Template::P2sh, hash160(&self.p2sh_redeem_script(addr))),
+            Kind::P2wsh => (
+                Template::P2wsh,
+                Commitment::Sha256(
+                    sha256::Hash::hash(&self.multisig_script(addr, 2, 2)).to_byte_array(),
+                ),
             ),
-            Kind::P2wsh => {
-                hash = sha256::Hash::hash(&self.multisig_script(addr, 2, 2)).to_byte_array();
+            // A taproot output key: no input data gives it back.
+            Kind::P2tr => {
+                let mut bytes = vec![0x51, 0x20];
+                bytes.extend_from_slice(&id_bytes(self.hash_key, addr));
+                return ScriptBuf::from_bytes(bytes);
             }
-            Kind::P2tr => hash = id_bytes(self.hash_key, addr),
-        }
-        script_for(kind, &hash)
+        };
+        ScriptBuf::from_bytes(template.script(&commitment).expect("each kind's own hash"))
     }
 
     /// A P2SH address's redeem script: legacy 2-of-3 multisig for a quarter of them, else P2SH-P2WPKH
