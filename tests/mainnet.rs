@@ -282,18 +282,19 @@ fn a_spent_coin_is_answered_from_its_tx_body_once_its_row_is_dropped() {
         .iter()
         .flat_map(|tx| tx.input.iter().map(|i| i.previous_output))
         .collect();
-    let (txid, vout, output) = block
+    let (position, txid, vout, output) = block
         .txdata
         .iter()
+        .enumerate()
         .skip(1)
-        .flat_map(|tx| {
+        .flat_map(|(position, tx)| {
             let txid = tx.compute_txid();
             tx.output
                 .iter()
                 .enumerate()
-                .map(move |(vout, out)| (txid, vout as u32, out.clone()))
+                .map(move |(vout, out)| (position as u32, txid, vout as u32, out.clone()))
         })
-        .find(|(txid, vout, out)| {
+        .find(|(_, txid, vout, out)| {
             !spent_here.contains(&bitcoin::OutPoint::new(*txid, *vout))
                 && address_of(&out.script_pubkey, Network::Bitcoin).is_some()
         })
@@ -326,7 +327,7 @@ fn a_spent_coin_is_answered_from_its_tx_body_once_its_row_is_dropped() {
     assert_eq!(answer(shard.spend_outputs(&[spend(3)]).unwrap()), expected);
     assert!(!unspent(&shard).contains(&coin), "spent by a later shard");
 
-    let key = chainidx_core::schema::outpoint_key(&txid_bytes(&txid), vout);
+    let key = chainidx_core::schema::coin_key(height, position, vout);
     let outputs = chainidx_core::schema::Cf::Outputs;
     use chainidx_core::store::Store;
     assert!(store.get(outputs, &key).unwrap().is_some());

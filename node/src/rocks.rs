@@ -131,12 +131,13 @@ fn cf_options(cf: Cf, writer: TableWriter, mode: WriteMode) -> Options {
     table.set_pin_l0_filter_and_index_blocks_in_cache(
         !(mode == WriteMode::Backfill && LEFT_TO_FULL_COMPACTION.contains(&cf)),
     );
-    // Point lookups (outputs, txs, outspends, stats) mostly miss in shards that do not hold the row.
+    // Point lookups (txs, outspends, stats) mostly miss in shards that do not hold the row.
     // Ribbon filters take ~30% less space than Bloom filters for the same false positives but ~4x the CPU
     // to build: they are for files that stay (compactions below L0); flushed and ingested files, which
-    // the after-backfill compaction rewrites, get Bloom filters. `prevouts` and the other height-keyed
-    // families need none: a lookup reads only files whose height range covers it.
-    if matches!(cf, Cf::Outputs | Cf::Txs | Cf::Outspends | Cf::History) {
+    // the after-backfill compaction rewrites, get Bloom filters. `outputs`, `prevouts` and the other
+    // height-keyed families need none: a lookup reads only files whose height range covers it, and
+    // `outputs` is only looked up where `txs` says the coin is.
+    if matches!(cf, Cf::Txs | Cf::Outspends | Cf::History) {
         match writer {
             TableWriter::Database => table.set_hybrid_ribbon_filter(10.0, 1),
             TableWriter::Ingestion => table.set_bloom_filter(10.0, false),
@@ -492,7 +493,7 @@ mod tests {
 
     #[test]
     fn stats_rows_live_beside_history_rows_and_the_address_filter_keeps_them_apart() {
-        use chainidx_core::schema::{KIND_FUNDING, history_key, parse_history_key, stats_key};
+        use chainidx_core::schema::{history_key, parse_history_key, stats_key};
         use chainidx_proto::AddressStats;
         use prost::Message;
         let dir = tempfile::tempdir().unwrap();
@@ -500,11 +501,7 @@ mod tests {
         let (a, b, absent) = ([1u8; 32], [2u8; 32], [3u8; 32]);
         let mut rows = Batch::default();
         for (sh, height) in [(a, 5), (a, 7), (b, 6)] {
-            rows.put(
-                Cf::History,
-                history_key(&sh, height, 0, KIND_FUNDING, 0),
-                [],
-            );
+            rows.put(Cf::History, history_key(&sh, height, 0), [0]);
         }
         store.bulk_load(&rows).unwrap();
         for funded in [10, 32] {
@@ -532,7 +529,7 @@ mod tests {
                 store
                     .scan(Cf::History, &stats_key(&a), from, &mut |key, _| {
                         keys += 1;
-                        heights.extend(parse_history_key(key).map(|row| row.height));
+                        heights.extend(parse_history_key(key).map(|(height, _)| height));
                         true
                     })
                     .unwrap();

@@ -10,10 +10,11 @@ use bitcoin::hashes::Hash;
 use bitcoin::{Block, BlockHash, Transaction, TxIn};
 use chainidx_core::chain::{ScriptHash, scripthash};
 use chainidx_core::schema::{
-    self, ALL_COIN_ROWS_KEY, Cf, FORMAT_VERSION, Hash32, KEY_HASH_LEN, KIND_FUNDING, KIND_SPENDING,
-    PendingInput, SHARD_STATE_KEY, SpentBy, SpentScript, TxSlot, addr_key, decode_output,
-    decode_pending, decode_prevout, encode_output, encode_pending, encode_prevout, history_key,
-    outpoint_key, parse_history_key, pending_key, position_key, txid_key,
+    self, ALL_COIN_ROWS_KEY, Cf, FORMAT_VERSION, Hash32, KEY_HASH_LEN, PendingInput,
+    SHARD_STATE_KEY, SpentBy, SpentScript, TxSlot, addr_key, coin_key, decode_funding_vouts,
+    decode_output, decode_pending, decode_prevout, encode_funding_vouts, encode_output,
+    encode_pending, encode_prevout, history_key, parse_history_key, pending_key, position_key,
+    txid_key,
 };
 use chainidx_core::source::{BlockSource, SourceError, SpentCoin};
 use chainidx_core::spent_script::{self, Commitment};
@@ -322,13 +323,14 @@ impl Shard {
         // holds (hashes land anywhere), and every worker touches its windows' memory afresh: with eight
         // workers on small shards, zeroing those pages was a quarter of their CPU.
         let capacity = window_txs.min(expected_txs);
-        let (rows, outputs, deltas) = match write {
+        let (rows, outputs, tx_at, deltas) = match write {
             Write::Bulk => (
                 Batch::with_capacity(
                     capacity * WINDOW_ROWS_PER_TX,
                     capacity * WINDOW_BYTES_PER_TX,
                 ),
                 FastMap::with_capacity_and_hasher(capacity * 3, Default::default()),
+                FastMap::with_capacity_and_hasher(capacity, Default::default()),
                 Vec::with_capacity(capacity * 4),
             ),
             Write::Logged => Default::default(),
@@ -338,6 +340,7 @@ impl Shard {
             write,
             rows,
             outputs,
+            tx_at,
             deltas,
             pending: 0,
             next_height: None,
@@ -455,11 +458,15 @@ impl Shard {
             let key = addr_key(&sh);
             let new_tx = !spend.counted.contains(&key)
                 && counted.insert((key, spend.height, spend.position));
-            rows.put(
-                Cf::History,
-                history_key(&sh, spend.height, spend.position, KIND_SPENDING, spend.vin),
-                Vec::new(),
-            );
+            // The tx's row for this address, unless phase 1 (or this batch) wrote it: a row that only
+            // spends funds nothing, so its value is empty, and a phase 1 row is never overwritten.
+            if new_tx {
+                rows.put(
+                    Cf::History,
+                    history_key(&sh, spend.height, spend.position),
+                    Vec::new(),
+                );
+            }
             deltas.push((
                 key,
                 StatsDelta {
@@ -523,12 +530,16 @@ impl Shard {
             .iter()
             .map(|spend| request_txid(&spend.prev_txid, "spend request"))
             .collect::<Result<Vec<_>, ShardError>>()?;
-        let keys: Vec<_> = spends
-            .iter()
-            .zip(&prev_txids)
-            .map(|(spend, txid)| outpoint_key(txid, spend.prev_vout))
-            .collect();
-        let key_refs: Vec<&[u8]> = keys.iter().map(|key| key.as_slice()).collect();
+        // Where each coin's tx is, if it is this shard's (one `MultiGet` of `txs`, whose filter answers
+        // most outpoints of other shards), then the rows of those coins (one `MultiGet` of `outputs`).
+        let txid_refs: Vec<&Hash32> = prev_txids.iter().collect();
+        let mut ours = Vec::new();
+        for (index, at) in self.key_positions(&txid_refs)?.into_iter().enumerate() {
+            if let Some((height, position)) = at {
+                ours.push((index, coin_key(height, position, spends[index].prev_vout)));
+            }
+        }
+        let key_refs: Vec<&[u8]> = ours.iter().map(|(_, key)| key.as_slice()).collect();
         let outputs = self.store.multi_get(Cf::Outputs, &key_refs)?;
         let mut found = Vec::new();
         let mut spent = Batch::default();
@@ -536,42 +547,40 @@ impl Shard {
         // elsewhere) once the coin's row was dropped ([`drop_spent_outputs`]): the recorded spend says
         // it was this spender's.
         let mut asked_again = Vec::new();
-        let rows = spends.iter().zip(&prev_txids).zip(&keys).zip(outputs);
-        for (index, (((spend, prev_txid), key), output)) in rows.enumerate() {
-            let Some(out) = output_of(output.as_deref(), prev_txid, key)? else {
+        for ((index, key), output) in ours.into_iter().zip(outputs) {
+            let Some(out) = output_of(output.as_deref(), &prev_txids[index], &key)? else {
                 if output.is_none() {
-                    asked_again.push(index);
+                    asked_again.push((index, key));
                 }
                 continue;
             };
-            spent.put(Cf::Outspends, *key, spent_by(spend).encode());
+            spent.put(Cf::Outspends, key, spent_by(&spends[index]).encode());
             found.push(pb::SpentOutput {
                 index: index as u32,
                 value: out.value,
                 script: out.script,
             });
         }
-        // Until this shard drops spent coins' rows, a miss is a coin of another shard: during a backfill
-        // most outpoints asked for are, and this lookup was one more filtered miss each. Read after the
-        // `outputs` lookup: the drop removes the key before any row.
+        // Until this shard drops spent coins' rows, a coin of its own without one was spent inside its
+        // window by a tx of this shard: asked for by another, it is a double spend, not asked again.
+        // Read after the `outputs` lookup: the drop removes the key before any row.
         if !asked_again.is_empty() && self.store.get(Cf::Meta, ALL_COIN_ROWS_KEY)?.is_some() {
             asked_again.clear();
         }
         if !asked_again.is_empty() {
-            let again_keys: Vec<&[u8]> = asked_again.iter().map(|&i| key_refs[i]).collect();
+            let again_keys: Vec<&[u8]> =
+                asked_again.iter().map(|(_, key)| key.as_slice()).collect();
             let recorded = self.store.multi_get(Cf::Outspends, &again_keys)?;
-            // In block order, so that a source fetching whole blocks (`rpc:`) fetches each once.
+            // Keys are in block order, so that a source fetching whole blocks (`rpc:`) fetches each once.
             let mut from_bodies = Vec::new();
-            for (&index, recorded) in asked_again.iter().zip(recorded) {
-                if recorded.and_then(|by| SpentBy::decode(&by)) != Some(spent_by(&spends[index])) {
-                    continue;
-                }
-                if let Some(position) = self.key_position(&prev_txids[index])? {
-                    from_bodies.push((position, index));
+            for ((index, key), recorded) in asked_again.iter().zip(recorded) {
+                if recorded.and_then(|by| SpentBy::decode(&by)) == Some(spent_by(&spends[*index])) {
+                    from_bodies.push((*key, *index));
                 }
             }
             from_bodies.sort_unstable();
-            for ((height, position), index) in from_bodies {
+            for (key, index) in from_bodies {
+                let (height, position) = (schema::be_u32(&key[..4]), schema::be_u32(&key[4..8]));
                 let (txid, vout) = (&prev_txids[index], spends[index].prev_vout);
                 if let Some(out) = self.coin_in_body(height, position, txid, vout)? {
                     found.push(pb::SpentOutput {
@@ -595,19 +604,6 @@ impl Shard {
         }
         failpoint(failpoint::SPEND_AFTER_WRITE);
         Ok(found)
-    }
-
-    /// The coin `txid:vout` read back from its tx's body, if the tx is this shard's: what a coin spent by a
-    /// later shard is answered from once its `outputs` row is gone.
-    fn spent_coin_from_body(
-        &self,
-        txid: &Hash32,
-        vout: u32,
-    ) -> Result<Option<pb::TxOut>, ShardError> {
-        match self.key_position(txid)? {
-            Some((height, position)) => self.coin_in_body(height, position, txid, vout),
-            None => Ok(None),
-        }
     }
 
     /// Output `vout` of the tx at (height, position), read from the source, if that tx is `txid`.
@@ -699,10 +695,6 @@ impl Shard {
                         .transpose()?;
                     if let Some(out) = &prevout {
                         let sh = scripthash(bitcoin::Script::from_bytes(&out.script));
-                        batch.delete(
-                            Cf::History,
-                            history_key(&sh, height, position, KIND_SPENDING, vin),
-                        );
                         let m = minus.entry(sh).or_default();
                         m.spent_txo_count += 1;
                         m.spent_sum += out.value;
@@ -710,15 +702,15 @@ impl Shard {
                         batch.delete(Cf::Prevouts, input_key);
                     }
                     let prev_txid = input.previous_output.txid.to_byte_array();
-                    let prev_key = outpoint_key(&prev_txid, input.previous_output.vout);
-                    if self.holds_tx(&prev_txid)? {
+                    if let Some((coin_height, coin_position)) = self.key_position(&prev_txid)? {
                         // The coin is unspent again. A coin spent in the window that created it never
                         // had an `outputs` row: it gets one now (a rollback of its creator removes it).
-                        batch.delete(Cf::Outspends, prev_key);
+                        let coin = coin_key(coin_height, coin_position, input.previous_output.vout);
+                        batch.delete(Cf::Outspends, coin);
                         if let Some(out) = &prevout {
                             batch.put(
                                 Cf::Outputs,
-                                prev_key,
+                                coin,
                                 encode_output(&prev_txid, out.value, &out.script),
                             );
                         }
@@ -733,13 +725,8 @@ impl Shard {
                 }
                 let vout = vout as u32;
                 let sh = scripthash(&output.script_pubkey);
-                let key = outpoint_key(&txid, vout);
-                batch.delete(Cf::Outputs, key);
-                batch.delete(Cf::Outspends, key);
-                batch.delete(
-                    Cf::History,
-                    history_key(&sh, height, position, KIND_FUNDING, vout),
-                );
+                batch.delete(Cf::Outputs, coin_key(height, position, vout));
+                batch.delete(Cf::Outspends, coin_key(height, position, vout));
                 let m = minus.entry(sh).or_default();
                 m.funded_txo_count += 1;
                 m.funded_sum += output.value.to_sat();
@@ -747,6 +734,7 @@ impl Shard {
             }
             sort_dedup_scripthashes(&mut touched);
             for sh in touched {
+                batch.delete(Cf::History, history_key(&sh, height, position));
                 minus.entry(sh).or_default().tx_count += 1;
             }
             batch.delete(Cf::Txs, txid_key(&txid));
@@ -793,7 +781,10 @@ impl Shard {
         let mut batch = Batch::default();
         for (index, spend) in spends.iter().enumerate() {
             let prev_txid = request_txid(&spend.prev_txid, "unspend request")?;
-            let key = outpoint_key(&prev_txid, spend.prev_vout);
+            let Some((coin_height, coin_position)) = self.key_position(&prev_txid)? else {
+                continue; // not this shard's coin
+            };
+            let key = coin_key(coin_height, coin_position, spend.prev_vout);
             let output = self.store.get(Cf::Outputs, &key)?;
             let has_row = output_of(output.as_deref(), &prev_txid, &key)?.is_some();
             let spent_by_this = self
@@ -805,7 +796,9 @@ impl Shard {
             }
             if !has_row {
                 // A later shard's spend removed the coin's row: it is unspent again, so it gets it back.
-                let Some(out) = self.spent_coin_from_body(&prev_txid, spend.prev_vout)? else {
+                let body =
+                    self.coin_in_body(coin_height, coin_position, &prev_txid, spend.prev_vout);
+                let Some(out) = body? else {
                     continue;
                 };
                 batch.put(
@@ -870,16 +863,21 @@ impl Shard {
 
     /// Where the tx with `txid`'s 12-byte key is in this shard, if any.
     fn key_position(&self, txid: &Hash32) -> Result<Option<(u32, u32)>, ShardError> {
-        let Some(bytes) = self.store.get(Cf::Txs, &txid_key(txid))? else {
-            return Ok(None);
-        };
-        if bytes.len() != 8 {
-            return Err(corrupt("tx", "position is not 8 bytes"));
-        }
-        Ok(Some((
-            schema::be_u32(&bytes[..4]),
-            schema::be_u32(&bytes[4..]),
-        )))
+        self.store
+            .get(Cf::Txs, &txid_key(txid))?
+            .map(|bytes| tx_position(&bytes))
+            .transpose()
+    }
+
+    /// [`Shard::key_position`] of each txid, with one `MultiGet`.
+    fn key_positions(&self, txids: &[&Hash32]) -> Result<Vec<Option<(u32, u32)>>, ShardError> {
+        let keys: Vec<_> = txids.iter().map(|txid| txid_key(txid)).collect();
+        let refs: Vec<&[u8]> = keys.iter().map(|key| key.as_slice()).collect();
+        self.store
+            .multi_get(Cf::Txs, &refs)?
+            .into_iter()
+            .map(|row| row.map(|bytes| tx_position(&bytes)).transpose())
+            .collect()
     }
 
     /// `txid` in this shard: where it is and its body, read from the source and compared whole (the key
@@ -892,7 +890,7 @@ impl Shard {
         Ok((body.txid == *txid).then_some(body))
     }
 
-    /// The tx at (height, position), its bytes read from the source and checked against the stored txid key.
+    /// The tx at (height, position), its bytes read from the source and checked against the stored txid check.
     fn tx_body(&self, height: u32, position: u32) -> Result<TxBody, ShardError> {
         let slot = self.slot_at(height, position)?;
         let status = self.tx_status(height, position)?;
@@ -901,7 +899,7 @@ impl Shard {
         let tx: Transaction =
             deserialize(&raw).map_err(|e| corrupt("tx body from the source", e))?;
         let txid = tx.compute_txid().to_byte_array();
-        if txid_key(&txid) != slot.txid_key {
+        if txid[..schema::TXID_CHECK_LEN] != slot.txid_check {
             return Err(corrupt(
                 "tx body from the source",
                 format!("block {hash} has another tx at {height}:{position}"),
@@ -969,21 +967,21 @@ impl Shard {
         limit: usize,
     ) -> Result<Vec<pb::TxDetail>, ShardError> {
         let mut positions: Vec<(u32, u32)> = Vec::new();
-        let start = before.map(|(h, p)| history_key(sh, h, p, 0, 0));
+        let start = before.map(|(h, p)| history_key(sh, h, p));
         let from = match &start {
             Some(key) => ScanFrom::AtOrBefore(key),
             None => ScanFrom::Last,
         };
         self.store
             .scan(Cf::History, &addr_key(sh), from, &mut |key, _| {
-                if let Some(row) = parse_history_key(key) {
-                    let at = (row.height, row.position);
-                    if before.is_none_or(|b| at < b) && positions.last() != Some(&at) {
-                        if positions.len() == limit {
-                            return false;
-                        }
-                        positions.push(at);
+                // One row per tx; the scan starts at the cursor's own row if the address has one.
+                if let Some(at) = parse_history_key(key)
+                    && before.is_none_or(|b| at < b)
+                {
+                    if positions.len() == limit {
+                        return false;
                     }
+                    positions.push(at);
                 }
                 true
             })?;
@@ -997,73 +995,56 @@ impl Shard {
     /// has its `outputs` row (only coins spent in the window that created them never get one), which
     /// gives its value.
     pub fn utxos(&self, sh: &ScriptHash) -> Result<Vec<pb::Utxo>, ShardError> {
-        let mut funding = Vec::new();
+        // (height, position, vout) of every output paying `sh`, in key order.
+        let mut funding: Vec<(u32, u32, u32)> = Vec::new();
+        let mut malformed = None;
         self.store.scan(
             Cf::History,
             &addr_key(sh),
             ScanFrom::First,
-            &mut |key, _| {
-                if let Some(row) = parse_history_key(key)
-                    && row.kind == KIND_FUNDING
-                {
-                    funding.push(row);
+            &mut |key, value| {
+                if let Some((height, position)) = parse_history_key(key) {
+                    match decode_funding_vouts(value) {
+                        Some(vouts) => {
+                            funding.extend(vouts.into_iter().map(|vout| (height, position, vout)))
+                        }
+                        None => {
+                            malformed = Some(hex::encode(key));
+                            return false;
+                        }
+                    }
                 }
                 true
             },
         )?;
+        if let Some(key) = malformed {
+            return Err(corrupt("history row", key));
+        }
         let mut utxos = Vec::new();
-        // Funding rows come in (height, position) order: consecutive ones mostly share a `tx_positions` row.
-        let mut slots: Option<([u8; 8], Vec<u8>)> = None;
-        for row in funding {
-            let slots_key = schema::tx_slots_key(row.height, row.position);
-            if slots.as_ref().is_none_or(|(key, _)| *key != slots_key) {
-                let bytes = self
-                    .store
-                    .get(Cf::TxPositions, &slots_key)?
-                    .unwrap_or_default();
-                slots = Some((slots_key, bytes));
-            }
-            let slot = slots
-                .as_ref()
-                .and_then(|(_, bytes)| schema::tx_slot(bytes, row.position))
-                .ok_or_else(|| {
-                    corrupt(
-                        "tx position",
-                        format!("no tx at {}:{}", row.height, row.position),
-                    )
-                })?;
-            let mut key = [0u8; KEY_HASH_LEN + 4];
-            key[..KEY_HASH_LEN].copy_from_slice(&slot.txid_key);
-            key[KEY_HASH_LEN..].copy_from_slice(&row.index.to_be_bytes());
+        for (height, position, vout) in funding {
+            let key = coin_key(height, position, vout);
             if self.store.get(Cf::Outspends, &key)?.is_some() {
                 continue;
             }
             let missing = || {
                 corrupt(
                     "unspent output",
-                    format!(
-                        "no outputs row paying this address for txid key {}, vout {}",
-                        hex::encode(slot.txid_key),
-                        row.index
-                    ),
+                    format!("no outputs row paying this address at {height}:{position}:{vout}"),
                 )
             };
             let bytes = self.store.get(Cf::Outputs, &key)?.ok_or_else(missing)?;
-            let (rest, value, script) =
+            let (txid, value, script) =
                 decode_output(&bytes).ok_or_else(|| corrupt("output", hex::encode(key)))?;
-            // The row is keyed by 12 txid bytes: it must be a coin of this address (a ground txid pair
-            // sharing them fails here rather than answering the other tx's coin for anyone else).
+            // A ground txid pair sharing a 12-byte key can have one's coin row written where the other's
+            // was looked up: it must be a coin of this address, or this fails rather than answer it.
             if scripthash(bitcoin::Script::from_bytes(script)) != *sh {
                 return Err(missing());
             }
-            let mut txid = [0u8; 32];
-            txid[..KEY_HASH_LEN].copy_from_slice(&slot.txid_key);
-            txid[KEY_HASH_LEN..].copy_from_slice(rest);
             utxos.push(pb::Utxo {
                 txid: txid.to_vec(),
-                vout: row.index,
+                vout,
                 value,
-                status: Some(self.tx_status(row.height, row.position)?),
+                status: Some(self.tx_status(height, position)?),
             });
         }
         Ok(utxos)
@@ -1129,15 +1110,24 @@ impl Shard {
     /// Who spends each output of `txid`, with the height of the tx. A spender is named by where it is
     /// (height, position, vin); the coordinator asks the spender's shard for its txid (`txids_at`).
     pub fn outspends(&self, txid: &Hash32) -> Result<Option<(u32, Vec<pb::Outspend>)>, ShardError> {
-        let Some(TxBody { height, tx, .. }) = self.find_tx(txid)? else {
+        let Some(TxBody {
+            height,
+            position,
+            tx,
+            ..
+        }) = self.find_tx(txid)?
+        else {
             return Ok(None);
         };
         let mut outspends = Vec::with_capacity(tx.output.len());
         for vout in 0..tx.output.len() as u32 {
-            let spend = match self.store.get(Cf::Outspends, &outpoint_key(txid, vout))? {
+            let spend = match self
+                .store
+                .get(Cf::Outspends, &coin_key(height, position, vout))?
+            {
                 Some(value) => {
                     let by =
-                        SpentBy::decode(&value).ok_or_else(|| corrupt("outspend", "bad length"))?;
+                        SpentBy::decode(&value).ok_or_else(|| corrupt("outspend", "malformed"))?;
                     pb::Outspend {
                         spent: true,
                         txid: Vec::new(),
@@ -1197,8 +1187,8 @@ pub fn drop_spent_outputs(store: &dyn Store, coin_rows: &Mutex<()>) -> Result<u6
         let (Some(first), Some(last)) = (spent.first().cloned(), spent.last().cloned()) else {
             return Ok(dropped);
         };
-        // The rows between the chunk's first and last spent key, matched against it in key order: two
-        // sorted scans instead of a point lookup per spent coin.
+        // The rows between the chunk's first and last spent key (both families are keyed by where the
+        // coin is), matched against it in key order: two sorted scans instead of a lookup per coin.
         let mut batch = Batch::default();
         let mut next_spent = spent.iter().peekable();
         store.scan(
@@ -1236,6 +1226,8 @@ pub struct IndexWindow<'a> {
     /// Coins created in the window and not (yet) spent in it.
     /// Keyed by the whole outpoint: two txids sharing their 12-byte key (ground on purpose) stay apart.
     outputs: FastMap<([u8; 32], u32), WindowCoin>,
+    /// Where each of the window's txs is: an `outspends` row is keyed by its coin's (height, position).
+    tx_at: FastMap<Hash32, (u32, u32)>,
     /// What each tx adds to the stats of each address it touches, one record per (tx, address) by the
     /// stats row's key, appended: summed per address at commit ([`sum_by_address`]). A map of the
     /// window's ~300k addresses took a cache miss per lookup (~5% of a worker's samples).
@@ -1405,6 +1397,7 @@ impl IndexWindow<'_> {
             Some(_) => Default::default(),
             None => locate_input_coins(shard, block, &txids, window_outputs)?,
         };
+        let tx_at = &mut self.tx_at;
         let mut input_coins = input_coins.drain(..);
         // Byte offset of each tx in the block: after the header and the tx count.
         let mut offset = 80 + bitcoin::consensus::encode::VarInt(block.txdata.len() as u64).size();
@@ -1415,6 +1408,7 @@ impl IndexWindow<'_> {
         // applied once per script; inputs whose coin no shard here has yet, parked in `pending`.
         let mut touched: Vec<(ScriptHash, Touch)> = Vec::new();
         let mut parked: Vec<(u32, PendingInput, Option<Commitment>)> = Vec::new();
+        let mut funding_vouts: Vec<u32> = Vec::new();
         for (position, tx) in block.txdata.iter().enumerate() {
             let txid = txids[position];
             let position = position as u32;
@@ -1436,13 +1430,14 @@ impl IndexWindow<'_> {
                 slots_offset = offset;
             }
             batch.put(Cf::Txs, txid_key(&txid), position_key(height, position));
+            tx_at.insert(txid, (height, position));
             touched.clear();
 
             if !tx.is_coinbase() {
                 for (vin, input) in tx.input.iter().enumerate() {
                     let vin = vin as u32;
                     let prev_txid = input.previous_output.txid.to_byte_array();
-                    let prev_key = outpoint_key(&prev_txid, input.previous_output.vout);
+                    let prev_vout = input.previous_output.vout;
                     let undo = spent.map(|s| &s[position as usize - 1][vin as usize]);
                     if let Some(coin) = undo.filter(|c| c.height < shard.start) {
                         let parked = PendingInput {
@@ -1455,45 +1450,67 @@ impl IndexWindow<'_> {
                         batch.put(Cf::Notices, pending_key(height, position, vin), notice);
                         pending += 1;
                     }
-                    let spent = match undo {
-                        Some(coin) => Some(pb::TxOut {
-                            value: coin.value,
-                            script: coin.script.to_bytes(),
-                        }),
+                    // The coin, if this shard has it yet, and where it is: its `outspends` key.
+                    let window_coin = tx_at
+                        .get(&prev_txid)
+                        .map(|&(h, p)| coin_key(h, p, prev_vout));
+                    let (spent, coin_at) = match undo {
+                        Some(coin) => {
+                            let at = match window_coin {
+                                _ if coin.height < shard.start => None,
+                                Some(key) => Some(key),
+                                None => shard
+                                    .key_position(&prev_txid)?
+                                    .map(|(h, p)| coin_key(h, p, prev_vout)),
+                            };
+                            let out = pb::TxOut {
+                                value: coin.value,
+                                script: coin.script.to_bytes(),
+                            };
+                            (Some(out), at)
+                        }
                         // Spent inside the window: the coin never reaches `outputs`.
                         None => match input_coins.next() {
-                            Some(InputCoin::Window(coin)) => Some(coin.into()),
-                            Some(InputCoin::InBlock) => match window_outputs
-                                .remove(&(prev_txid, input.previous_output.vout))
-                            {
-                                Some(coin) => Some(coin.into()),
-                                None => output_of(
-                                    shard.store.get(Cf::Outputs, &prev_key)?.as_deref(),
-                                    &prev_txid,
-                                    &prev_key,
-                                )?,
-                            },
-                            Some(InputCoin::Stored) => output_of(
-                                earlier_coins.get(&prev_key).and_then(|row| row.as_deref()),
-                                &prev_txid,
-                                &prev_key,
-                            )?,
+                            Some(InputCoin::Window(coin)) => (Some(coin.into()), window_coin),
+                            Some(InputCoin::InBlock) => {
+                                match (window_outputs.remove(&(prev_txid, prev_vout)), window_coin)
+                                {
+                                    (Some(coin), at) => (Some(coin.into()), at),
+                                    (None, Some(key)) => {
+                                        let row = shard.store.get(Cf::Outputs, &key)?;
+                                        (output_of(row.as_deref(), &prev_txid, &key)?, Some(key))
+                                    }
+                                    (None, None) => (None, None),
+                                }
+                            }
+                            Some(InputCoin::Stored) => {
+                                match earlier_coins.get(&(prev_txid, prev_vout)) {
+                                    Some((key, row)) => {
+                                        (output_of(row.as_deref(), &prev_txid, key)?, Some(*key))
+                                    }
+                                    None => (None, None),
+                                }
+                            }
                             None => return Err(corrupt("block", "inputs changed while indexed")),
                         },
                     };
                     match spent {
                         Some(out) => {
                             let sh = scripthash(bitcoin::Script::from_bytes(&out.script));
-                            batch.put(
-                                Cf::History,
-                                history_key(&sh, height, position, KIND_SPENDING, vin),
-                                Vec::new(),
-                            );
                             touched.push((sh, Touch::Spends(out.value)));
                             if undo.is_none_or(|c| c.height >= shard.start) {
+                                let coin_at = coin_at.ok_or_else(|| {
+                                    corrupt(
+                                        "coin",
+                                        format!(
+                                            "no txs row for {}",
+                                            hex::encode(&prev_txid[..KEY_HASH_LEN])
+                                        ),
+                                    )
+                                })?;
                                 batch.put(
                                     Cf::Outspends,
-                                    prev_key,
+                                    coin_at,
                                     SpentBy {
                                         height,
                                         position,
@@ -1539,26 +1556,23 @@ impl IndexWindow<'_> {
                 };
                 // Written at commit unless spent inside the window.
                 window_outputs.insert((txid, vout), coin);
-                batch.put(
-                    Cf::History,
-                    history_key(&sh, height, position, KIND_FUNDING, vout),
-                    Vec::new(),
-                );
-                touched.push((sh, Touch::Funds(value)));
+                touched.push((sh, Touch::Funds { value, vout }));
             }
-            // One stats record per script the tx touches, not one per input and output plus one for
-            // its tx count.
-            touched.sort_unstable_by(|(a, _), (b, _)| scripthash_order(a, b));
+            // One history row and one stats record per script the tx touches, not one per input and
+            // output plus one for its tx count. A stable sort keeps each script's outputs in vout order.
+            touched.sort_by(|(a, _), (b, _)| scripthash_order(a, b));
             let mut counted = Vec::new();
             for script in touched.chunk_by(|(a, _), (b, _)| a == b) {
+                funding_vouts.clear();
                 deltas.push((schema::stats_key(&script[0].0), StatsDelta::default()));
                 let delta = &mut deltas.last_mut().expect("just pushed").1;
                 delta.tx_count += 1;
                 for (_, touch) in script {
                     match *touch {
-                        Touch::Funds(value) => {
+                        Touch::Funds { value, vout } => {
                             delta.funded_txo_count += 1;
                             delta.funded_sum += value;
+                            funding_vouts.push(vout);
                         }
                         Touch::Spends(value) => {
                             delta.spent_txo_count += 1;
@@ -1566,6 +1580,11 @@ impl IndexWindow<'_> {
                         }
                     }
                 }
+                batch.put(
+                    Cf::History,
+                    history_key(&script[0].0, height, position),
+                    encode_funding_vouts(&funding_vouts),
+                );
                 if !parked.is_empty() {
                     counted.push(addr_key(&script[0].0));
                 }
@@ -1603,13 +1622,14 @@ impl IndexWindow<'_> {
         let shard = self.shard;
         let _coin_rows = shard.coin_rows.lock().expect("coin rows lock");
         for ((txid, vout), out) in self.outputs.drain() {
-            let key = outpoint_key(&txid, vout);
+            let (height, position) = self.tx_at[&txid];
             self.rows.put(
                 Cf::Outputs,
-                key,
+                coin_key(height, position, vout),
                 encode_output(&txid, out.value, &out.script),
             );
         }
+        self.tx_at.clear();
         // Backfill: the rows go around the memtable as sorted table files (half of indexing was skiplist
         // inserts of random keys); the stats and the checkpoint follow in a batch. A crash between the two
         // re-indexes the window, rewriting the same rows.
@@ -1690,9 +1710,10 @@ enum InputCoin {
     Stored,
 }
 
-/// The coins of `block`'s inputs ([`InputCoin`], in input order), and the `outputs` rows of those neither
-/// this window nor the block itself created: coins of earlier windows of this shard (or of other shards,
-/// then absent), read with one `MultiGet` per block rather than a lookup per input.
+/// The coins of `block`'s inputs ([`InputCoin`], in input order), and for those neither this window nor
+/// the block itself created, where they are and their `outputs` rows if this shard holds them: coins of
+/// earlier windows (absent: other shards' coins), read with one `MultiGet` of `txs` (the coins' places)
+/// and one of `outputs` per block rather than lookups per input.
 #[allow(clippy::type_complexity)]
 fn locate_input_coins(
     shard: &Shard,
@@ -1702,13 +1723,13 @@ fn locate_input_coins(
 ) -> Result<
     (
         Vec<InputCoin>,
-        FastMap<[u8; KEY_HASH_LEN + 4], Option<Vec<u8>>>,
+        FastMap<(Hash32, u32), ([u8; 12], Option<Vec<u8>>)>,
     ),
     ShardError,
 > {
     let in_block: std::collections::HashSet<&Hash32> = txids.iter().collect();
     let mut coins = Vec::new();
-    let mut keys = Vec::new();
+    let mut stored: Vec<(Hash32, u32)> = Vec::new();
     for tx in block.txdata.iter().filter(|tx| !tx.is_coinbase()) {
         for input in &tx.input {
             let prev_txid = input.previous_output.txid.to_byte_array();
@@ -1718,20 +1739,42 @@ fn locate_input_coins(
             } else if let Some(out) = window_outputs.remove(&(prev_txid, vout)) {
                 InputCoin::Window(out)
             } else {
-                keys.push(outpoint_key(&prev_txid, vout));
+                stored.push((prev_txid, vout));
                 InputCoin::Stored
             });
         }
     }
-    keys.sort_unstable();
-    keys.dedup();
-    let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+    // Sorted by txid key, so that `txs` is read in key order and each tx looked up once.
+    stored.sort_unstable();
+    stored.dedup();
+    let mut txs: Vec<&Hash32> = stored.iter().map(|(txid, _)| txid).collect();
+    txs.dedup();
+    let mut places = FastMap::default();
+    for (txid, at) in txs.iter().zip(shard.key_positions(&txs)?) {
+        if let Some(at) = at {
+            places.insert(**txid, at);
+        }
+    }
+    let ours: Vec<((Hash32, u32), [u8; 12])> = stored
+        .iter()
+        .filter_map(|&(txid, vout)| {
+            let &(height, position) = places.get(&txid)?;
+            Some(((txid, vout), coin_key(height, position, vout)))
+        })
+        .collect();
+    let refs: Vec<&[u8]> = ours.iter().map(|(_, key)| key.as_slice()).collect();
     let rows = shard.store.multi_get(Cf::Outputs, &refs)?;
-    Ok((coins, keys.into_iter().zip(rows).collect()))
+    Ok((
+        coins,
+        ours.into_iter()
+            .zip(rows)
+            .map(|((outpoint, key), row)| (outpoint, (key, row)))
+            .collect(),
+    ))
 }
 
-/// The coin of `txid` in an `outputs` value, if it is that tx's: the key holds only 12 bytes of the txid,
-/// the value the other 20. `None` for no row or another tx's row.
+/// The coin of `txid` in an `outputs` value, if it is that tx's: a coin found through a 12-byte txid key
+/// may be another tx's sharing them. `None` for no row or another tx's row.
 fn output_of(
     bytes: Option<&[u8]>,
     txid: &Hash32,
@@ -1740,9 +1783,17 @@ fn output_of(
     let Some(bytes) = bytes else {
         return Ok(None);
     };
-    let (rest, value, script) =
+    let (coin_txid, value, script) =
         decode_output(bytes).ok_or_else(|| corrupt("output", hex::encode(key)))?;
-    Ok((rest == &txid[KEY_HASH_LEN..]).then(|| tx_out(value, script)))
+    Ok((coin_txid == txid).then(|| tx_out(value, script)))
+}
+
+/// (height, position) of a `txs` value.
+fn tx_position(bytes: &[u8]) -> Result<(u32, u32), ShardError> {
+    if bytes.len() != 8 {
+        return Err(corrupt("tx", "position is not 8 bytes"));
+    }
+    Ok((schema::be_u32(&bytes[..4]), schema::be_u32(&bytes[4..])))
 }
 
 /// What an owner records in `outspends` for a spend request.
@@ -1818,7 +1869,7 @@ pub fn header_time(header: &[u8]) -> u32 {
 
 /// What one input or output of a tx adds to its script's stats in a window.
 enum Touch {
-    Funds(u64),
+    Funds { value: u64, vout: u32 },
     Spends(u64),
 }
 
@@ -1955,8 +2006,9 @@ mod tests {
         let ours = [7u8; 32];
         let mut ground = ours;
         ground[31] ^= 1; // same 12-byte key, another tx
-        let key = outpoint_key(&ours, 0);
-        assert_eq!(outpoint_key(&ground, 0), key);
+        assert_eq!(txid_key(&ours), txid_key(&ground));
+        // Where `txs` says the tx with that key is: the other's coin is there.
+        let key = coin_key(100, 7, 0);
         let row = encode_output(&ground, 5_000, &[0x51]);
         assert_eq!(output_of(Some(&row), &ours, &key).unwrap(), None);
         let found = output_of(Some(&row), &ground, &key).unwrap().unwrap();
