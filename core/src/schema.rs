@@ -17,14 +17,14 @@ pub enum Cf {
     Headers,
     /// block hash → height.
     BlockHashes,
-    /// height → per tx in block order: txid key ‖ length (3): where each tx's bytes are in its block.
+    /// height → per tx in block order: txid check (4) ‖ length (3): where each tx's bytes are in its block.
     TxPositions,
     /// txid key → height ‖ position.
     Txs,
-    /// txid key ‖ vout → rest of the txid (20) ‖ coin (varint value ‖ script); every output but OP_RETURN
-    /// not spent in the window that created it.
+    /// [`coin_key`] (height ‖ position ‖ vout) → whole txid ‖ coin (varint value ‖ script); every output but
+    /// OP_RETURN not spent in the window that created it.
     Outputs,
-    /// txid key ‖ vout → spender height ‖ position ‖ vin; in the shard that *created* the output.
+    /// [`coin_key`] → spender height ‖ position ‖ vin (varints); in the shard that *created* the output.
     Outspends,
     /// spender height ‖ position ‖ vin → coin it spends (varint value·8 + template tag ‖ script unless the
     /// input rebuilds it, [`encode_prevout`]); in the spender's shard.
@@ -35,7 +35,8 @@ pub enum Cf {
     /// height ‖ position ‖ vin → prev txid ‖ prev vout ‖ spender txid ‖ creating height; inputs already
     /// attributed from undo data whose owner shard must still record the spend.
     Notices,
-    /// address key ‖ height ‖ position ‖ kind·index → nothing (amounts are in `outputs` and `prevouts`);
+    /// address key ‖ height ‖ position → the vouts paying the address ([`encode_funding_vouts`]; amounts
+    /// are in `outputs` and `prevouts`);
     /// and the address's stats row, [`stats_key`] → `AddressStats` for this shard. Beside its history rows
     /// the stats row's key costs almost nothing (RocksDB stores the bytes a key shares with the one before
     /// it once); in a column family of its own its 12 random bytes took a third of its 63 bytes per tx.
@@ -92,6 +93,7 @@ pub fn height_key(height: u32) -> [u8; 4] {
     height.to_be_bytes()
 }
 
+#[inline]
 pub fn position_key(height: u32, position: u32) -> [u8; 8] {
     let mut key = [0u8; 8];
     key[..4].copy_from_slice(&height.to_be_bytes());
@@ -173,11 +175,13 @@ pub fn tx_slot(value: &[u8], position: u32) -> Option<TxSlot> {
 pub const KEY_HASH_LEN: usize = 12;
 
 /// A txid as it appears in keys (`txs`, and `pending` rows' batches of them on the wire).
+#[inline]
 pub fn txid_key(txid: &Hash32) -> [u8; KEY_HASH_LEN] {
     txid[..KEY_HASH_LEN].try_into().expect("12 bytes")
 }
 
 /// A scripthash as it appears in keys (`history` rows and stats rows).
+#[inline]
 pub fn addr_key(scripthash: &Hash32) -> [u8; KEY_HASH_LEN] {
     scripthash[..KEY_HASH_LEN].try_into().expect("12 bytes")
 }
@@ -198,10 +202,12 @@ pub const RETIRED_CFS: &[&str] = &["stats"];
 /// share most of their key (`outspends` 29.7 → 14.5 bytes per tx on the generated chain), and
 /// `tx_positions` needs no txid key to find a history row's coins. A coin asked for by outpoint is found
 /// through `txs` first.
+#[inline]
 pub fn coin_key(height: u32, position: u32, vout: u32) -> [u8; 12] {
     pending_key(height, position, vout)
 }
 
+#[inline]
 pub fn pending_key(height: u32, position: u32, vin: u32) -> [u8; 12] {
     let mut key = [0u8; 12];
     key[..8].copy_from_slice(&position_key(height, position));
@@ -215,6 +221,7 @@ pub const HISTORY_KEY_LEN: usize = KEY_HASH_LEN + 8;
 /// many of the tx's inputs and outputs touch the address (4.95 rows per tx on the generated chain became
 /// 3.15). Its value lists the outputs that fund the address ([`encode_funding_vouts`]); which inputs spend
 /// from it is in the tx's body and `prevouts`.
+#[inline]
 pub fn history_key(scripthash: &Hash32, height: u32, position: u32) -> [u8; HISTORY_KEY_LEN] {
     let mut key = [0u8; HISTORY_KEY_LEN];
     key[..KEY_HASH_LEN].copy_from_slice(&addr_key(scripthash));

@@ -1451,12 +1451,16 @@ impl IndexWindow<'_> {
                         pending += 1;
                     }
                     // The coin, if this shard has it yet, and where it is: its `outspends` key.
-                    let window_coin = tx_at
-                        .get(&prev_txid)
-                        .map(|&(h, p)| coin_key(h, p, prev_vout));
+                    // Looked up in the window's places only where the coin is the window's: a map of
+                    // ~65k txs, each lookup a cache miss.
+                    let window_coin = || {
+                        tx_at
+                            .get(&prev_txid)
+                            .map(|&(h, p)| coin_key(h, p, prev_vout))
+                    };
                     let (spent, coin_at) = match undo {
                         Some(coin) => {
-                            let at = match window_coin {
+                            let at = match window_coin() {
                                 _ if coin.height < shard.start => None,
                                 Some(key) => Some(key),
                                 None => shard
@@ -1471,10 +1475,12 @@ impl IndexWindow<'_> {
                         }
                         // Spent inside the window: the coin never reaches `outputs`.
                         None => match input_coins.next() {
-                            Some(InputCoin::Window(coin)) => (Some(coin.into()), window_coin),
+                            Some(InputCoin::Window(coin)) => (Some(coin.into()), window_coin()),
                             Some(InputCoin::InBlock) => {
-                                match (window_outputs.remove(&(prev_txid, prev_vout)), window_coin)
-                                {
+                                match (
+                                    window_outputs.remove(&(prev_txid, prev_vout)),
+                                    window_coin(),
+                                ) {
                                     (Some(coin), at) => (Some(coin.into()), at),
                                     (None, Some(key)) => {
                                         let row = shard.store.get(Cf::Outputs, &key)?;
@@ -1559,8 +1565,8 @@ impl IndexWindow<'_> {
                 touched.push((sh, Touch::Funds { value, vout }));
             }
             // One history row and one stats record per script the tx touches, not one per input and
-            // output plus one for its tx count. A stable sort keeps each script's outputs in vout order.
-            touched.sort_by(|(a, _), (b, _)| scripthash_order(a, b));
+            // output plus one for its tx count.
+            touched.sort_unstable_by(|(a, _), (b, _)| scripthash_order(a, b));
             let mut counted = Vec::new();
             for script in touched.chunk_by(|(a, _), (b, _)| a == b) {
                 funding_vouts.clear();
@@ -1580,6 +1586,7 @@ impl IndexWindow<'_> {
                         }
                     }
                 }
+                funding_vouts.sort_unstable();
                 batch.put(
                     Cf::History,
                     history_key(&script[0].0, height, position),
@@ -1688,7 +1695,7 @@ fn tx_out(value: u64, script: &[u8]) -> pb::TxOut {
     }
 }
 
-/// A tx read back from the source, checked against the txid key stored for its position.
+/// A tx read back from the source, checked against the txid check stored for its position.
 struct TxBody {
     height: u32,
     position: u32,
@@ -1805,8 +1812,8 @@ fn spent_by(spend: &pb::SpendRef) -> SpentBy {
     }
 }
 
-/// An `outspends` row is found by its tx's 12-byte txid key, so it can name the spender of another tx
-/// sharing those bytes (a ground pair, doc/schema.md "Hashes in keys"): an outspend is only answered if
+/// An `outspends` row is found through its tx's 12-byte txid key (`txs`), so it can name the spender of
+/// another tx sharing those bytes (a ground pair, doc/schema.md "Hashes in keys"): an outspend is only answered if
 /// the spender's input really spends the outpoint asked about; otherwise the query fails loudly rather
 /// than send an investigator down the other tx's trail.
 fn check_spender(spender: &Transaction, spend: &pb::SpendRef) -> Result<(), ShardError> {
