@@ -2030,3 +2030,176 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod cross_shard_tests {
+    use super::*;
+    use crate::rocks::RocksStore;
+    use bitcoin::absolute::LockTime;
+    use bitcoin::block::{Header, Version as BlockVersion};
+    use bitcoin::hashes::Hash;
+    use bitcoin::transaction::Version;
+    use bitcoin::{
+        Amount, CompactTarget, OutPoint, ScriptBuf, Sequence, TxMerkleNode, TxOut, Txid, Witness,
+    };
+    use chainidx_core::source::BlkDirSource;
+
+    fn output(value: u64, script: &ScriptBuf) -> TxOut {
+        TxOut {
+            value: Amount::from_sat(value),
+            script_pubkey: script.clone(),
+        }
+    }
+
+    fn tx(inputs: Vec<OutPoint>, outputs: Vec<TxOut>) -> Transaction {
+        Transaction {
+            version: Version::TWO,
+            lock_time: LockTime::ZERO,
+            input: inputs
+                .into_iter()
+                .map(|previous_output| TxIn {
+                    previous_output,
+                    script_sig: ScriptBuf::new(),
+                    sequence: Sequence::MAX,
+                    witness: Witness::new(),
+                })
+                .collect(),
+            output: outputs,
+        }
+    }
+
+    fn block(prev: BlockHash, txdata: Vec<Transaction>) -> Block {
+        let header = Header {
+            version: BlockVersion::TWO,
+            prev_blockhash: prev,
+            merkle_root: TxMerkleNode::all_zeros(),
+            time: 1_600_000_000,
+            bits: CompactTarget::from_consensus(0x207f_ffff),
+            nonce: 0,
+        };
+        Block { header, txdata }
+    }
+
+    /// A tx of shard 1 spends two coins of shard 0 (resolved in phase 2) and pays back to one of their
+    /// scripts. Phase 2 must not overwrite that script's phase 1 row (its funding vout, which the UTXO
+    /// answer reads) and must write a row for the other script, which the tx touches only through its
+    /// cross-shard input. Checked against the blocks' own inputs and outputs.
+    #[test]
+    fn phase_2_adds_a_history_row_only_where_phase_1_wrote_none() {
+        let (paid_back, only_spent, other) = (
+            ScriptBuf::from_bytes([&[0x00, 0x14][..], &[1; 20]].concat()),
+            ScriptBuf::from_bytes([&[0x00, 0x14][..], &[2; 20]].concat()),
+            ScriptBuf::from_bytes([&[0x00, 0x14][..], &[3; 20]].concat()),
+        );
+        let coinbase = |height: u8, outputs| {
+            let mut cb = tx(vec![OutPoint::null()], outputs);
+            cb.input[0].script_sig = ScriptBuf::from_bytes(vec![1, height]);
+            cb
+        };
+        let funding = coinbase(
+            0,
+            vec![output(5_000, &paid_back), output(7_000, &only_spent)],
+        );
+        let funding_txid = funding.compute_txid();
+        let spender = tx(
+            vec![
+                OutPoint::new(funding_txid, 0),
+                OutPoint::new(funding_txid, 1),
+            ],
+            vec![output(4_000, &other), output(7_500, &paid_back)],
+        );
+        let spender_txid = spender.compute_txid();
+        let block0 = block(BlockHash::all_zeros(), vec![funding]);
+        let block1 = block(
+            block0.block_hash(),
+            vec![coinbase(1, vec![output(1, &other)]), spender],
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let blocks = dir.path().join("blocks");
+        std::fs::create_dir_all(&blocks).unwrap();
+        let mut blk = Vec::new();
+        for b in [&block0, &block1] {
+            let raw = serialize(b);
+            blk.extend_from_slice(&[0xfa, 0xbf, 0xb5, 0xda]);
+            blk.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+            blk.extend_from_slice(&raw);
+        }
+        std::fs::write(blocks.join("blk00000.dat"), blk).unwrap();
+        let source: Arc<dyn BlockSource> = Arc::new(BlkDirSource::open(&blocks).unwrap());
+        let open = |id: u32| {
+            let store = RocksStore::open(&dir.path().join(format!("shard-{id}"))).unwrap();
+            Shard::open(Arc::new(store), source.clone(), id, id, id + 1).unwrap()
+        };
+        let (owner, spending) = (open(0), open(1));
+        owner.index_block(0, &block0, None, Write::Logged).unwrap();
+        spending
+            .index_block(1, &block1, None, Write::Logged)
+            .unwrap();
+
+        let pending = spending.next_pending(100).unwrap();
+        assert_eq!(pending.len(), 2, "both inputs wait for shard 0");
+        let refs: Vec<pb::SpendRef> = pending.iter().map(PendingSpend::to_ref).collect();
+        let found = owner.spend_outputs(&refs).unwrap();
+        assert_eq!(found.len(), 2);
+        let resolved: Vec<(PendingSpend, pb::TxOut)> = found
+            .into_iter()
+            .map(|f| {
+                let out = pb::TxOut {
+                    value: f.value,
+                    script: f.script,
+                };
+                (pending[f.index as usize].clone(), out)
+            })
+            .collect();
+        spending.apply_resolved(&resolved, Write::Logged).unwrap();
+
+        let sh = |script: &ScriptBuf| scripthash(script);
+        let txids = |shard: &Shard, script: &ScriptBuf| -> Vec<Txid> {
+            let page = shard.history(&sh(script), None, 10).unwrap();
+            page.iter()
+                .map(|d| deserialize::<Transaction>(&d.raw).unwrap().compute_txid())
+                .collect()
+        };
+        let stats = |shard: &Shard, script: &ScriptBuf| {
+            let s = shard.address_stats(&sh(script)).unwrap();
+            (
+                s.funded_txo_count,
+                s.funded_sum,
+                s.spent_txo_count,
+                s.spent_sum,
+                s.tx_count,
+            )
+        };
+        // Funded by the spender's vout 1 (phase 1) and spent by its vin 0 (phase 2): one row, its coin
+        // still listed as unspent.
+        assert_eq!(txids(&spending, &paid_back), vec![spender_txid]);
+        let utxos: Vec<_> = spending
+            .utxos(&sh(&paid_back))
+            .unwrap()
+            .into_iter()
+            .map(|u| (u.txid, u.vout, u.value))
+            .collect();
+        assert_eq!(
+            utxos,
+            vec![(spender_txid.to_byte_array().to_vec(), 1, 7_500)]
+        );
+        assert_eq!(stats(&spending, &paid_back), (1, 7_500, 1, 5_000, 1));
+        // Touched only by the cross-shard input vin 1: its row comes from phase 2.
+        assert_eq!(txids(&spending, &only_spent), vec![spender_txid]);
+        assert!(spending.utxos(&sh(&only_spent)).unwrap().is_empty());
+        assert_eq!(stats(&spending, &only_spent), (0, 0, 1, 7_000, 1));
+        // The owner recorded both spends: nothing of its coins is unspent.
+        assert!(owner.utxos(&sh(&paid_back)).unwrap().is_empty());
+        assert!(owner.utxos(&sh(&only_spent)).unwrap().is_empty());
+        let (_, outspends) = owner
+            .outspends(&funding_txid.to_byte_array())
+            .unwrap()
+            .unwrap();
+        let spent_by: Vec<_> = outspends
+            .iter()
+            .map(|o| (o.spent, o.height, o.position, o.vin))
+            .collect();
+        assert_eq!(spent_by, vec![(true, 1, 1, 0), (true, 1, 1, 1)]);
+    }
+}
