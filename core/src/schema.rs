@@ -242,16 +242,17 @@ pub fn parse_history_key(key: &[u8]) -> Option<(u32, u32)> {
 /// Value of a history row: the vouts of the tx's outputs paying the address, ascending, each a LEB128
 /// varint of its distance from the one before (the first from -1): one byte for most rows. Empty where
 /// the tx only spends from the address.
-pub fn encode_funding_vouts(vouts: &[u32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(vouts.len());
+/// Written into `out` (cleared first), which the caller keeps from one row to the next: a window builds
+/// one per (address, tx).
+pub fn encode_funding_vouts(vouts: &[u32], out: &mut Vec<u8>) {
+    out.clear();
     let mut next = 0u64;
     for &vout in vouts {
         let vout = u64::from(vout);
         debug_assert!(vout >= next, "funding vouts ascend");
-        push_varint(&mut out, vout - next);
+        push_varint(out, vout - next);
         next = vout + 1;
     }
-    out
 }
 
 /// The vouts of an [`encode_funding_vouts`] value; `None` if it is malformed.
@@ -377,10 +378,21 @@ pub struct SpentBy {
 }
 
 impl SpentBy {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(15);
+    /// On the stack: an `outspends` value is built per spent coin.
+    pub fn encode(&self) -> SpentByBytes {
+        let mut out = SpentByBytes {
+            bytes: [0; 15],
+            len: 0,
+        };
         for part in [self.height, self.position, self.vin] {
-            push_varint(&mut out, u64::from(part));
+            let mut rest = part;
+            while rest >= 0x80 {
+                out.bytes[out.len] = (rest as u8) | 0x80;
+                out.len += 1;
+                rest >>= 7;
+            }
+            out.bytes[out.len] = rest as u8;
+            out.len += 1;
         }
         out
     }
@@ -399,6 +411,19 @@ impl SpentBy {
             position,
             vin,
         })
+    }
+}
+
+/// An encoded [`SpentBy`]: three varints of at most 5 bytes each.
+#[derive(Clone, Copy, Debug)]
+pub struct SpentByBytes {
+    bytes: [u8; 15],
+    len: usize,
+}
+
+impl AsRef<[u8]> for SpentByBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
@@ -524,15 +549,21 @@ mod tests {
             vec![3, 200, 70_000],
             vec![u32::MAX],
         ] {
-            let bytes = encode_funding_vouts(&vouts);
+            let mut bytes = vec![9; 3]; // left over from another row
+            encode_funding_vouts(&vouts, &mut bytes);
             assert_eq!(
                 decode_funding_vouts(&bytes),
                 Some(vouts.clone()),
                 "{vouts:?}"
             );
         }
-        assert_eq!(encode_funding_vouts(&[0]), [0]);
-        assert_eq!(encode_funding_vouts(&[1, 2]), [1, 0]);
+        let encoded = |vouts: &[u32]| {
+            let mut out = Vec::new();
+            encode_funding_vouts(vouts, &mut out);
+            out
+        };
+        assert_eq!(encoded(&[0]), [0]);
+        assert_eq!(encoded(&[1, 2]), [1, 0]);
         // Unterminated, or past u32.
         assert_eq!(decode_funding_vouts(&[0x80]), None);
         assert_eq!(
@@ -633,7 +664,7 @@ mod tests {
                 position,
                 vin,
             };
-            assert_eq!(SpentBy::decode(&spent.encode()), Some(spent));
+            assert_eq!(SpentBy::decode(spent.encode().as_ref()), Some(spent));
         }
         assert_eq!(
             SpentBy {
@@ -642,6 +673,7 @@ mod tests {
                 vin: 1
             }
             .encode()
+            .as_ref()
             .len(),
             6
         );

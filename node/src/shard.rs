@@ -1409,6 +1409,7 @@ impl IndexWindow<'_> {
         let mut touched: Vec<(ScriptHash, Touch)> = Vec::new();
         let mut parked: Vec<(u32, PendingInput, Option<Commitment>)> = Vec::new();
         let mut funding_vouts: Vec<u32> = Vec::new();
+        let mut funding_value: Vec<u8> = Vec::new();
         for (position, tx) in block.txdata.iter().enumerate() {
             let txid = txids[position];
             let position = position as u32;
@@ -1587,10 +1588,11 @@ impl IndexWindow<'_> {
                     }
                 }
                 funding_vouts.sort_unstable();
+                encode_funding_vouts(&funding_vouts, &mut funding_value);
                 batch.put(
                     Cf::History,
                     history_key(&script[0].0, height, position),
-                    encode_funding_vouts(&funding_vouts),
+                    &funding_value,
                 );
                 if !parked.is_empty() {
                     counted.push(addr_key(&script[0].0));
