@@ -318,34 +318,25 @@ impl Shard {
     /// windows are one block). `expected_txs`: about how many txs the shard has left to index.
     pub fn window(&self, write: Write, window_txs: usize, expected_txs: usize) -> IndexWindow<'_> {
         // A backfill window is sized up front (see `Batch::with_capacity`), for a full window or what is
-        // left of the shard if that is less, and keeps its memory from one commit to the next; a block
-        // following the tip is one small batch. A map fills all of its memory however few entries it
-        // holds (hashes land anywhere), and every worker touches its windows' memory afresh: with eight
-        // workers on small shards, zeroing those pages was a quarter of their CPU.
+        // left of the shard if that is less ([`WindowBuffers::with_capacity`]), and keeps its memory from
+        // one commit to the next; a block following the tip is one small batch.
         let capacity = window_txs.min(expected_txs);
-        let (rows, outputs, tx_at, deltas) = match write {
-            Write::Bulk => (
-                Batch::with_capacity(
-                    capacity * WINDOW_ROWS_PER_TX,
-                    capacity * WINDOW_BYTES_PER_TX,
-                ),
-                FastMap::with_capacity_and_hasher(capacity * 3, Default::default()),
-                FastMap::with_capacity_and_hasher(capacity, Default::default()),
-                Vec::with_capacity(capacity * 4),
-            ),
-            Write::Logged => Default::default(),
+        let buffers = match write {
+            Write::Bulk => WindowBuffers::with_capacity(capacity),
+            Write::Logged => WindowBuffers::default(),
         };
         IndexWindow {
             shard: self,
             write,
-            rows,
-            outputs,
-            tx_at,
-            deltas,
+            rows: buffers.rows,
+            coins: buffers.coins,
+            previous: None,
+            deltas: buffers.deltas,
             pending: 0,
             next_height: None,
             txs: 0,
             window_txs,
+            capacity,
         }
     }
 
@@ -1223,11 +1214,11 @@ pub struct IndexWindow<'a> {
     shard: &'a Shard,
     write: Write,
     rows: Batch,
-    /// Coins created in the window and not (yet) spent in it.
-    /// Keyed by the whole outpoint: two txids sharing their 12-byte key (ground on purpose) stay apart.
-    outputs: FastMap<([u8; 32], u32), WindowCoin>,
-    /// Where each of the window's txs is: an `outspends` row is keyed by its coin's (height, position).
-    tx_at: FastMap<Hash32, (u32, u32)>,
+    /// Always this window's alone (`Arc::get_mut`): shared only once the window is sealed.
+    coins: Arc<WindowCoins>,
+    /// The coins of the window sealed before this one, while they are being written beside it
+    /// ([`IndexWindow::seal`]): this window's inputs find them here, not yet in the database.
+    previous: Option<Arc<WindowCoins>>,
     /// What each tx adds to the stats of each address it touches, one record per (tx, address) by the
     /// stats row's key, appended: summed per address at commit ([`sum_by_address`]). A map of the
     /// window's ~300k addresses took a cache miss per lookup (~5% of a worker's samples).
@@ -1238,6 +1229,66 @@ pub struct IndexWindow<'a> {
     txs: usize,
     /// Full at this many txs.
     window_txs: usize,
+    /// Txs its buffers are sized for.
+    capacity: usize,
+}
+
+/// The coins a window created and did not spend itself, and where its txs are.
+#[derive(Default)]
+pub struct WindowCoins {
+    /// Keyed by the whole outpoint: two txids sharing their 12-byte key (ground on purpose) stay apart.
+    outputs: FastMap<([u8; 32], u32), WindowCoin>,
+    /// Where each of the window's txs is: an `outspends` row is keyed by its coin's (height, position).
+    tx_at: FastMap<Hash32, (u32, u32)>,
+}
+
+impl WindowCoins {
+    /// The coin's `outputs` key, and its row as [`SealedWindow::write`] writes it (`None`: the window
+    /// has the tx but not that coin), if the window has the tx.
+    fn stored_coin(&self, txid: &Hash32, vout: u32) -> Option<([u8; 12], Option<Vec<u8>>)> {
+        let &(height, position) = self.tx_at.get(txid)?;
+        let row = self
+            .outputs
+            .get(&(*txid, vout))
+            .map(|coin| encode_output(txid, coin.value, &coin.script));
+        Some((coin_key(height, position, vout), row))
+    }
+}
+
+/// A window's memory, handed from a written window to the next one to be filled: a backfill's windows
+/// reuse the memory of those written before them (fresh pages cost the kernel's zeroing).
+#[derive(Default)]
+pub struct WindowBuffers {
+    rows: Batch,
+    coins: Arc<WindowCoins>,
+    deltas: Vec<([u8; KEY_HASH_LEN], StatsDelta)>,
+}
+
+impl WindowBuffers {
+    /// A map fills all of its memory however few entries it holds (hashes land anywhere), and every
+    /// worker touches its windows' memory afresh: with eight workers on small shards, zeroing those
+    /// pages was a quarter of their CPU. So a window is sized for `txs`, not more.
+    fn with_capacity(txs: usize) -> WindowBuffers {
+        WindowBuffers {
+            rows: Batch::with_capacity(txs * WINDOW_ROWS_PER_TX, txs * WINDOW_BYTES_PER_TX),
+            coins: Arc::new(WindowCoins {
+                outputs: FastMap::with_capacity_and_hasher(txs * 3, Default::default()),
+                tx_at: FastMap::with_capacity_and_hasher(txs, Default::default()),
+            }),
+            deltas: Vec::with_capacity(txs * 4),
+        }
+    }
+}
+
+/// A window's rows on their way to the database: see [`IndexWindow::seal`].
+pub struct SealedWindow<'a> {
+    shard: &'a Shard,
+    write: Write,
+    rows: Batch,
+    coins: Arc<WindowCoins>,
+    deltas: Vec<([u8; KEY_HASH_LEN], StatsDelta)>,
+    pending: u64,
+    next_height: u32,
 }
 
 /// A coin in a window's map: 64 bytes with its outpoint, so that each of the map's entries lies in one
@@ -1333,7 +1384,7 @@ pub const DEFAULT_WINDOW_TXS: usize = 65_536;
 const WINDOW_ROWS_PER_TX: usize = 20;
 const WINDOW_BYTES_PER_TX: usize = 640;
 
-impl IndexWindow<'_> {
+impl<'a> IndexWindow<'a> {
     /// Adds one block's rows. Inputs whose coin was created in this shard (in the window, or in an earlier
     /// window already written) are attributed now; the others are parked in `pending`. With undo data
     /// (`spent`, from a datadir source) every input is attributed now, and spends of other shards' coins
@@ -1369,7 +1420,9 @@ impl IndexWindow<'_> {
         }
         let batch = &mut self.rows;
         let deltas = &mut self.deltas;
-        let window_outputs = &mut self.outputs;
+        let previous = self.previous.as_deref();
+        let coins = Arc::get_mut(&mut self.coins).expect("a window's coins are shared once sealed");
+        let window_outputs = &mut coins.outputs;
         let mut pending = 0u64;
         let block_hash = block.block_hash().to_byte_array();
         failpoint(failpoint::INDEX_BEFORE_WRITE);
@@ -1395,9 +1448,9 @@ impl IndexWindow<'_> {
             .collect();
         let (mut input_coins, earlier_coins) = match spent {
             Some(_) => Default::default(),
-            None => locate_input_coins(shard, block, &txids, window_outputs)?,
+            None => locate_input_coins(shard, block, &txids, window_outputs, previous)?,
         };
-        let tx_at = &mut self.tx_at;
+        let tx_at = &mut coins.tx_at;
         let mut input_coins = input_coins.drain(..);
         // Byte offset of each tx in the block: after the header and the tx count.
         let mut offset = 80 + bitcoin::consensus::encode::VarInt(block.txdata.len() as u64).size();
@@ -1464,9 +1517,11 @@ impl IndexWindow<'_> {
                             let at = match window_coin() {
                                 _ if coin.height < shard.start => None,
                                 Some(key) => Some(key),
-                                None => shard
-                                    .key_position(&prev_txid)?
-                                    .map(|(h, p)| coin_key(h, p, prev_vout)),
+                                None => match previous.and_then(|p| p.tx_at.get(&prev_txid)) {
+                                    Some(&(h, p)) => Some((h, p)),
+                                    None => shard.key_position(&prev_txid)?,
+                                }
+                                .map(|(h, p)| coin_key(h, p, prev_vout)),
                             };
                             let out = pb::TxOut {
                                 value: coin.value,
@@ -1625,20 +1680,72 @@ impl IndexWindow<'_> {
     /// Writes the window's rows, the coins it created and nobody in it spent, its stats (one merge per
     /// address) and the checkpoint after its last block, in one atomic write. Empty windows write nothing.
     pub fn commit(&mut self) -> Result<(), ShardError> {
-        let Some(next_height) = self.next_height.take() else {
+        let Some(sealed) = self.seal(false) else {
             return Ok(());
         };
+        let written = sealed.write()?;
+        self.reuse(written);
+        Ok(())
+    }
+
+    /// Takes the window's blocks out to be written ([`SealedWindow::write`]) and leaves it empty for the
+    /// next ones, without memory until [`IndexWindow::reuse`] gives it some. `written_beside`: the write
+    /// runs beside the next blocks (on another core), whose inputs then find this window's coins in it
+    /// until the next seal, as they are not in the database yet. `None` for an empty window.
+    pub fn seal(&mut self, written_beside: bool) -> Option<SealedWindow<'a>> {
+        let next_height = self.next_height.take()?;
+        let coins = std::mem::take(&mut self.coins);
+        self.previous = written_beside.then(|| coins.clone());
+        self.txs = 0;
+        Some(SealedWindow {
+            shard: self.shard,
+            write: self.write,
+            rows: std::mem::take(&mut self.rows),
+            coins,
+            deltas: std::mem::take(&mut self.deltas),
+            pending: std::mem::take(&mut self.pending),
+            next_height,
+        })
+    }
+
+    /// Gives a sealed (empty) window the memory of a written one, emptied. Memory still shared with a
+    /// window being read is left alone.
+    pub fn reuse(&mut self, mut buffers: WindowBuffers) {
+        debug_assert!(self.next_height.is_none(), "reuse is for an empty window");
+        let Some(coins) = Arc::get_mut(&mut buffers.coins) else {
+            return;
+        };
+        coins.outputs.clear();
+        coins.tx_at.clear();
+        buffers.rows.clear();
+        buffers.deltas.clear();
+        self.rows = buffers.rows;
+        self.coins = buffers.coins;
+        self.deltas = buffers.deltas;
+    }
+
+    /// Memory for a window of the size this one was made for.
+    pub fn fresh_buffers(&self) -> WindowBuffers {
+        match self.write {
+            Write::Bulk => WindowBuffers::with_capacity(self.capacity),
+            Write::Logged => WindowBuffers::default(),
+        }
+    }
+}
+
+impl SealedWindow<'_> {
+    /// See [`IndexWindow::commit`]. Gives the window's memory back for [`IndexWindow::reuse`].
+    pub fn write(mut self) -> Result<WindowBuffers, ShardError> {
         let shard = self.shard;
         let _coin_rows = shard.coin_rows.lock().expect("coin rows lock");
-        for ((txid, vout), out) in self.outputs.drain() {
-            let (height, position) = self.tx_at[&txid];
+        for ((txid, vout), out) in &self.coins.outputs {
+            let (height, position) = self.coins.tx_at[txid];
             self.rows.put(
                 Cf::Outputs,
-                coin_key(height, position, vout),
-                encode_output(&txid, out.value, &out.script),
+                coin_key(height, position, *vout),
+                encode_output(txid, out.value, &out.script),
             );
         }
-        self.tx_at.clear();
         // Backfill: the rows go around the memtable as sorted table files (half of indexing was skiplist
         // inserts of random keys); the stats and the checkpoint follow in a batch. A crash between the two
         // re-indexes the window, rewriting the same rows.
@@ -1653,12 +1760,10 @@ impl IndexWindow<'_> {
         };
         shard.merge_stats(&mut batch, &mut self.deltas);
         let mut state = shard.state();
-        state.next_height = next_height;
+        state.next_height = self.next_height;
         state.pending_inputs += self.pending;
         state.cross_shard_inputs += self.pending;
         state.windows_committed += 1;
-        self.pending = 0;
-        self.txs = 0;
         batch.put(Cf::Meta, SHARD_STATE_KEY, state.encode_to_vec());
         match self.write {
             Write::Bulk => shard.store.write_unlogged(batch)?,
@@ -1666,7 +1771,11 @@ impl IndexWindow<'_> {
         }
         shard.forget_txid_filter();
         *shard.state.lock().expect("state lock") = state;
-        Ok(())
+        Ok(WindowBuffers {
+            rows: self.rows,
+            coins: self.coins,
+            deltas: self.deltas,
+        })
     }
 }
 
@@ -1721,14 +1830,16 @@ enum InputCoin {
 
 /// The coins of `block`'s inputs ([`InputCoin`], in input order), and for those neither this window nor
 /// the block itself created, where they are and their `outputs` rows if this shard holds them: coins of
-/// earlier windows (absent: other shards' coins), read with one `MultiGet` of `txs` (the coins' places)
-/// and one of `outputs` per block rather than lookups per input.
+/// the window before while it is being written (`previous`), or of earlier windows (absent: other
+/// shards' coins), read with one `MultiGet` of `txs` (the coins' places) and one of `outputs` per block
+/// rather than lookups per input.
 #[allow(clippy::type_complexity)]
 fn locate_input_coins(
     shard: &Shard,
     block: &Block,
     txids: &[Hash32],
     window_outputs: &mut FastMap<(Hash32, u32), WindowCoin>,
+    previous: Option<&WindowCoins>,
 ) -> Result<
     (
         Vec<InputCoin>,
@@ -1739,6 +1850,7 @@ fn locate_input_coins(
     let in_block: std::collections::HashSet<&Hash32> = txids.iter().collect();
     let mut coins = Vec::new();
     let mut stored: Vec<(Hash32, u32)> = Vec::new();
+    let mut found = FastMap::default();
     for tx in block.txdata.iter().filter(|tx| !tx.is_coinbase()) {
         for input in &tx.input {
             let prev_txid = input.previous_output.txid.to_byte_array();
@@ -1748,7 +1860,13 @@ fn locate_input_coins(
             } else if let Some(out) = window_outputs.remove(&(prev_txid, vout)) {
                 InputCoin::Window(out)
             } else {
-                stored.push((prev_txid, vout));
+                // The window before, still being written: its coin as its `outputs` row will be.
+                match previous.and_then(|p| p.stored_coin(&prev_txid, vout)) {
+                    Some(coin) => {
+                        found.insert((prev_txid, vout), coin);
+                    }
+                    None => stored.push((prev_txid, vout)),
+                }
                 InputCoin::Stored
             });
         }
@@ -1773,13 +1891,12 @@ fn locate_input_coins(
         .collect();
     let refs: Vec<&[u8]> = ours.iter().map(|(_, key)| key.as_slice()).collect();
     let rows = shard.store.multi_get(Cf::Outputs, &refs)?;
-    Ok((
-        coins,
+    found.extend(
         ours.into_iter()
             .zip(rows)
-            .map(|((outpoint, key), row)| (outpoint, (key, row)))
-            .collect(),
-    ))
+            .map(|((outpoint, key), row)| (outpoint, (key, row))),
+    );
+    Ok((coins, found))
 }
 
 /// The coin of `txid` in an `outputs` value, if it is that tx's: a coin found through a 12-byte txid key
@@ -2045,6 +2162,7 @@ mod cross_shard_tests {
         Amount, CompactTarget, OutPoint, ScriptBuf, Sequence, TxMerkleNode, TxOut, Txid, Witness,
     };
     use chainidx_core::source::BlkDirSource;
+    use std::path::Path;
 
     fn output(value: u64, script: &ScriptBuf) -> TxOut {
         TxOut {
@@ -2082,22 +2200,124 @@ mod cross_shard_tests {
         Block { header, txdata }
     }
 
+    /// The blocks in a blk file of a directory under `dir`, as a source.
+    fn blk_source(dir: &Path, blocks: &[&Block]) -> Arc<dyn BlockSource> {
+        let dir = dir.join("blocks");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut blk = Vec::new();
+        for b in blocks {
+            let raw = serialize(b);
+            blk.extend_from_slice(&[0xfa, 0xbf, 0xb5, 0xda]);
+            blk.extend_from_slice(&(raw.len() as u32).to_le_bytes());
+            blk.extend_from_slice(&raw);
+        }
+        std::fs::write(dir.join("blk00000.dat"), blk).unwrap();
+        Arc::new(BlkDirSource::open(&dir).unwrap())
+    }
+
+    fn coinbase(height: u8, outputs: Vec<TxOut>) -> Transaction {
+        let mut cb = tx(vec![OutPoint::null()], outputs);
+        cb.input[0].script_sig = ScriptBuf::from_bytes(vec![1, height]);
+        cb
+    }
+
+    fn p2wpkh(byte: u8) -> ScriptBuf {
+        ScriptBuf::from_bytes([&[0x00, 0x14][..], &[byte; 20]].concat())
+    }
+
+    /// A window is written on another thread while the next one is filled (`seal(true)`): the next
+    /// window's inputs must find its coins though they are not in the database yet, and each window
+    /// lands whole. Three one-block windows; block 1 spends a coin of block 0 before block 0 is written,
+    /// block 2 one of block 0 (written by then) and one of block 1 (not yet). Checked against the blocks.
+    #[test]
+    fn a_window_spends_the_coins_of_the_one_still_being_written() {
+        let (a, b, c, d) = (p2wpkh(1), p2wpkh(2), p2wpkh(3), p2wpkh(4));
+        let funding = coinbase(0, vec![output(5_000, &a), output(7_000, &b)]);
+        let funding_txid = funding.compute_txid();
+        let spend_a = tx(
+            vec![OutPoint::new(funding_txid, 0)],
+            vec![output(4_000, &c)],
+        );
+        let spend_a_txid = spend_a.compute_txid();
+        let spend_b_c = tx(
+            vec![
+                OutPoint::new(funding_txid, 1),
+                OutPoint::new(spend_a_txid, 0),
+            ],
+            vec![output(10_500, &d)],
+        );
+        let spend_b_c_txid = spend_b_c.compute_txid();
+        let block0 = block(BlockHash::all_zeros(), vec![funding]);
+        let block1 = block(block0.block_hash(), vec![coinbase(1, vec![]), spend_a]);
+        let block2 = block(block1.block_hash(), vec![coinbase(2, vec![]), spend_b_c]);
+        let dir = tempfile::tempdir().unwrap();
+        let source = blk_source(dir.path(), &[&block0, &block1, &block2]);
+        let store = RocksStore::open(&dir.path().join("shard-0")).unwrap();
+        let shard = Shard::open(Arc::new(store), source, 0, 0, 3).unwrap();
+
+        let mut window = shard.window(Write::Bulk, 1, 3);
+        window.add(0, &block0, None).unwrap();
+        let sealed0 = window.seal(true).unwrap();
+        window.reuse(window.fresh_buffers());
+        window.add(1, &block1, None).unwrap();
+        let spare = sealed0.write().unwrap();
+        let sealed1 = window.seal(true).unwrap();
+        window.reuse(spare);
+        window.add(2, &block2, None).unwrap();
+        sealed1.write().unwrap();
+        window.commit().unwrap();
+
+        let state = shard.state();
+        assert_eq!(state.next_height, 3);
+        assert_eq!(state.windows_committed, 3);
+        assert_eq!(state.pending_inputs, 0, "every coin spent is this shard's");
+        let sh = |script: &ScriptBuf| scripthash(script);
+        let txids = |script: &ScriptBuf| -> Vec<Txid> {
+            let page = shard.history(&sh(script), None, 10).unwrap();
+            page.iter()
+                .map(|d| deserialize::<Transaction>(&d.raw).unwrap().compute_txid())
+                .collect()
+        };
+        let stats = |script: &ScriptBuf| {
+            let s = shard.address_stats(&sh(script)).unwrap();
+            (s.funded_sum, s.spent_sum, s.tx_count)
+        };
+        assert_eq!(txids(&a), vec![spend_a_txid, funding_txid]);
+        assert_eq!(stats(&a), (5_000, 5_000, 2));
+        assert_eq!(stats(&b), (7_000, 7_000, 2));
+        assert_eq!(txids(&c), vec![spend_b_c_txid, spend_a_txid]);
+        assert_eq!(stats(&c), (4_000, 4_000, 2));
+        for spent in [&a, &b, &c] {
+            assert!(shard.utxos(&sh(spent)).unwrap().is_empty());
+        }
+        let utxos: Vec<_> = shard
+            .utxos(&sh(&d))
+            .unwrap()
+            .into_iter()
+            .map(|u| (u.txid, u.vout, u.value))
+            .collect();
+        assert_eq!(
+            utxos,
+            vec![(spend_b_c_txid.to_byte_array().to_vec(), 0, 10_500)]
+        );
+        let spenders = |txid: Txid| -> Vec<_> {
+            let (_, outspends) = shard.outspends(&txid.to_byte_array()).unwrap().unwrap();
+            outspends
+                .iter()
+                .map(|o| (o.spent, o.height, o.position, o.vin))
+                .collect()
+        };
+        assert_eq!(spenders(funding_txid), vec![(true, 1, 1, 0), (true, 2, 1, 0)]);
+        assert_eq!(spenders(spend_a_txid), vec![(true, 2, 1, 1)]);
+    }
+
     /// A tx of shard 1 spends two coins of shard 0 (resolved in phase 2) and pays back to one of their
     /// scripts. Phase 2 must not overwrite that script's phase 1 row (its funding vout, which the UTXO
     /// answer reads) and must write a row for the other script, which the tx touches only through its
     /// cross-shard input. Checked against the blocks' own inputs and outputs.
     #[test]
     fn phase_2_adds_a_history_row_only_where_phase_1_wrote_none() {
-        let (paid_back, only_spent, other) = (
-            ScriptBuf::from_bytes([&[0x00, 0x14][..], &[1; 20]].concat()),
-            ScriptBuf::from_bytes([&[0x00, 0x14][..], &[2; 20]].concat()),
-            ScriptBuf::from_bytes([&[0x00, 0x14][..], &[3; 20]].concat()),
-        );
-        let coinbase = |height: u8, outputs| {
-            let mut cb = tx(vec![OutPoint::null()], outputs);
-            cb.input[0].script_sig = ScriptBuf::from_bytes(vec![1, height]);
-            cb
-        };
+        let (paid_back, only_spent, other) = (p2wpkh(1), p2wpkh(2), p2wpkh(3));
         let funding = coinbase(
             0,
             vec![output(5_000, &paid_back), output(7_000, &only_spent)],
@@ -2118,17 +2338,7 @@ mod cross_shard_tests {
         );
 
         let dir = tempfile::tempdir().unwrap();
-        let blocks = dir.path().join("blocks");
-        std::fs::create_dir_all(&blocks).unwrap();
-        let mut blk = Vec::new();
-        for b in [&block0, &block1] {
-            let raw = serialize(b);
-            blk.extend_from_slice(&[0xfa, 0xbf, 0xb5, 0xda]);
-            blk.extend_from_slice(&(raw.len() as u32).to_le_bytes());
-            blk.extend_from_slice(&raw);
-        }
-        std::fs::write(blocks.join("blk00000.dat"), blk).unwrap();
-        let source: Arc<dyn BlockSource> = Arc::new(BlkDirSource::open(&blocks).unwrap());
+        let source = blk_source(dir.path(), &[&block0, &block1]);
         let open = |id: u32| {
             let store = RocksStore::open(&dir.path().join(format!("shard-{id}"))).unwrap();
             Shard::open(Arc::new(store), source.clone(), id, id, id + 1).unwrap()

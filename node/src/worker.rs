@@ -7,7 +7,9 @@
 
 use crate::failpoint::{self, failpoint};
 use crate::rocks::RocksStore;
-use crate::shard::{IndexWindow, PendingSpend, Shard, ShardError, Write, request_txid};
+use crate::shard::{
+    IndexWindow, PendingSpend, SealedWindow, Shard, ShardError, WindowBuffers, Write, request_txid,
+};
 use crate::txid_filter::{TxidFilter, next_candidate};
 use bitcoin::Block;
 use bitcoin::consensus::deserialize;
@@ -1132,8 +1134,10 @@ fn fetch(source: &dyn BlockSource, height: u32) -> Result<Fetched, WorkerError> 
 }
 
 /// Phase 1 over the rest of the shard's range: a fetcher thread reads and decodes blocks ahead of the
-/// writer (bounded, so memory stays flat), the calling thread writes them in height order. A block is
-/// written whole or not at all, so a failed fetch leaves nothing half-written.
+/// writer (bounded, so memory stays flat), the calling thread adds them to windows in height order. A
+/// full window is written on a thread of its own beside the next one's blocks when an index permit is
+/// free (no other shard is using the second core), else in turn. Windows land in order, each with its
+/// checkpoint; a block is written whole or not at all, so a failed fetch leaves nothing half-written.
 fn index_range(
     source: &dyn BlockSource,
     shard: &Shard,
@@ -1160,21 +1164,16 @@ fn index_range(
         // Made at the first block, whose size says about how many txs the shard has left.
         let mut window: Option<IndexWindow> = None;
         let mut blocks = 0;
-        // Only under a lease: a worker cut off from the coordinators stops here before anyone else may
-        // take the shard over.
-        let commit = |window: &mut IndexWindow, blocks: &mut u64| -> Result<(), WorkerError> {
-            node.wait_write(shard.id)?;
-            window.commit()?;
-            node.wrote_blocks(shard.id, std::mem::take(blocks));
-            Ok(())
-        };
+        // The window being written beside this thread, if any: its memory comes back when it is done.
+        let mut writing: Option<std::thread::ScopedJoinHandle<'_, WriteResult>> = None;
         for item in receiver {
             let (height, block, spent) = match item {
                 Ok(fetched) => fetched,
                 Err(error) => {
                     // Keep the whole blocks already read: a retry resumes after them.
+                    written(&mut writing)?;
                     if let Some(window) = window.as_mut() {
-                        commit(window, &mut blocks)?;
+                        write_window(node, shard, window.seal(false), blocks)?;
                     }
                     return Err(error);
                 }
@@ -1186,15 +1185,70 @@ fn index_range(
             });
             window.add(height, &block, spent.as_deref())?;
             blocks += 1;
-            if window.is_full() {
-                commit(window, &mut blocks)?;
+            if !window.is_full() {
+                continue;
+            }
+            // Windows land in order: the one before first.
+            let spare = written(&mut writing)?;
+            let beside = match write {
+                Write::Bulk if height + 1 < end => node.index_permits.try_acquire().ok(),
+                _ => None,
+            };
+            let blocks = std::mem::take(&mut blocks);
+            match beside {
+                Some(permit) => {
+                    let sealed = window.seal(true);
+                    window.reuse(spare.unwrap_or_else(|| window.fresh_buffers()));
+                    writing = Some(scope.spawn(move || {
+                        let _permit = permit;
+                        write_window(node, shard, sealed, blocks)
+                    }));
+                }
+                None => {
+                    drop(spare);
+                    let sealed = window.seal(false);
+                    if let Some(buffers) = write_window(node, shard, sealed, blocks)? {
+                        window.reuse(buffers);
+                    }
+                }
             }
         }
+        written(&mut writing)?;
         match window.as_mut() {
-            Some(window) => commit(window, &mut blocks),
+            Some(window) => write_window(node, shard, window.seal(false), blocks).map(drop),
             None => Ok(()),
         }
     })
+}
+
+/// What a window's write gives back: its memory, for the next window (`None`: it was empty).
+type WriteResult = Result<Option<WindowBuffers>, WorkerError>;
+
+/// Writes a sealed window, only under a lease: a worker cut off from the coordinators stops here before
+/// anyone else may take the shard over.
+fn write_window(
+    node: &WorkerNode,
+    shard: &Shard,
+    sealed: Option<SealedWindow>,
+    blocks: u64,
+) -> WriteResult {
+    let Some(sealed) = sealed else {
+        return Ok(None);
+    };
+    node.wait_write(shard.id)?;
+    let buffers = sealed.write()?;
+    node.wrote_blocks(shard.id, blocks);
+    Ok(Some(buffers))
+}
+
+/// Waits for the window being written beside, if any.
+fn written(writing: &mut Option<std::thread::ScopedJoinHandle<'_, WriteResult>>) -> WriteResult {
+    match writing.take() {
+        Some(handle) => handle
+            .join()
+            .map_err(|_| WorkerError::Task("a window's writer panicked".into()))?,
+        None => Ok(None),
+    }
 }
 
 /// About how many txs a shard has left, from its first block indexed now: a quarter more, for blocks
