@@ -80,9 +80,13 @@ async fn a_worker_dying_at_23_points_then_restarting_gives_exact_answers() {
         .window_txs(150)
         // ...or between two of its resolution batches.
         .resolve_batch(100);
+        // The victim writes each window beside the next one's blocks, as a worker with a core to spare
+        // does (one index thread each here would not), so that crashes fall in the middle of such writes.
+        let mut failpoints = format!("{}=on", failpoint::INDEX_WRITE_BESIDE);
         if let Crash::Failpoint(name, n) = crash {
-            builder = builder.worker_failpoints(victim, format!("{name}={n}"));
+            failpoints.push_str(&format!(",{name}={n}"));
         }
+        builder = builder.worker_failpoints(victim, failpoints);
         let mut sandbox = builder.start().await.unwrap();
         let how = match crash {
             Crash::KillAt(share) => {

@@ -21,6 +21,9 @@ pub const SPEND_AFTER_WRITE: &str = "spend:after-write";
 /// With `=on`: the worker's shards answer txid filters that rule out every txid, as an out-of-date filter
 /// could, so that their coins are only found by the fallback walk.
 pub const TXID_FILTER_RULES_OUT_ALL: &str = "txid-filter:rule-out-all";
+/// `on`: every full backfill window is written beside the next one, even with no index permit free, so
+/// that tests whose workers have one index thread each still crash in the middle of such a write.
+pub const INDEX_WRITE_BESIDE: &str = "index:write-beside";
 
 enum Action {
     /// Abort on the n-th pass.

@@ -2307,7 +2307,10 @@ mod cross_shard_tests {
                 .map(|o| (o.spent, o.height, o.position, o.vin))
                 .collect()
         };
-        assert_eq!(spenders(funding_txid), vec![(true, 1, 1, 0), (true, 2, 1, 0)]);
+        assert_eq!(
+            spenders(funding_txid),
+            vec![(true, 1, 1, 0), (true, 2, 1, 0)]
+        );
         assert_eq!(spenders(spend_a_txid), vec![(true, 2, 1, 1)]);
     }
 

@@ -1190,8 +1190,13 @@ fn index_range(
             }
             // Windows land in order: the one before first.
             let spare = written(&mut writing)?;
+            // `Some`: written beside, holding a permit if one was free.
             let beside = match write {
-                Write::Bulk if height + 1 < end => node.index_permits.try_acquire().ok(),
+                Write::Bulk if height + 1 < end => match node.index_permits.try_acquire() {
+                    Ok(permit) => Some(Some(permit)),
+                    Err(_) if failpoint::failpoint_on(failpoint::INDEX_WRITE_BESIDE) => Some(None),
+                    Err(_) => None,
+                },
                 _ => None,
             };
             let blocks = std::mem::take(&mut blocks);
