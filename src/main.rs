@@ -241,6 +241,18 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// mimalloc asks for transparent huge pages, so the first touch of any 2 MiB of a worker's memory
+/// zeroes all of it. Every worker process touches its windows' memory afresh, so with eight workers on
+/// small shards that zeroing was the main cost they add over one (`clear_page_erms`, 75% of the extra
+/// CPU in `perf`). With 4 KiB pages: 584k txs, 8 workers / 1 worker 1.29 → 1.17 CPU per tx; one
+/// worker's CPU and one large shard's unchanged (doc/performance.md).
+fn disable_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if let Err(error) = rustix::thread::disable_transparent_huge_pages(true) {
+        tracing::warn!(%error, "could not disable transparent huge pages");
+    }
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     match run().await {
@@ -359,6 +371,7 @@ async fn run() -> anyhow::Result<()> {
             txid_filter_mib,
         } => {
             chainidx_node::rocks::set_block_cache_bytes((cache_mib as usize) << 20);
+            disable_transparent_huge_pages();
             run_worker(
                 WorkerArgs {
                     coordinator,
