@@ -67,6 +67,18 @@ async fn three_workers_answer_exactly_like_the_reference() {
         "too few cross-shard spends to test resolution: {cross}"
     );
     assert!(status.shards.iter().all(|s| s.pending_inputs == 0));
+    // Workers run without transparent huge pages (zeroing 2 MiB per first touch was most of what extra
+    // workers cost); the kernel reports the process's setting.
+    for pid in sandbox.worker_pids() {
+        let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        if let Some(line) = proc_status.lines().find(|l| l.starts_with("THP_enabled:")) {
+            assert_eq!(
+                line.split_whitespace().nth(1),
+                Some("0"),
+                "worker {pid}: {line}"
+            );
+        }
+    }
     let workers = sandbox.worker_statuses().await.unwrap();
     let routed: u64 = workers.iter().map(|w| w.inputs_routed).sum();
     let walked: u64 = workers.iter().map(|w| w.inputs_walked).sum();
