@@ -114,6 +114,11 @@ enum Command {
         /// Filters take ~8 bytes per tx the worker holds: raise it for workers holding tens of millions.
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
         cache_mib: u64,
+        /// Read table files through mmap: for a worker holding a shard much larger than its block cache,
+        /// whose lookups mostly miss it (one 3.99M-tx shard: ~25% more tx/s). The mapped pages count in
+        /// the worker's RSS and grow with its databases (page cache, which the kernel can reclaim).
+        #[arg(long)]
+        mmap_reads: bool,
         /// Transactions indexed in memory before they are written as one window of table files, with the
         /// checkpoint after it. Larger windows write and look up fewer coins (most are spent young) but
         /// hold more memory: ~120 MB per shard being indexed at the default.
@@ -366,11 +371,13 @@ async fn run() -> anyhow::Result<()> {
             index_threads,
             compact_after_backfill,
             cache_mib,
+            mmap_reads,
             window_txs,
             resolve_batch,
             txid_filter_mib,
         } => {
             chainidx_node::rocks::set_block_cache_bytes((cache_mib as usize) << 20);
+            chainidx_node::rocks::set_mmap_reads(mmap_reads);
             disable_transparent_huge_pages();
             run_worker(
                 WorkerArgs {

@@ -45,6 +45,8 @@ async fn three_workers_answer_exactly_like_the_reference() {
     // The third holds no filters at all (as past its memory budget): it asks every earlier shard about
     // every input, nearest first, until one holds the coin.
     .worker_args(2, &["--txid-filter-mib", "0"])
+    // The first reads its table files through mmap (what a worker holding one large shard may be given).
+    .worker_args(0, &["--mmap-reads"])
     .start()
     .await
     .unwrap();
@@ -79,6 +81,19 @@ async fn three_workers_answer_exactly_like_the_reference() {
             );
         }
     }
+    // Only the first worker maps its table files (`--mmap-reads`); the others read them.
+    let pids = sandbox.worker_pids();
+    let maps_tables = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .unwrap()
+            .lines()
+            .any(|line| line.ends_with(".sst"))
+    };
+    assert!(maps_tables(&pids[0]), "worker 0 maps no table file");
+    assert!(
+        !pids[1..].iter().any(maps_tables),
+        "only worker 0 maps its tables"
+    );
     let workers = sandbox.worker_statuses().await.unwrap();
     let routed: u64 = workers.iter().map(|w| w.inputs_routed).sum();
     let walked: u64 = workers.iter().map(|w| w.inputs_walked).sum();

@@ -37,6 +37,17 @@ pub fn set_block_cache_bytes(bytes: usize) {
     BLOCK_CACHE_BYTES.store(bytes, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether this process's databases read table files through `mmap` (`--mmap-reads`): a backfill's
+/// lookups that miss the block cache then neither copy nor cache a block, which in a shard much larger
+/// than the cache was a quarter of a worker's CPU (one 3.99M-tx shard: 40–44k -> 50–55k tx/s;
+/// doc/performance.md). Off by default: the mapped pages count in the process's RSS (page cache,
+/// reclaimable) and grow with its databases. Set before the first database is opened.
+pub fn set_mmap_reads(enabled: bool) {
+    MMAP_READS.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+static MMAP_READS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// One memtable budget for every shard of this process. Each shard has a memtable per column family (stats
 /// merges, spends recorded for peers, rows of the tip), so without a cap a worker's memory grew with the
 /// number of shards it held. Past the budget the database being written flushes; an idle one never does,
@@ -199,6 +210,7 @@ impl RocksStore {
         options.set_max_background_jobs(2);
         options.set_write_buffer_manager(shared_write_buffers());
         options.set_max_open_files(256);
+        options.set_allow_mmap_reads(MMAP_READS.load(std::sync::atomic::Ordering::Relaxed));
         // One writer per shard: the plain (non-CAS) skiplist insert is cheaper.
         options.set_allow_concurrent_memtable_write(false);
         // Backfill blocks are written without the WAL (`write_unlogged`): every flush must then take all
