@@ -71,7 +71,8 @@ async fn three_workers_answer_exactly_like_the_reference() {
     assert!(status.shards.iter().all(|s| s.pending_inputs == 0));
     // Workers run without transparent huge pages (zeroing 2 MiB per first touch was most of what extra
     // workers cost); the kernel reports the process's setting.
-    for pid in sandbox.worker_pids() {
+    let pids = sandbox.worker_pids();
+    for pid in &pids {
         let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         if let Some(line) = proc_status.lines().find(|l| l.starts_with("THP_enabled:")) {
             assert_eq!(
@@ -82,7 +83,6 @@ async fn three_workers_answer_exactly_like_the_reference() {
         }
     }
     // Only the first worker maps its table files (`--mmap-reads`); the others read them.
-    let pids = sandbox.worker_pids();
     let maps_tables = |pid: &u32| {
         std::fs::read_to_string(format!("/proc/{pid}/maps"))
             .unwrap()
