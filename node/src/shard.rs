@@ -21,7 +21,7 @@ use chainidx_core::spent_script::{self, Commitment};
 use chainidx_core::store::{Batch, ScanFrom, Store, StoreError};
 use chainidx_proto as pb;
 use prost::Message;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 /// Maps keyed by txids, scripthashes and outpoints, filled for every row of a window: foldhash is several
@@ -330,7 +330,10 @@ impl Shard {
             write,
             rows: buffers.rows,
             coins: buffers.coins,
-            previous: None,
+            recent: VecDeque::new(),
+            recent_windows: 0,
+            spare_coins: None,
+            coin_lookups: CoinLookups::default(),
             deltas: buffers.deltas,
             pending: 0,
             next_height: None,
@@ -1216,9 +1219,15 @@ pub struct IndexWindow<'a> {
     rows: Batch,
     /// Always this window's alone (`Arc::get_mut`): shared only once the window is sealed.
     coins: Arc<WindowCoins>,
-    /// The coins of the window sealed before this one, while they are being written beside it
-    /// ([`IndexWindow::seal`]): this window's inputs find them here, not yet in the database.
-    previous: Option<Arc<WindowCoins>>,
+    /// The coins of the windows sealed before this one, newest first: this window's inputs find them
+    /// here before looking in the database. The newest may still be being written beside this one
+    /// ([`IndexWindow::seal`]), so not in the database yet; every older window is.
+    recent: VecDeque<Arc<WindowCoins>>,
+    /// Sealed windows kept in `recent` ([`IndexWindow::keep_recent_windows`]).
+    recent_windows: usize,
+    /// Coins memory of a window dropped from `recent`, for the next window to fill.
+    spare_coins: Option<Arc<WindowCoins>>,
+    coin_lookups: CoinLookups,
     /// What each tx adds to the stats of each address it touches, one record per (tx, address) by the
     /// stats row's key, appended: summed per address at commit ([`sum_by_address`]). A map of the
     /// window's ~300k addresses took a cache miss per lookup (~5% of a worker's samples).
@@ -1243,6 +1252,13 @@ pub struct WindowCoins {
 }
 
 impl WindowCoins {
+    fn with_capacity(txs: usize) -> Arc<WindowCoins> {
+        Arc::new(WindowCoins {
+            outputs: FastMap::with_capacity_and_hasher(txs * 3, Default::default()),
+            tx_at: FastMap::with_capacity_and_hasher(txs, Default::default()),
+        })
+    }
+
     /// The coin's `outputs` key, and its row as [`SealedWindow::write`] writes it (`None`: the window
     /// has the tx but not that coin), if the window has the tx.
     fn stored_coin(&self, txid: &Hash32, vout: u32) -> Option<([u8; 12], Option<Vec<u8>>)> {
@@ -1253,6 +1269,18 @@ impl WindowCoins {
             .map(|coin| encode_output(txid, coin.value, &coin.script));
         Some((coin_key(height, position, vout), row))
     }
+}
+
+/// Where the coins of a shard's inputs were found while indexing, over all its windows: what keeping
+/// recent windows saves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoinLookups {
+    /// In the window itself (the same block included).
+    pub in_window: u64,
+    /// In a recent window still in memory.
+    pub in_recent: u64,
+    /// Looked up in the database: an earlier window's coin, or none (another shard's).
+    pub in_database: u64,
 }
 
 /// A window's memory, handed from a written window to the next one to be filled: a backfill's windows
@@ -1271,10 +1299,7 @@ impl WindowBuffers {
     fn with_capacity(txs: usize) -> WindowBuffers {
         WindowBuffers {
             rows: Batch::with_capacity(txs * WINDOW_ROWS_PER_TX, txs * WINDOW_BYTES_PER_TX),
-            coins: Arc::new(WindowCoins {
-                outputs: FastMap::with_capacity_and_hasher(txs * 3, Default::default()),
-                tx_at: FastMap::with_capacity_and_hasher(txs, Default::default()),
-            }),
+            coins: WindowCoins::with_capacity(txs),
             deltas: Vec::with_capacity(txs * 4),
         }
     }
@@ -1371,6 +1396,9 @@ impl From<StatsDelta> for pb::AddressStats {
     }
 }
 
+/// Sealed windows whose coins a shard being indexed keeps in memory (`chainidx node --recent-windows`).
+pub const DEFAULT_RECENT_WINDOWS: usize = 8;
+
 /// Writes of at least this many rows are worth a table file of their own rather than memtable inserts.
 const BULK_MIN_ROWS: usize = 1_000;
 
@@ -1420,7 +1448,7 @@ impl<'a> IndexWindow<'a> {
         }
         let batch = &mut self.rows;
         let deltas = &mut self.deltas;
-        let previous = self.previous.as_deref();
+        let recent = &self.recent;
         let coins = Arc::get_mut(&mut self.coins).expect("a window's coins are shared once sealed");
         let window_outputs = &mut coins.outputs;
         let mut pending = 0u64;
@@ -1448,7 +1476,14 @@ impl<'a> IndexWindow<'a> {
             .collect();
         let (mut input_coins, earlier_coins) = match spent {
             Some(_) => Default::default(),
-            None => locate_input_coins(shard, block, &txids, window_outputs, previous)?,
+            None => locate_input_coins(
+                shard,
+                block,
+                &txids,
+                window_outputs,
+                recent,
+                &mut self.coin_lookups,
+            )?,
         };
         let tx_at = &mut coins.tx_at;
         let mut input_coins = input_coins.drain(..);
@@ -1517,7 +1552,7 @@ impl<'a> IndexWindow<'a> {
                             let at = match window_coin() {
                                 _ if coin.height < shard.start => None,
                                 Some(key) => Some(key),
-                                None => match previous.and_then(|p| p.tx_at.get(&prev_txid)) {
+                                None => match recent.iter().find_map(|w| w.tx_at.get(&prev_txid)) {
                                     Some(&(h, p)) => Some((h, p)),
                                     None => shard.key_position(&prev_txid)?,
                                 }
@@ -1695,7 +1730,18 @@ impl<'a> IndexWindow<'a> {
     pub fn seal(&mut self, written_beside: bool) -> Option<SealedWindow<'a>> {
         let next_height = self.next_height.take()?;
         let coins = std::mem::take(&mut self.coins);
-        self.previous = written_beside.then(|| coins.clone());
+        // A window written beside must stay until the next seal, whatever is kept: it is not in the
+        // database yet. Tip windows (one block each, written through the memtable) keep none.
+        let keep = match self.write {
+            Write::Bulk => self.recent_windows.max(usize::from(written_beside)),
+            Write::Logged => 0,
+        };
+        if keep > 0 {
+            self.recent.push_front(coins.clone());
+        }
+        while self.recent.len() > keep {
+            self.spare_coins = self.recent.pop_back();
+        }
         self.txs = 0;
         Some(SealedWindow {
             shard: self.shard,
@@ -1710,18 +1756,43 @@ impl<'a> IndexWindow<'a> {
 
     /// Gives a sealed (empty) window the memory of a written one, emptied. Memory still shared with a
     /// window being read is left alone.
+    /// A window's coins stay shared while it is one of the recent windows: the coins memory is then
+    /// that of a window dropped from them, or fresh.
     pub fn reuse(&mut self, mut buffers: WindowBuffers) {
         debug_assert!(self.next_height.is_none(), "reuse is for an empty window");
-        let Some(coins) = Arc::get_mut(&mut buffers.coins) else {
-            return;
-        };
-        coins.outputs.clear();
-        coins.tx_at.clear();
         buffers.rows.clear();
         buffers.deltas.clear();
         self.rows = buffers.rows;
-        self.coins = buffers.coins;
         self.deltas = buffers.deltas;
+        let unshared = [Some(buffers.coins), self.spare_coins.take()]
+            .into_iter()
+            .flatten()
+            .find(|coins| Arc::strong_count(coins) == 1);
+        self.coins = match unshared {
+            Some(mut coins) => {
+                let emptied = Arc::get_mut(&mut coins).expect("not shared");
+                emptied.outputs.clear();
+                emptied.tx_at.clear();
+                coins
+            }
+            None => match self.write {
+                Write::Bulk => WindowCoins::with_capacity(self.capacity),
+                Write::Logged => Arc::default(),
+            },
+        };
+    }
+
+    /// Keeps the coins of the last `windows` sealed windows in memory, where later windows' inputs
+    /// find them without a database lookup (most coins are spent young). Each costs the memory of a
+    /// window's coins (~30 MB at the default window size).
+    pub fn keep_recent_windows(mut self, windows: usize) -> Self {
+        self.recent_windows = windows;
+        self
+    }
+
+    /// Where this window's inputs have found their coins so far.
+    pub fn coin_lookups(&self) -> CoinLookups {
+        self.coin_lookups
     }
 
     /// Memory for a window of the size this one was made for.
@@ -1830,7 +1901,7 @@ enum InputCoin {
 
 /// The coins of `block`'s inputs ([`InputCoin`], in input order), and for those neither this window nor
 /// the block itself created, where they are and their `outputs` rows if this shard holds them: coins of
-/// the window before while it is being written (`previous`), or of earlier windows (absent: other
+/// recent windows (`recent`, the newest perhaps still being written), or of earlier windows (absent: other
 /// shards' coins), read with one `MultiGet` of `txs` (the coins' places) and one of `outputs` per block
 /// rather than lookups per input.
 #[allow(clippy::type_complexity)]
@@ -1839,7 +1910,8 @@ fn locate_input_coins(
     block: &Block,
     txids: &[Hash32],
     window_outputs: &mut FastMap<(Hash32, u32), WindowCoin>,
-    previous: Option<&WindowCoins>,
+    recent: &VecDeque<Arc<WindowCoins>>,
+    lookups: &mut CoinLookups,
 ) -> Result<
     (
         Vec<InputCoin>,
@@ -1856,16 +1928,22 @@ fn locate_input_coins(
             let prev_txid = input.previous_output.txid.to_byte_array();
             let vout = input.previous_output.vout;
             coins.push(if in_block.contains(&prev_txid) {
+                lookups.in_window += 1;
                 InputCoin::InBlock
             } else if let Some(out) = window_outputs.remove(&(prev_txid, vout)) {
+                lookups.in_window += 1;
                 InputCoin::Window(out)
             } else {
-                // The window before, still being written: its coin as its `outputs` row will be.
-                match previous.and_then(|p| p.stored_coin(&prev_txid, vout)) {
+                // A recent window's coin, as its `outputs` row is (or will be, if still being written).
+                match recent.iter().find_map(|w| w.stored_coin(&prev_txid, vout)) {
                     Some(coin) => {
+                        lookups.in_recent += 1;
                         found.insert((prev_txid, vout), coin);
                     }
-                    None => stored.push((prev_txid, vout)),
+                    None => {
+                        lookups.in_database += 1;
+                        stored.push((prev_txid, vout));
+                    }
                 }
                 InputCoin::Stored
             });
@@ -2312,6 +2390,100 @@ mod cross_shard_tests {
             vec![(true, 1, 1, 0), (true, 2, 1, 0)]
         );
         assert_eq!(spenders(spend_a_txid), vec![(true, 2, 1, 1)]);
+    }
+
+    /// Five one-block windows written in turn; block 4 spends a coin of block 0 (four windows back)
+    /// and one of block 3 (the window before). However many windows are kept, the answers are the
+    /// blocks' own; what changes is where the coins were found.
+    #[test]
+    fn coins_of_recent_windows_are_found_in_memory_with_the_same_answers() {
+        let (a, b, c, d) = (p2wpkh(1), p2wpkh(2), p2wpkh(3), p2wpkh(4));
+        let funding = coinbase(0, vec![output(5_000, &a), output(7_000, &b)]);
+        let funding_txid = funding.compute_txid();
+        let pay_c = coinbase(3, vec![output(3_000, &c)]);
+        let pay_c_txid = pay_c.compute_txid();
+        let spend = tx(
+            vec![OutPoint::new(funding_txid, 1), OutPoint::new(pay_c_txid, 0)],
+            vec![output(9_500, &d)],
+        );
+        let spend_txid = spend.compute_txid();
+        let mut blocks = vec![block(BlockHash::all_zeros(), vec![funding])];
+        for height in 1..5u8 {
+            let txs = match height {
+                3 => vec![pay_c.clone()],
+                4 => vec![coinbase(4, vec![]), spend.clone()],
+                _ => vec![coinbase(height, vec![])],
+            };
+            blocks.push(block(blocks.last().unwrap().block_hash(), txs));
+        }
+        let sh = |script: &ScriptBuf| scripthash(script);
+        for (kept, expected) in [
+            (0, (0, 2)),
+            (1, (1, 1)),
+            (2, (1, 1)),
+            (4, (2, 0)),
+            (8, (2, 0)),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let source = blk_source(dir.path(), &blocks.iter().collect::<Vec<_>>());
+            let store = RocksStore::open(&dir.path().join("shard-0")).unwrap();
+            let shard = Shard::open(Arc::new(store), source, 0, 0, 5).unwrap();
+            let mut window = shard.window(Write::Bulk, 1, 5).keep_recent_windows(kept);
+            for (height, block) in blocks.iter().enumerate() {
+                window.add(height as u32, block, None).unwrap();
+                window.commit().unwrap();
+            }
+            let lookups = window.coin_lookups();
+            assert_eq!(
+                (lookups.in_recent, lookups.in_database),
+                expected,
+                "{kept} windows kept"
+            );
+            assert_eq!(
+                shard.state().pending_inputs,
+                0,
+                "every coin spent is this shard's"
+            );
+            let stats = |script: &ScriptBuf| {
+                let s = shard.address_stats(&sh(script)).unwrap();
+                (s.funded_sum, s.spent_sum, s.tx_count)
+            };
+            assert_eq!(stats(&a), (5_000, 0, 1));
+            assert_eq!(stats(&b), (7_000, 7_000, 2));
+            assert_eq!(stats(&c), (3_000, 3_000, 2));
+            assert_eq!(stats(&d), (9_500, 0, 1));
+            let utxos = |script: &ScriptBuf| -> Vec<_> {
+                let utxos = shard.utxos(&sh(script)).unwrap();
+                utxos
+                    .into_iter()
+                    .map(|u| (u.txid, u.vout, u.value))
+                    .collect()
+            };
+            assert_eq!(
+                utxos(&a),
+                vec![(funding_txid.to_byte_array().to_vec(), 0, 5_000)]
+            );
+            assert!(utxos(&b).is_empty() && utxos(&c).is_empty());
+            assert_eq!(
+                utxos(&d),
+                vec![(spend_txid.to_byte_array().to_vec(), 0, 9_500)]
+            );
+            let spenders = |txid: Txid| -> Vec<_> {
+                let (_, outspends) = shard.outspends(&txid.to_byte_array()).unwrap().unwrap();
+                outspends
+                    .iter()
+                    .map(|o| (o.spent, o.height, o.position, o.vin))
+                    .collect()
+            };
+            assert_eq!(
+                spenders(funding_txid),
+                vec![(false, 0, 0, 0), (true, 4, 1, 0)]
+            );
+            assert_eq!(spenders(pay_c_txid), vec![(true, 4, 1, 1)]);
+            let detail = shard.tx(&spend_txid.to_byte_array()).unwrap().unwrap();
+            let spent: Vec<_> = detail.prevouts.iter().map(|p| p.value).collect();
+            assert_eq!(spent, vec![7_000, 3_000]);
+        }
     }
 
     /// A tx of shard 1 spends two coins of shard 0 (resolved in phase 2) and pays back to one of their

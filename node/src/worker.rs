@@ -158,6 +158,8 @@ pub struct WorkerNode {
     window_txs: std::sync::atomic::AtomicUsize,
     /// Inputs per resolution batch ([`WorkerNode::set_resolve_batch`]).
     resolve_batch: std::sync::atomic::AtomicUsize,
+    /// Windows whose coins a shard keeps in memory ([`WorkerNode::set_recent_windows`]).
+    recent_windows: std::sync::atomic::AtomicUsize,
     /// Earlier shards' txid filters by shard id.
     txid_filters: Mutex<HashMap<u32, FetchedFilter>>,
     /// Bytes of peers' txid filters held at most ([`WorkerNode::set_txid_filter_budget`]).
@@ -207,6 +209,9 @@ impl WorkerNode {
             cluster_backfill_complete: AtomicBool::new(false),
             window_txs: std::sync::atomic::AtomicUsize::new(crate::shard::DEFAULT_WINDOW_TXS),
             resolve_batch: std::sync::atomic::AtomicUsize::new(DEFAULT_RESOLVE_BATCH),
+            recent_windows: std::sync::atomic::AtomicUsize::new(
+                crate::shard::DEFAULT_RECENT_WINDOWS,
+            ),
             txid_filters: Mutex::new(HashMap::new()),
             txid_filter_budget: std::sync::atomic::AtomicUsize::new(TXID_FILTER_BUDGET_BYTES),
             resolve_counts: ResolveCounts::default(),
@@ -227,6 +232,12 @@ impl WorkerNode {
     /// shards of a small chain resolve in several batches, as large shards do.
     pub fn set_resolve_batch(&self, inputs: usize) {
         self.resolve_batch.store(inputs.max(1), Ordering::Relaxed);
+    }
+
+    /// Sealed windows whose coins a shard being indexed keeps in memory (default
+    /// [`crate::shard::DEFAULT_RECENT_WINDOWS`]; see [`crate::shard::IndexWindow::keep_recent_windows`]).
+    pub fn set_recent_windows(&self, windows: usize) {
+        self.recent_windows.store(windows, Ordering::Relaxed);
     }
 
     /// Bytes of earlier shards' txid filters this worker holds at most (default
@@ -1181,7 +1192,9 @@ fn index_range(
             node.wait_write(shard.id)?;
             let window = window.get_or_insert_with(|| {
                 let expected = expected_txs(end - height, block.txdata.len(), node.window_txs());
-                shard.window(write, node.window_txs(), expected)
+                shard
+                    .window(write, node.window_txs(), expected)
+                    .keep_recent_windows(node.recent_windows.load(Ordering::Relaxed))
             });
             window.add(height, &block, spent.as_deref())?;
             blocks += 1;
@@ -1219,10 +1232,18 @@ fn index_range(
             }
         }
         written(&mut writing)?;
-        match window.as_mut() {
-            Some(window) => write_window(node, shard, window.seal(false), blocks).map(drop),
-            None => Ok(()),
-        }
+        let Some(window) = window.as_mut() else {
+            return Ok(());
+        };
+        write_window(node, shard, window.seal(false), blocks)?;
+        let lookups = window.coin_lookups();
+        tracing::info!(
+            in_window = lookups.in_window,
+            in_recent_windows = lookups.in_recent,
+            in_database = lookups.in_database,
+            "where the inputs' coins were found"
+        );
+        Ok(())
     })
 }
 
