@@ -329,10 +329,12 @@ impl Shard {
             shard: self,
             write,
             rows: buffers.rows,
-            coins: buffers.coins,
+            coins: match write {
+                Write::Bulk => WindowCoins::with_capacity(capacity),
+                Write::Logged => WindowCoins::default(),
+            },
             recent: VecDeque::new(),
             recent_windows: 0,
-            spare_coins: None,
             coin_lookups: CoinLookups::default(),
             deltas: buffers.deltas,
             pending: 0,
@@ -1217,16 +1219,15 @@ pub struct IndexWindow<'a> {
     shard: &'a Shard,
     write: Write,
     rows: Batch,
-    /// Always this window's alone (`Arc::get_mut`): shared only once the window is sealed.
-    coins: Arc<WindowCoins>,
+    /// Sized for a whole window and kept from one window to the next: [`IndexWindow::seal`] moves what
+    /// is left of it into a map sized for that.
+    coins: WindowCoins,
     /// The coins of the windows sealed before this one, newest first: this window's inputs find them
     /// here before looking in the database. The newest may still be being written beside this one
     /// ([`IndexWindow::seal`]), so not in the database yet; every older window is.
     recent: VecDeque<Arc<WindowCoins>>,
     /// Sealed windows kept in `recent` ([`IndexWindow::keep_recent_windows`]).
     recent_windows: usize,
-    /// Coins memory of a window dropped from `recent`, for the next window to fill.
-    spare_coins: Option<Arc<WindowCoins>>,
     coin_lookups: CoinLookups,
     /// What each tx adds to the stats of each address it touches, one record per (tx, address) by the
     /// stats row's key, appended: summed per address at commit ([`sum_by_address`]). A map of the
@@ -1252,11 +1253,22 @@ pub struct WindowCoins {
 }
 
 impl WindowCoins {
-    fn with_capacity(txs: usize) -> Arc<WindowCoins> {
-        Arc::new(WindowCoins {
+    fn with_capacity(txs: usize) -> WindowCoins {
+        WindowCoins {
             outputs: FastMap::with_capacity_and_hasher(txs * 3, Default::default()),
             tx_at: FastMap::with_capacity_and_hasher(txs, Default::default()),
-        })
+        }
+    }
+
+    /// Moves the coins out into maps sized for them, leaving these empty with their memory. A window
+    /// spends ~60% of the coins it creates itself, so a kept window takes ~60% of the memory of the
+    /// map it was filled in (~13 MiB instead of ~22 at the default window size).
+    fn take_sized(&mut self) -> WindowCoins {
+        let mut outputs = FastMap::with_capacity_and_hasher(self.outputs.len(), Default::default());
+        outputs.extend(self.outputs.drain());
+        let mut tx_at = FastMap::with_capacity_and_hasher(self.tx_at.len(), Default::default());
+        tx_at.extend(self.tx_at.drain());
+        WindowCoins { outputs, tx_at }
     }
 
     /// The coin's `outputs` key, and its row as [`SealedWindow::write`] writes it (`None`: the window
@@ -1288,7 +1300,6 @@ pub struct CoinLookups {
 #[derive(Default)]
 pub struct WindowBuffers {
     rows: Batch,
-    coins: Arc<WindowCoins>,
     deltas: Vec<([u8; KEY_HASH_LEN], StatsDelta)>,
 }
 
@@ -1299,7 +1310,6 @@ impl WindowBuffers {
     fn with_capacity(txs: usize) -> WindowBuffers {
         WindowBuffers {
             rows: Batch::with_capacity(txs * WINDOW_ROWS_PER_TX, txs * WINDOW_BYTES_PER_TX),
-            coins: WindowCoins::with_capacity(txs),
             deltas: Vec::with_capacity(txs * 4),
         }
     }
@@ -1397,7 +1407,11 @@ impl From<StatsDelta> for pb::AddressStats {
 }
 
 /// Sealed windows whose coins a shard being indexed keeps in memory (`chainidx node --recent-windows`).
-pub const DEFAULT_RECENT_WINDOWS: usize = 8;
+/// One 3.99M-tx shard: 55k tx/s keeping none, 72k with 4, 90k with 8, 99k with 16, for ~18 MiB of peak RSS
+/// per window kept per shard being indexed; 8 took a worker indexing 16 shards of 500k txs two at a time
+/// to 1,446 MiB, too near the 1.5 GiB the workers are held to, so a worker given one large shard
+/// should raise it.
+pub const DEFAULT_RECENT_WINDOWS: usize = 4;
 
 /// Writes of at least this many rows are worth a table file of their own rather than memtable inserts.
 const BULK_MIN_ROWS: usize = 1_000;
@@ -1449,7 +1463,7 @@ impl<'a> IndexWindow<'a> {
         let batch = &mut self.rows;
         let deltas = &mut self.deltas;
         let recent = &self.recent;
-        let coins = Arc::get_mut(&mut self.coins).expect("a window's coins are shared once sealed");
+        let coins = &mut self.coins;
         let window_outputs = &mut coins.outputs;
         let mut pending = 0u64;
         let block_hash = block.block_hash().to_byte_array();
@@ -1729,7 +1743,7 @@ impl<'a> IndexWindow<'a> {
     /// until the next seal, as they are not in the database yet. `None` for an empty window.
     pub fn seal(&mut self, written_beside: bool) -> Option<SealedWindow<'a>> {
         let next_height = self.next_height.take()?;
-        let coins = std::mem::take(&mut self.coins);
+        let coins = Arc::new(self.coins.take_sized());
         // A window written beside must stay until the next seal, whatever is kept: it is not in the
         // database yet. Tip windows (one block each, written through the memtable) keep none.
         let keep = match self.write {
@@ -1739,9 +1753,7 @@ impl<'a> IndexWindow<'a> {
         if keep > 0 {
             self.recent.push_front(coins.clone());
         }
-        while self.recent.len() > keep {
-            self.spare_coins = self.recent.pop_back();
-        }
+        self.recent.truncate(keep);
         self.txs = 0;
         Some(SealedWindow {
             shard: self.shard,
@@ -1754,37 +1766,18 @@ impl<'a> IndexWindow<'a> {
         })
     }
 
-    /// Gives a sealed (empty) window the memory of a written one, emptied. Memory still shared with a
-    /// window being read is left alone.
-    /// A window's coins stay shared while it is one of the recent windows: the coins memory is then
-    /// that of a window dropped from them, or fresh.
+    /// Gives a sealed (empty) window the memory of a written one, emptied.
     pub fn reuse(&mut self, mut buffers: WindowBuffers) {
         debug_assert!(self.next_height.is_none(), "reuse is for an empty window");
         buffers.rows.clear();
         buffers.deltas.clear();
         self.rows = buffers.rows;
         self.deltas = buffers.deltas;
-        let unshared = [Some(buffers.coins), self.spare_coins.take()]
-            .into_iter()
-            .flatten()
-            .find(|coins| Arc::strong_count(coins) == 1);
-        self.coins = match unshared {
-            Some(mut coins) => {
-                let emptied = Arc::get_mut(&mut coins).expect("not shared");
-                emptied.outputs.clear();
-                emptied.tx_at.clear();
-                coins
-            }
-            None => match self.write {
-                Write::Bulk => WindowCoins::with_capacity(self.capacity),
-                Write::Logged => Arc::default(),
-            },
-        };
     }
 
     /// Keeps the coins of the last `windows` sealed windows in memory, where later windows' inputs
-    /// find them without a database lookup (most coins are spent young). Each costs the memory of a
-    /// window's coins (~30 MB at the default window size).
+    /// find them without a database lookup (most coins are spent young). Each costs the memory of the
+    /// coins a window leaves unspent and of its txs' places (~13 MiB at the default window size).
     pub fn keep_recent_windows(mut self, windows: usize) -> Self {
         self.recent_windows = windows;
         self
@@ -1844,7 +1837,6 @@ impl SealedWindow<'_> {
         *shard.state.lock().expect("state lock") = state;
         Ok(WindowBuffers {
             rows: self.rows,
-            coins: self.coins,
             deltas: self.deltas,
         })
     }
