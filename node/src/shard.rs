@@ -1260,9 +1260,9 @@ impl WindowCoins {
         }
     }
 
-    /// Moves the coins out into maps sized for them, leaving these empty with their memory. A window
-    /// spends ~60% of the coins it creates itself, so a kept window takes ~60% of the memory of the
-    /// map it was filled in (~13 MiB instead of ~22 at the default window size).
+    /// Moves the coins out into maps sized for them, leaving these empty with their memory: a window
+    /// spends ~55% of the coins it creates itself, so its kept coins need about half the map it was
+    /// filled in (a 7.99M-tx worker keeping 4 windows per shard: 75–104 MiB less peak RSS).
     fn take_sized(&mut self) -> WindowCoins {
         let mut outputs = FastMap::with_capacity_and_hasher(self.outputs.len(), Default::default());
         outputs.extend(self.outputs.drain());
@@ -1407,9 +1407,9 @@ impl From<StatsDelta> for pb::AddressStats {
 }
 
 /// Sealed windows whose coins a shard being indexed keeps in memory (`chainidx node --recent-windows`).
-/// One 3.99M-tx shard: 55k tx/s keeping none, 72k with 4, 90k with 8, 99k with 16, for ~18 MiB of peak RSS
+/// One 3.99M-tx shard: 55k tx/s keeping none, 72k with 4, 90k with 8, 99k with 16, for ~14 MiB of peak RSS
 /// per window kept per shard being indexed; 8 took a worker indexing 16 shards of 500k txs two at a time
-/// to 1,446 MiB, too near the 1.5 GiB the workers are held to, so a worker given one large shard
+/// to 1,414 MiB, too near the 1.5 GiB the workers are held to, so a worker given one large shard
 /// should raise it.
 pub const DEFAULT_RECENT_WINDOWS: usize = 4;
 
@@ -1777,7 +1777,7 @@ impl<'a> IndexWindow<'a> {
 
     /// Keeps the coins of the last `windows` sealed windows in memory, where later windows' inputs
     /// find them without a database lookup (most coins are spent young). Each costs the memory of the
-    /// coins a window leaves unspent and of its txs' places (~13 MiB at the default window size).
+    /// coins a window leaves unspent and of its txs' places (~14 MiB at the default window size).
     pub fn keep_recent_windows(mut self, windows: usize) -> Self {
         self.recent_windows = windows;
         self
