@@ -125,12 +125,14 @@ enum Command {
         #[arg(long, default_value_t = chainidx_node::shard::DEFAULT_WINDOW_TXS as u64,
               value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
         window_txs: u64,
-        /// Windows whose unspent coins a shard being indexed keeps in memory after writing them, so that
-        /// inputs spending coins a few windows old find them without a database lookup. Each costs ~30 MB
-        /// per shard being indexed at the default window size; 0 keeps none.
-        #[arg(long, default_value_t = chainidx_node::shard::DEFAULT_RECENT_WINDOWS as u64,
-              value_parser = clap::value_parser!(u64).range(0..=64))]
-        recent_windows: u64,
+        /// Memory, in MiB, for the unspent coins of the windows the shards being indexed wrote last, so
+        /// that inputs spending coins a few windows old find them without a database lookup. Shared
+        /// evenly by the shards indexed at once: a window of the default size keeps ~12 MiB, so the
+        /// default holds ~10 windows for a lone shard (one 3.99M-tx shard: 55k tx/s keeping none, ~90k
+        /// keeping 8) and ~5 for each of two. 0 keeps none.
+        #[arg(long, default_value_t = (chainidx_node::shard::DEFAULT_RECENT_COINS_BYTES >> 20) as u64,
+              value_parser = clap::value_parser!(u64).range(0..=1 << 16))]
+        recent_coins_mib: u64,
         /// Inputs whose coins are looked for in other shards per round trip (phase 2). Larger batches write
         /// fewer, larger table files but hold more memory: ~15 MB per shard resolving at the default.
         #[arg(long, default_value_t = chainidx_node::worker::DEFAULT_RESOLVE_BATCH as u64,
@@ -379,7 +381,7 @@ async fn run() -> anyhow::Result<()> {
             cache_mib,
             mmap_reads,
             window_txs,
-            recent_windows,
+            recent_coins_mib,
             resolve_batch,
             txid_filter_mib,
         } => {
@@ -397,7 +399,7 @@ async fn run() -> anyhow::Result<()> {
                     index_threads,
                     compact_after_backfill,
                     window_txs: window_txs as usize,
-                    recent_windows: recent_windows as usize,
+                    recent_coins_bytes: (recent_coins_mib as usize) << 20,
                     resolve_batch: resolve_batch as usize,
                     txid_filter_bytes: (txid_filter_mib as usize) << 20,
                 },

@@ -25,8 +25,8 @@ pub struct WorkerArgs {
     pub window_txs: usize,
     /// Inputs per resolution batch.
     pub resolve_batch: usize,
-    /// Sealed windows whose coins a shard keeps in memory.
-    pub recent_windows: usize,
+    /// Bytes for the coins of recent windows, shared by the shards being indexed.
+    pub recent_coins_bytes: usize,
     /// Bytes of peers' txid filters held at most.
     pub txid_filter_bytes: usize,
 }
@@ -59,7 +59,7 @@ pub async fn run_worker(
     node.set_compact_after_backfill(args.compact_after_backfill);
     node.set_window_txs(args.window_txs);
     node.set_resolve_batch(args.resolve_batch);
-    node.set_recent_windows(args.recent_windows);
+    node.set_recent_coins_bytes(args.recent_coins_bytes);
     node.set_txid_filter_budget(args.txid_filter_bytes);
     let server = tokio::spawn(chainidx_node::service::run(
         node.clone(),

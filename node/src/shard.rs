@@ -22,6 +22,7 @@ use chainidx_core::store::{Batch, ScanFrom, Store, StoreError};
 use chainidx_proto as pb;
 use prost::Message;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Maps keyed by txids, scripthashes and outpoints, filled for every row of a window: foldhash is several
@@ -334,7 +335,8 @@ impl Shard {
                 Write::Logged => WindowCoins::default(),
             },
             recent: VecDeque::new(),
-            recent_windows: 0,
+            recent_share: None,
+            recent_bytes: 0,
             coin_lookups: CoinLookups::default(),
             deltas: buffers.deltas,
             pending: 0,
@@ -1225,9 +1227,11 @@ pub struct IndexWindow<'a> {
     /// The coins of the windows sealed before this one, newest first: this window's inputs find them
     /// here before looking in the database. The newest may still be being written beside this one
     /// ([`IndexWindow::seal`]), so not in the database yet; every older window is.
-    recent: VecDeque<Arc<WindowCoins>>,
-    /// Sealed windows kept in `recent` ([`IndexWindow::keep_recent_windows`]).
-    recent_windows: usize,
+    recent: VecDeque<Arc<SealedCoins>>,
+    /// What `recent` may hold ([`IndexWindow::keep_recent_coins`]); none without.
+    recent_share: Option<RecentCoinsShare>,
+    /// Bytes of the coins in `recent` ([`SealedCoins::bytes`]).
+    recent_bytes: usize,
     coin_lookups: CoinLookups,
     /// What each tx adds to the stats of each address it touches, one record per (tx, address) by the
     /// stats row's key, appended: summed per address at commit ([`sum_by_address`]). A map of the
@@ -1243,13 +1247,15 @@ pub struct IndexWindow<'a> {
     capacity: usize,
 }
 
-/// The coins a window created and did not spend itself, and where its txs are.
+/// The coins a window being filled created and did not spend itself, and where its txs are.
 #[derive(Default)]
 pub struct WindowCoins {
     /// Keyed by the whole outpoint: two txids sharing their 12-byte key (ground on purpose) stay apart.
     outputs: FastMap<([u8; 32], u32), WindowCoin>,
     /// Where each of the window's txs is: an `outspends` row is keyed by its coin's (height, position).
     tx_at: FastMap<Hash32, (u32, u32)>,
+    /// [`WindowCoins::seal`]'s sort buffer, kept from one window to the next.
+    sorted: Vec<((Hash32, u32), WindowCoin)>,
 }
 
 impl WindowCoins {
@@ -1257,29 +1263,191 @@ impl WindowCoins {
         WindowCoins {
             outputs: FastMap::with_capacity_and_hasher(txs * 3, Default::default()),
             tx_at: FastMap::with_capacity_and_hasher(txs, Default::default()),
+            sorted: Vec::new(),
         }
     }
 
-    /// Moves the coins out into maps sized for them, leaving these empty with their memory: a window
-    /// spends ~55% of the coins it creates itself, so its kept coins need about half the map it was
-    /// filled in (a 7.99M-tx worker keeping 4 windows per shard: 75–104 MiB less peak RSS).
-    fn take_sized(&mut self) -> WindowCoins {
-        let mut outputs = FastMap::with_capacity_and_hasher(self.outputs.len(), Default::default());
-        outputs.extend(self.outputs.drain());
-        let mut tx_at = FastMap::with_capacity_and_hasher(self.tx_at.len(), Default::default());
-        tx_at.extend(self.tx_at.drain());
-        WindowCoins { outputs, tx_at }
+    /// Moves the coins out, packed ([`SealedCoins`]), leaving these maps empty with their memory for the
+    /// next window.
+    fn seal(&mut self) -> SealedCoins {
+        let sorted = &mut self.sorted;
+        sorted.extend(self.outputs.drain());
+        sorted.sort_unstable_by_key(|(outpoint, _)| *outpoint);
+        let mut txs: FastMap<Hash32, TxCoins> =
+            FastMap::with_capacity_and_hasher(self.tx_at.len(), Default::default());
+        txs.extend(self.tx_at.drain().map(|(txid, (height, position))| {
+            let tx = TxCoins {
+                height,
+                position,
+                first: 0,
+                count: 0,
+            };
+            (txid, tx)
+        }));
+        let mut coins = Vec::with_capacity(sorted.len());
+        let mut scripts = Vec::with_capacity(sorted.iter().map(|(_, c)| c.script.len()).sum());
+        // Coins are sorted by outpoint: one map lookup per tx that has any, not one per coin.
+        let ends_run = |txs: &mut FastMap<Hash32, TxCoins>, txid: &Hash32, first: usize, end| {
+            let tx = txs
+                .get_mut(txid)
+                .expect("a window's coins are its own txs'");
+            tx.first = first as u32;
+            tx.count = (end - first) as u32;
+        };
+        let mut run: Option<(Hash32, usize)> = None;
+        for ((txid, vout), coin) in sorted.drain(..) {
+            match run {
+                Some((of, _)) if of == txid => {}
+                _ => {
+                    if let Some((of, first)) = run {
+                        ends_run(&mut txs, &of, first, coins.len());
+                    }
+                    run = Some((txid, coins.len()));
+                }
+            }
+            scripts.extend_from_slice(&coin.script);
+            coins.push(SealedCoin {
+                value: coin.value,
+                vout,
+                script_end: scripts.len(),
+            });
+        }
+        if let Some((of, first)) = run {
+            ends_run(&mut txs, &of, first, coins.len());
+        }
+        let bytes = map_bytes(&txs)
+            + coins.capacity() * std::mem::size_of::<SealedCoin>()
+            + scripts.capacity();
+        SealedCoins {
+            txs,
+            coins,
+            scripts,
+            bytes,
+        }
+    }
+}
+
+/// A sealed window's coins, packed for the windows after it: its txs' places in one map, their unspent
+/// coins in one array and the coins' scripts end to end in another. ~10 MiB for a window of 65,536 txs,
+/// where a map of outpoints to coins as the window being filled keeps them took ~16.
+pub struct SealedCoins {
+    txs: FastMap<Hash32, TxCoins>,
+    /// Grouped by tx, each tx's in vout order.
+    coins: Vec<SealedCoin>,
+    scripts: Vec<u8>,
+    /// Memory held.
+    bytes: usize,
+}
+
+/// Where a sealed window's tx is, and its unspent coins in [`SealedCoins::coins`].
+struct TxCoins {
+    height: u32,
+    position: u32,
+    first: u32,
+    count: u32,
+}
+
+struct SealedCoin {
+    value: u64,
+    vout: u32,
+    /// Where its script ends in [`SealedCoins::scripts`]; it starts where the coin before it ends.
+    script_end: usize,
+}
+
+impl SealedCoins {
+    /// Memory held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Where the window's tx is (height, position in its block).
+    fn place(&self, txid: &Hash32) -> Option<(u32, u32)> {
+        self.txs.get(txid).map(|tx| (tx.height, tx.position))
+    }
+
+    fn script(&self, index: usize) -> &[u8] {
+        let start = match index {
+            0 => 0,
+            _ => self.coins[index - 1].script_end,
+        };
+        &self.scripts[start..self.coins[index].script_end]
+    }
+
+    /// Every unspent coin: its outpoint's txid and vout, where its tx is, its value and script.
+    fn each(&self) -> impl Iterator<Item = (&Hash32, u32, &TxCoins, u64, &[u8])> {
+        self.txs.iter().flat_map(move |(txid, tx)| {
+            let first = tx.first as usize;
+            (first..first + tx.count as usize).map(move |i| {
+                let coin = &self.coins[i];
+                (txid, coin.vout, tx, coin.value, self.script(i))
+            })
+        })
     }
 
     /// The coin's `outputs` key, and its row as [`SealedWindow::write`] writes it (`None`: the window
     /// has the tx but not that coin), if the window has the tx.
     fn stored_coin(&self, txid: &Hash32, vout: u32) -> Option<([u8; 12], Option<Vec<u8>>)> {
-        let &(height, position) = self.tx_at.get(txid)?;
-        let row = self
-            .outputs
-            .get(&(*txid, vout))
-            .map(|coin| encode_output(txid, coin.value, &coin.script));
-        Some((coin_key(height, position, vout), row))
+        let tx = self.txs.get(txid)?;
+        let first = tx.first as usize;
+        let row = (first..first + tx.count as usize)
+            .find(|&i| self.coins[i].vout == vout)
+            .map(|i| encode_output(txid, self.coins[i].value, self.script(i)));
+        Some((coin_key(tx.height, tx.position, vout), row))
+    }
+}
+
+/// What a map's table takes: a power of two of slots, each an entry and a control byte, 7 in 8 of them
+/// usable (hashbrown's layout, which `std`'s map is).
+fn map_bytes<K, V, S>(map: &HashMap<K, V, S>) -> usize {
+    if map.capacity() == 0 {
+        return 0;
+    }
+    let slots = (map.capacity() * 8).div_ceil(7).next_power_of_two();
+    slots * (std::mem::size_of::<(K, V)>() + 1)
+}
+
+/// Memory a worker gives to the coins of recent windows (`chainidx node --recent-coins-mib`), shared
+/// evenly by the shards it indexes at once: a lone shard keeps twice the windows each of two shards
+/// keeps, and the worker's memory stays within the budget however many shards it is given.
+#[derive(Debug)]
+pub struct RecentCoinsBudget {
+    bytes: AtomicUsize,
+    shards: AtomicUsize,
+}
+
+impl RecentCoinsBudget {
+    pub fn new(bytes: usize) -> Arc<RecentCoinsBudget> {
+        Arc::new(RecentCoinsBudget {
+            bytes: AtomicUsize::new(bytes),
+            shards: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn set_bytes(&self, bytes: usize) {
+        self.bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// A shard's part of the budget while the share lives.
+    pub fn share(self: &Arc<Self>) -> RecentCoinsShare {
+        self.shards.fetch_add(1, Ordering::Relaxed);
+        RecentCoinsShare(self.clone())
+    }
+}
+
+/// One shard's part of a [`RecentCoinsBudget`]: the budget over the shards holding a share now.
+#[derive(Debug)]
+pub struct RecentCoinsShare(Arc<RecentCoinsBudget>);
+
+impl RecentCoinsShare {
+    fn bytes(&self) -> usize {
+        let budget = &self.0;
+        budget.bytes.load(Ordering::Relaxed) / budget.shards.load(Ordering::Relaxed).max(1)
+    }
+}
+
+impl Drop for RecentCoinsShare {
+    fn drop(&mut self) {
+        self.0.shards.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -1320,7 +1488,7 @@ pub struct SealedWindow<'a> {
     shard: &'a Shard,
     write: Write,
     rows: Batch,
-    coins: Arc<WindowCoins>,
+    coins: Arc<SealedCoins>,
     deltas: Vec<([u8; KEY_HASH_LEN], StatsDelta)>,
     pending: u64,
     next_height: u32,
@@ -1406,12 +1574,11 @@ impl From<StatsDelta> for pb::AddressStats {
     }
 }
 
-/// Sealed windows whose coins a shard being indexed keeps in memory (`chainidx node --recent-windows`).
-/// One 3.99M-tx shard: 55k tx/s keeping none, 72k with 4, 90k with 8, 99k with 16, for ~14 MiB of peak RSS
-/// per window kept per shard being indexed; 8 took a worker indexing 16 shards of 500k txs two at a time
-/// to 1,414 MiB, too near the 1.5 GiB the workers are held to, so a worker given one large shard
-/// should raise it.
-pub const DEFAULT_RECENT_WINDOWS: usize = 4;
+/// Memory for the coins of recent windows, per worker ([`RecentCoinsBudget`]): a window of 65,536 txs
+/// keeps ~12 MiB of them. One 3.99M-tx shard ran at 55k tx/s keeping no window, 72k with 4, 90k with 8
+/// and 99k with 16; 8 per shard took a worker indexing 16 shards of 500k txs two at a time to 1,414 MiB,
+/// near the 1.5 GiB workers are held to. 128 MiB is ~10 windows for a lone shard, ~5 for each of two.
+pub const DEFAULT_RECENT_COINS_BYTES: usize = 128 << 20;
 
 /// Writes of at least this many rows are worth a table file of their own rather than memtable inserts.
 const BULK_MIN_ROWS: usize = 1_000;
@@ -1566,8 +1733,8 @@ impl<'a> IndexWindow<'a> {
                             let at = match window_coin() {
                                 _ if coin.height < shard.start => None,
                                 Some(key) => Some(key),
-                                None => match recent.iter().find_map(|w| w.tx_at.get(&prev_txid)) {
-                                    Some(&(h, p)) => Some((h, p)),
+                                None => match recent.iter().find_map(|w| w.place(&prev_txid)) {
+                                    Some(place) => Some(place),
                                     None => shard.key_position(&prev_txid)?,
                                 }
                                 .map(|(h, p)| coin_key(h, p, prev_vout)),
@@ -1743,17 +1910,27 @@ impl<'a> IndexWindow<'a> {
     /// until the next seal, as they are not in the database yet. `None` for an empty window.
     pub fn seal(&mut self, written_beside: bool) -> Option<SealedWindow<'a>> {
         let next_height = self.next_height.take()?;
-        let coins = Arc::new(self.coins.take_sized());
-        // A window written beside must stay until the next seal, whatever is kept: it is not in the
+        let coins = Arc::new(self.coins.seal());
+        // A window written beside must stay until the next seal, whatever the budget: it is not in the
         // database yet. Tip windows (one block each, written through the memtable) keep none.
-        let keep = match self.write {
-            Write::Bulk => self.recent_windows.max(usize::from(written_beside)),
-            Write::Logged => 0,
+        let (limit, must_keep) = match self.write {
+            Write::Bulk => (
+                self.recent_share
+                    .as_ref()
+                    .map_or(0, RecentCoinsShare::bytes),
+                usize::from(written_beside),
+            ),
+            Write::Logged => (0, 0),
         };
-        if keep > 0 {
-            self.recent.push_front(coins.clone());
+        self.recent_bytes += coins.bytes();
+        self.recent.push_front(coins.clone());
+        while self.recent.len() > must_keep && self.recent_bytes > limit {
+            let oldest = self
+                .recent
+                .pop_back()
+                .expect("more windows than must be kept");
+            self.recent_bytes -= oldest.bytes();
         }
-        self.recent.truncate(keep);
         self.txs = 0;
         Some(SealedWindow {
             shard: self.shard,
@@ -1775,12 +1952,18 @@ impl<'a> IndexWindow<'a> {
         self.deltas = buffers.deltas;
     }
 
-    /// Keeps the coins of the last `windows` sealed windows in memory, where later windows' inputs
-    /// find them without a database lookup (most coins are spent young). Each costs the memory of the
-    /// coins a window leaves unspent and of its txs' places (~14 MiB at the default window size).
-    pub fn keep_recent_windows(mut self, windows: usize) -> Self {
-        self.recent_windows = windows;
+    /// Keeps the coins of the last sealed windows in memory, as many as fit in `share`, where later
+    /// windows' inputs find them without a database lookup (most coins are spent young). Each costs the
+    /// memory of the coins a window leaves unspent and of its txs' places (~12 MiB at the default
+    /// window size).
+    pub fn keep_recent_coins(mut self, share: RecentCoinsShare) -> Self {
+        self.recent_share = Some(share);
         self
+    }
+
+    /// Sealed windows whose coins are kept now, and their bytes.
+    pub fn recent_coins(&self) -> (usize, usize) {
+        (self.recent.len(), self.recent_bytes)
     }
 
     /// Where this window's inputs have found their coins so far.
@@ -1802,12 +1985,11 @@ impl SealedWindow<'_> {
     pub fn write(mut self) -> Result<WindowBuffers, ShardError> {
         let shard = self.shard;
         let _coin_rows = shard.coin_rows.lock().expect("coin rows lock");
-        for ((txid, vout), out) in &self.coins.outputs {
-            let (height, position) = self.coins.tx_at[txid];
+        for (txid, vout, tx, value, script) in self.coins.each() {
             self.rows.put(
                 Cf::Outputs,
-                coin_key(height, position, *vout),
-                encode_output(txid, out.value, &out.script),
+                coin_key(tx.height, tx.position, vout),
+                encode_output(txid, value, script),
             );
         }
         // Backfill: the rows go around the memtable as sorted table files (half of indexing was skiplist
@@ -1902,7 +2084,7 @@ fn locate_input_coins(
     block: &Block,
     txids: &[Hash32],
     window_outputs: &mut FastMap<(Hash32, u32), WindowCoin>,
-    recent: &VecDeque<Arc<WindowCoins>>,
+    recent: &VecDeque<Arc<SealedCoins>>,
     lookups: &mut CoinLookups,
 ) -> Result<
     (
@@ -2409,18 +2591,29 @@ mod cross_shard_tests {
             blocks.push(block(blocks.last().unwrap().block_hash(), txs));
         }
         let sh = |script: &ScriptBuf| scripthash(script);
-        for (kept, expected) in [
-            (0, (0, 2)),
-            (1, (1, 1)),
-            (2, (1, 1)),
-            (4, (2, 0)),
-            (8, (2, 0)),
-        ] {
+        // Budgets: none; the newest window's coins alone (block 3's, which are sized below); every
+        // window's.
+        let newest = {
+            let mut coins = WindowCoins::with_capacity(1);
+            coins.tx_at.insert(pay_c_txid.to_byte_array(), (3, 0));
+            let script = c.as_bytes().into();
+            coins.outputs.insert(
+                (pay_c_txid.to_byte_array(), 0),
+                WindowCoin {
+                    value: 3_000,
+                    script,
+                },
+            );
+            coins.seal().bytes()
+        };
+        for (budget, expected) in [(0, (0, 2)), (newest, (1, 1)), (usize::MAX, (2, 0))] {
             let dir = tempfile::tempdir().unwrap();
             let source = blk_source(dir.path(), &blocks.iter().collect::<Vec<_>>());
             let store = RocksStore::open(&dir.path().join("shard-0")).unwrap();
             let shard = Shard::open(Arc::new(store), source, 0, 0, 5).unwrap();
-            let mut window = shard.window(Write::Bulk, 1, 5).keep_recent_windows(kept);
+            let mut window = shard
+                .window(Write::Bulk, 1, 5)
+                .keep_recent_coins(RecentCoinsBudget::new(budget).share());
             for (height, block) in blocks.iter().enumerate() {
                 window.add(height as u32, block, None).unwrap();
                 window.commit().unwrap();
@@ -2429,7 +2622,7 @@ mod cross_shard_tests {
             assert_eq!(
                 (lookups.in_recent, lookups.in_database),
                 expected,
-                "{kept} windows kept"
+                "a budget of {budget} bytes"
             );
             assert_eq!(
                 shard.state().pending_inputs,
@@ -2476,6 +2669,52 @@ mod cross_shard_tests {
             let spent: Vec<_> = detail.prevouts.iter().map(|p| p.value).collect();
             assert_eq!(spent, vec![7_000, 3_000]);
         }
+    }
+
+    /// A shard keeps the newest windows whose coins fit in its share of the worker's budget, and its
+    /// share shrinks while another shard is being indexed beside it.
+    #[test]
+    fn recent_windows_stay_within_their_share_of_the_budget() {
+        let mut blocks: Vec<Block> = Vec::new();
+        for height in 0..8u8 {
+            let outputs = (0..20)
+                .map(|i| output(1_000 + i, &p2wpkh(height)))
+                .collect();
+            let prev = blocks
+                .last()
+                .map_or(BlockHash::all_zeros(), Block::block_hash);
+            blocks.push(block(prev, vec![coinbase(height, outputs)]));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let source = blk_source(dir.path(), &blocks.iter().collect::<Vec<_>>());
+        let store = RocksStore::open(&dir.path().join("shard-0")).unwrap();
+        let shard = Shard::open(Arc::new(store), source, 0, 0, 8).unwrap();
+        let budget = RecentCoinsBudget::new(usize::MAX);
+        let mut window = shard
+            .window(Write::Bulk, 1, 8)
+            .keep_recent_coins(budget.share());
+        let mut blocks = blocks.iter().enumerate();
+        let mut commit_next = |window: &mut IndexWindow| {
+            let (height, block) = blocks.next().unwrap();
+            window.add(height as u32, block, None).unwrap();
+            window.commit().unwrap();
+            window.recent_coins()
+        };
+        // Every window holds 20 unspent coins of one script: all the same size.
+        let (windows, one) = commit_next(&mut window);
+        assert_eq!(windows, 1);
+        let coins_and_scripts = 20 * (std::mem::size_of::<SealedCoin>() + p2wpkh(0).len());
+        assert!(one > coins_and_scripts, "{one} bytes for 20 coins");
+        budget.set_bytes(3 * one);
+        assert_eq!(commit_next(&mut window), (2, 2 * one));
+        assert_eq!(commit_next(&mut window), (3, 3 * one));
+        assert_eq!(commit_next(&mut window), (3, 3 * one));
+        let other = budget.share();
+        assert_eq!(commit_next(&mut window), (1, one), "half of 3 windows each");
+        drop(other);
+        assert_eq!(commit_next(&mut window), (2, 2 * one));
+        budget.set_bytes(0);
+        assert_eq!(commit_next(&mut window), (0, 0));
     }
 
     /// A tx of shard 1 spends two coins of shard 0 (resolved in phase 2) and pays back to one of their

@@ -158,8 +158,9 @@ pub struct WorkerNode {
     window_txs: std::sync::atomic::AtomicUsize,
     /// Inputs per resolution batch ([`WorkerNode::set_resolve_batch`]).
     resolve_batch: std::sync::atomic::AtomicUsize,
-    /// Windows whose coins a shard keeps in memory ([`WorkerNode::set_recent_windows`]).
-    recent_windows: std::sync::atomic::AtomicUsize,
+    /// Memory for the coins of recent windows, shared by the shards being indexed
+    /// ([`WorkerNode::set_recent_coins_bytes`]).
+    recent_coins: Arc<crate::shard::RecentCoinsBudget>,
     /// Earlier shards' txid filters by shard id.
     txid_filters: Mutex<HashMap<u32, FetchedFilter>>,
     /// Bytes of peers' txid filters held at most ([`WorkerNode::set_txid_filter_budget`]).
@@ -209,8 +210,8 @@ impl WorkerNode {
             cluster_backfill_complete: AtomicBool::new(false),
             window_txs: std::sync::atomic::AtomicUsize::new(crate::shard::DEFAULT_WINDOW_TXS),
             resolve_batch: std::sync::atomic::AtomicUsize::new(DEFAULT_RESOLVE_BATCH),
-            recent_windows: std::sync::atomic::AtomicUsize::new(
-                crate::shard::DEFAULT_RECENT_WINDOWS,
+            recent_coins: crate::shard::RecentCoinsBudget::new(
+                crate::shard::DEFAULT_RECENT_COINS_BYTES,
             ),
             txid_filters: Mutex::new(HashMap::new()),
             txid_filter_budget: std::sync::atomic::AtomicUsize::new(TXID_FILTER_BUDGET_BYTES),
@@ -234,10 +235,11 @@ impl WorkerNode {
         self.resolve_batch.store(inputs.max(1), Ordering::Relaxed);
     }
 
-    /// Sealed windows whose coins a shard being indexed keeps in memory (default
-    /// [`crate::shard::DEFAULT_RECENT_WINDOWS`]; see [`crate::shard::IndexWindow::keep_recent_windows`]).
-    pub fn set_recent_windows(&self, windows: usize) {
-        self.recent_windows.store(windows, Ordering::Relaxed);
+    /// Memory for the coins of the windows the shards being indexed wrote last, shared evenly by them
+    /// (default [`crate::shard::DEFAULT_RECENT_COINS_BYTES`]; see
+    /// [`crate::shard::IndexWindow::keep_recent_coins`]).
+    pub fn set_recent_coins_bytes(&self, bytes: usize) {
+        self.recent_coins.set_bytes(bytes);
     }
 
     /// Bytes of earlier shards' txid filters this worker holds at most (default
@@ -1192,9 +1194,12 @@ fn index_range(
             node.wait_write(shard.id)?;
             let window = window.get_or_insert_with(|| {
                 let expected = expected_txs(end - height, block.txdata.len(), node.window_txs());
-                shard
-                    .window(write, node.window_txs(), expected)
-                    .keep_recent_windows(node.recent_windows.load(Ordering::Relaxed))
+                let window = shard.window(write, node.window_txs(), expected);
+                // Tip windows keep none, so a shard following the tip takes no part of the budget.
+                match write {
+                    Write::Bulk => window.keep_recent_coins(node.recent_coins.share()),
+                    Write::Logged => window,
+                }
             });
             window.add(height, &block, spent.as_deref())?;
             blocks += 1;
@@ -1235,12 +1240,15 @@ fn index_range(
         let Some(window) = window.as_mut() else {
             return Ok(());
         };
+        let (kept_windows, kept_bytes) = window.recent_coins();
         write_window(node, shard, window.seal(false), blocks)?;
         let lookups = window.coin_lookups();
         tracing::info!(
             in_window = lookups.in_window,
             in_recent_windows = lookups.in_recent,
             in_database = lookups.in_database,
+            kept_windows,
+            kept_mib = kept_bytes >> 20,
             "where the inputs' coins were found"
         );
         Ok(())
