@@ -127,9 +127,9 @@ enum Command {
         window_txs: u64,
         /// Memory, in MiB, for the unspent coins of the windows the shards being indexed wrote last, so
         /// that inputs spending coins a few windows old find them without a database lookup. Shared
-        /// evenly by the shards indexed at once: a window of the default size keeps ~12 MiB, so the
-        /// default holds ~10 windows for a lone shard (one 3.99M-tx shard: 55k tx/s keeping none, ~90k
-        /// keeping 8) and ~5 for each of two. 0 keeps none.
+        /// evenly by the shards indexed at once: a window of the default size keeps ~11 MiB, so the
+        /// default holds 11 windows for a lone shard (one 3.99M-tx shard: 55k tx/s keeping none, ~90k
+        /// keeping 8) and 5–6 for each of two. 0 keeps none.
         #[arg(long, default_value_t = (chainidx_node::shard::DEFAULT_RECENT_COINS_BYTES >> 20) as u64,
               value_parser = clap::value_parser!(u64).range(0..=1 << 16))]
         recent_coins_mib: u64,

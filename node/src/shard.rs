@@ -1328,8 +1328,8 @@ impl WindowCoins {
 }
 
 /// A sealed window's coins, packed for the windows after it: its txs' places in one map, their unspent
-/// coins in one array and the coins' scripts end to end in another. ~10 MiB for a window of 65,536 txs,
-/// where a map of outpoints to coins as the window being filled keeps them took ~16.
+/// coins in one array and the coins' scripts end to end in another. ~11 MiB for a window of 65,536 txs
+/// (the worker log's figures), where a map of outpoints to coins as the window being filled keeps them took ~16.
 pub struct SealedCoins {
     txs: FastMap<Hash32, TxCoins>,
     /// Grouped by tx, each tx's in vout order.
@@ -1575,9 +1575,10 @@ impl From<StatsDelta> for pb::AddressStats {
 }
 
 /// Memory for the coins of recent windows, per worker ([`RecentCoinsBudget`]): a window of 65,536 txs
-/// keeps ~12 MiB of them. One 3.99M-tx shard ran at 55k tx/s keeping no window, 72k with 4, 90k with 8
-/// and 99k with 16; 8 per shard took a worker indexing 16 shards of 500k txs two at a time to 1,414 MiB,
-/// near the 1.5 GiB workers are held to. 128 MiB is ~10 windows for a lone shard, ~5 for each of two.
+/// keeps ~11 MiB of them, packed. One 3.99M-tx shard ran at 55k tx/s keeping no window, 72k with 4, 90k
+/// with 8 and 99k with 16 (a fast hour); 4 per shard put a worker indexing 16 shards of 500k txs two at a
+/// time at 1.2–1.3 GiB, and 8 at 1,414 MiB, near the 1.5 GiB workers are held to. 128 MiB is 11 windows
+/// for a lone shard and 5–6 for each of two (the same worker: 1,284–1,325 MiB).
 pub const DEFAULT_RECENT_COINS_BYTES: usize = 128 << 20;
 
 /// Writes of at least this many rows are worth a table file of their own rather than memtable inserts.
@@ -1954,7 +1955,7 @@ impl<'a> IndexWindow<'a> {
 
     /// Keeps the coins of the last sealed windows in memory, as many as fit in `share`, where later
     /// windows' inputs find them without a database lookup (most coins are spent young). Each costs the
-    /// memory of the coins a window leaves unspent and of its txs' places (~12 MiB at the default
+    /// memory of the coins a window leaves unspent and of its txs' places (~11 MiB at the default
     /// window size).
     pub fn keep_recent_coins(mut self, share: RecentCoinsShare) -> Self {
         self.recent_share = Some(share);
