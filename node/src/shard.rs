@@ -1329,7 +1329,8 @@ impl WindowCoins {
 
 /// A sealed window's coins, packed for the windows after it: its txs' places in one map, their unspent
 /// coins in one array and the coins' scripts end to end in another. ~11 MiB for a window of 65,536 txs
-/// (the worker log's figures), where a map of outpoints to coins as the window being filled keeps them took ~16.
+/// (the worker log's figures), where a map of outpoints to coins, as the window being filled keeps
+/// them, took ~16.
 pub struct SealedCoins {
     txs: FastMap<Hash32, TxCoins>,
     /// Grouped by tx, each tx's in vout order.
