@@ -336,7 +336,6 @@ impl Shard {
             },
             recent: VecDeque::new(),
             recent_share: None,
-            recent_bytes: 0,
             coin_lookups: CoinLookups::default(),
             deltas: buffers.deltas,
             pending: 0,
@@ -1230,8 +1229,6 @@ pub struct IndexWindow<'a> {
     recent: VecDeque<Arc<SealedCoins>>,
     /// What `recent` may hold ([`IndexWindow::keep_recent_coins`]); none without.
     recent_share: Option<RecentCoinsShare>,
-    /// Bytes of the coins in `recent` ([`SealedCoins::bytes`]).
-    recent_bytes: usize,
     coin_lookups: CoinLookups,
     /// What each tx adds to the stats of each address it touches, one record per (tx, address) by the
     /// stats row's key, appended: summed per address at commit ([`sum_by_address`]). A map of the
@@ -1286,35 +1283,24 @@ impl WindowCoins {
         }));
         let mut coins = Vec::with_capacity(sorted.len());
         let mut scripts = Vec::with_capacity(sorted.iter().map(|(_, c)| c.script.len()).sum());
-        // Coins are sorted by outpoint: one map lookup per tx that has any, not one per coin.
-        let ends_run = |txs: &mut FastMap<Hash32, TxCoins>, txid: &Hash32, first: usize, end| {
+        // Sorted by outpoint, a tx's coins are together: one map lookup per tx that has any.
+        for tx_coins in sorted.chunk_by(|((a, _), _), ((b, _), _)| a == b) {
+            let ((txid, _), _) = &tx_coins[0];
             let tx = txs
                 .get_mut(txid)
                 .expect("a window's coins are its own txs'");
-            tx.first = first as u32;
-            tx.count = (end - first) as u32;
-        };
-        let mut run: Option<(Hash32, usize)> = None;
-        for ((txid, vout), coin) in sorted.drain(..) {
-            match run {
-                Some((of, _)) if of == txid => {}
-                _ => {
-                    if let Some((of, first)) = run {
-                        ends_run(&mut txs, &of, first, coins.len());
-                    }
-                    run = Some((txid, coins.len()));
-                }
+            tx.first = coins.len() as u32;
+            tx.count = tx_coins.len() as u32;
+            for ((_, vout), coin) in tx_coins {
+                scripts.extend_from_slice(&coin.script);
+                coins.push(SealedCoin {
+                    value: coin.value,
+                    vout: *vout,
+                    script_end: scripts.len(),
+                });
             }
-            scripts.extend_from_slice(&coin.script);
-            coins.push(SealedCoin {
-                value: coin.value,
-                vout,
-                script_end: scripts.len(),
-            });
         }
-        if let Some((of, first)) = run {
-            ends_run(&mut txs, &of, first, coins.len());
-        }
+        sorted.clear();
         let bytes = map_bytes(&txs)
             + coins.capacity() * std::mem::size_of::<SealedCoin>()
             + scripts.capacity();
@@ -1914,24 +1900,15 @@ impl<'a> IndexWindow<'a> {
         let next_height = self.next_height.take()?;
         let coins = Arc::new(self.coins.seal());
         // A window written beside must stay until the next seal, whatever the budget: it is not in the
-        // database yet. Tip windows (one block each, written through the memtable) keep none.
-        let (limit, must_keep) = match self.write {
-            Write::Bulk => (
-                self.recent_share
-                    .as_ref()
-                    .map_or(0, RecentCoinsShare::bytes),
-                usize::from(written_beside),
-            ),
-            Write::Logged => (0, 0),
-        };
-        self.recent_bytes += coins.bytes();
+        // database yet. Tip windows hold no share ([`IndexWindow::keep_recent_coins`]), so keep none.
+        let limit = self
+            .recent_share
+            .as_ref()
+            .map_or(0, RecentCoinsShare::bytes);
+        let must_keep = usize::from(written_beside);
         self.recent.push_front(coins.clone());
-        while self.recent.len() > must_keep && self.recent_bytes > limit {
-            let oldest = self
-                .recent
-                .pop_back()
-                .expect("more windows than must be kept");
-            self.recent_bytes -= oldest.bytes();
+        while self.recent.len() > must_keep && self.recent_coins().1 > limit {
+            self.recent.pop_back();
         }
         self.txs = 0;
         Some(SealedWindow {
@@ -1958,14 +1935,19 @@ impl<'a> IndexWindow<'a> {
     /// windows' inputs find them without a database lookup (most coins are spent young). Each costs the
     /// memory of the coins a window leaves unspent and of its txs' places (~11 MiB at the default
     /// window size).
+    /// Tip windows (one block each, written through the memtable) keep none: their share is dropped,
+    /// so a shard following the tip takes no part of the budget.
     pub fn keep_recent_coins(mut self, share: RecentCoinsShare) -> Self {
-        self.recent_share = Some(share);
+        if self.write == Write::Bulk {
+            self.recent_share = Some(share);
+        }
         self
     }
 
     /// Sealed windows whose coins are kept now, and their bytes.
     pub fn recent_coins(&self) -> (usize, usize) {
-        (self.recent.len(), self.recent_bytes)
+        let bytes = self.recent.iter().map(|coins| coins.bytes()).sum();
+        (self.recent.len(), bytes)
     }
 
     /// Where this window's inputs have found their coins so far.

@@ -1194,12 +1194,9 @@ fn index_range(
             node.wait_write(shard.id)?;
             let window = window.get_or_insert_with(|| {
                 let expected = expected_txs(end - height, block.txdata.len(), node.window_txs());
-                let window = shard.window(write, node.window_txs(), expected);
-                // Tip windows keep none, so a shard following the tip takes no part of the budget.
-                match write {
-                    Write::Bulk => window.keep_recent_coins(node.recent_coins.share()),
-                    Write::Logged => window,
-                }
+                shard
+                    .window(write, node.window_txs(), expected)
+                    .keep_recent_coins(node.recent_coins.share())
             });
             window.add(height, &block, spent.as_deref())?;
             blocks += 1;
