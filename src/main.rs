@@ -266,6 +266,33 @@ fn disable_transparent_huge_pages() {
     }
 }
 
+/// RocksDB allocates through glibc's malloc (our own code goes through mimalloc). glibc gives a thread
+/// that allocates an arena of its own, up to 8 per core, and an arena keeps what is freed in it (it gives
+/// back only what lies at its top). A worker's blocking threads come and go, so over a 7.99M-tx backfill
+/// its arenas grew to 13–15 holding ~510 MiB, of which RocksDB was using ~80 (memtables, table readers,
+/// block cache), and that peak grew with the chain. With two arenas the worker's peak RSS went from
+/// 1,257 to 1,077 MiB on that chain, and from 1,639 to 1,190 MiB on 16M txs (doc/performance.md).
+/// glibc reads the limit only as a process starts, so the worker runs itself again with it set, same
+/// process id and arguments; a `MALLOC_ARENA_MAX` already set, by anyone, is left as it is.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::process::CommandExt;
+        const ARENAS: &str = "MALLOC_ARENA_MAX";
+        if std::env::var_os(ARENAS).is_some() {
+            return;
+        }
+        let error = match std::env::current_exe() {
+            Ok(exe) => std::process::Command::new(exe)
+                .args(std::env::args_os().skip(1))
+                .env(ARENAS, "2")
+                .exec(),
+            Err(error) => error,
+        };
+        tracing::warn!(%error, "could not start again with {ARENAS}=2: glibc may keep more freed memory");
+    }
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     match run().await {
@@ -387,6 +414,7 @@ async fn run() -> anyhow::Result<()> {
         } => {
             chainidx_node::rocks::set_block_cache_bytes((cache_mib as usize) << 20);
             chainidx_node::rocks::set_mmap_reads(mmap_reads);
+            limit_malloc_arenas();
             disable_transparent_huge_pages();
             run_worker(
                 WorkerArgs {

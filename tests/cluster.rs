@@ -82,6 +82,18 @@ async fn three_workers_answer_exactly_like_the_reference() {
             );
         }
     }
+    // Workers limit glibc's malloc arenas, where RocksDB's freed memory piled up: each ran itself again
+    // with the limit set (or kept the one it was given).
+    let arenas = std::env::var("MALLOC_ARENA_MAX").unwrap_or_else(|_| "2".into());
+    for pid in &pids {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        assert!(
+            environ
+                .split(|&b| b == 0)
+                .any(|var| var == format!("MALLOC_ARENA_MAX={arenas}").as_bytes()),
+            "worker {pid} runs without MALLOC_ARENA_MAX={arenas}"
+        );
+    }
     // Only the first worker maps its table files (`--mmap-reads`); the others read them.
     let maps_tables = |pid: &u32| {
         std::fs::read_to_string(format!("/proc/{pid}/maps"))
