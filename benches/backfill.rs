@@ -4,6 +4,7 @@
 //!
 //! Run: `cargo bench --profile dev --bench backfill` (env: CHAINIDX_BENCH_BLOCKS, default 60;
 //! CHAINIDX_BENCH_WORKERS, default "1,2,4,8"; CHAINIDX_BENCH_SHARDS, default 16; CHAINIDX_BENCH_KEEP=1 keeps the data and logs;
+//! CHAINIDX_BENCH_CHAIN=<dir> generates the chain there once and reuses it while the settings match;
 //! CHAINIDX_BENCH_BINARIES, comma-separated `chainidx` executables for the workers, each run once per worker
 //! count in turn, in reverse order every other time a worker count comes round — an A/B of two builds on
 //! this noisy machine, interleaved; give each worker count an even number of times). Prints figures and writes
@@ -47,20 +48,23 @@ fn main() -> anyhow::Result<()> {
         }
         None => Kept::Temp(dir),
     };
-    let chain = dir.path().join("chain");
+    let config = GenConfig {
+        blocks,
+        seed: 42,
+        txs_per_block: 2500,
+        hot_address_share: 0.05,
+    };
+    // CHAINIDX_BENCH_CHAIN=<dir>: the chain is generated there once and used again by later runs with the
+    // same settings (16M txs take ~4 minutes to generate).
+    let chain = match std::env::var_os("CHAINIDX_BENCH_CHAIN") {
+        Some(kept) => std::path::PathBuf::from(kept),
+        None => dir.path().join("chain"),
+    };
     let started = Instant::now();
-    let summary = generate(
-        &GenConfig {
-            blocks,
-            seed: 42,
-            txs_per_block: 2500,
-            hot_address_share: 0.05,
-        },
-        &chain,
-        &mut |_| {},
-    )?;
+    let summary = generated_chain(&config, &chain)?;
     println!(
-        "generated {} blocks, {} txs, {} inputs, {} outputs in {:.1}s",
+        "{} {} blocks, {} txs, {} inputs, {} outputs in {:.1}s",
+        if summary.reused { "reused" } else { "generated" },
         summary.blocks,
         summary.txs,
         summary.inputs,
@@ -429,6 +433,68 @@ fn compacted_bytes(cluster: &std::path::Path) -> anyhow::Result<(u64, Vec<(Strin
         }
     }
     Ok((data_bytes(cluster), per_cf.into_iter().collect()))
+}
+
+/// What the runs need to know of the generated chain.
+struct ChainFigures {
+    blocks: u32,
+    txs: u64,
+    inputs: u64,
+    outputs: u64,
+    reused: bool,
+}
+
+/// Where [`generated_chain`] records the settings and figures of the chain it generated.
+const CHAIN_FIGURES: &str = "bench-chain.json";
+
+/// Generates the chain into `dir`, or reads the figures of the one already there if it was generated with
+/// the same settings. A directory holding something else is refused rather than written over.
+fn generated_chain(config: &GenConfig, dir: &Path) -> anyhow::Result<ChainFigures> {
+    let settings = json!({
+        "blocks": config.blocks, "seed": config.seed, "txs_per_block": config.txs_per_block,
+        "hot_address_share": config.hot_address_share,
+    });
+    let recorded = dir.join(CHAIN_FIGURES);
+    if recorded.exists() {
+        let figures: serde_json::Value = serde_json::from_slice(&std::fs::read(&recorded)?)?;
+        anyhow::ensure!(
+            figures["settings"] == settings,
+            "{} holds a chain generated with {}, not {settings}: remove it or choose another directory",
+            dir.display(),
+            figures["settings"]
+        );
+        let count = |name: &str| {
+            figures[name]
+                .as_u64()
+                .ok_or_else(|| anyhow::anyhow!("{} has no {name}", recorded.display()))
+        };
+        return Ok(ChainFigures {
+            blocks: config.blocks,
+            txs: count("txs")?,
+            inputs: count("inputs")?,
+            outputs: count("outputs")?,
+            reused: true,
+        });
+    }
+    anyhow::ensure!(
+        !dir.exists() || std::fs::read_dir(dir)?.next().is_none(),
+        "{} is neither empty nor a chain this bench generated ({CHAIN_FIGURES} missing)",
+        dir.display()
+    );
+    let summary = generate(config, dir, &mut |_| {})?;
+    std::fs::write(
+        &recorded,
+        serde_json::to_vec_pretty(&json!({
+            "settings": settings, "txs": summary.txs, "inputs": summary.inputs, "outputs": summary.outputs,
+        }))?,
+    )?;
+    Ok(ChainFigures {
+        blocks: summary.blocks,
+        txs: summary.txs,
+        inputs: summary.inputs,
+        outputs: summary.outputs,
+        reused: false,
+    })
 }
 
 /// The bench's directory: removed at the end unless CHAINIDX_BENCH_KEEP is set.
