@@ -64,7 +64,11 @@ fn main() -> anyhow::Result<()> {
     let summary = generated_chain(&config, &chain)?;
     println!(
         "{} {} blocks, {} txs, {} inputs, {} outputs in {:.1}s",
-        if summary.reused { "reused" } else { "generated" },
+        if summary.reused {
+            "reused"
+        } else {
+            "generated"
+        },
         summary.blocks,
         summary.txs,
         summary.inputs,
