@@ -270,10 +270,11 @@ fn disable_transparent_huge_pages() {
 /// that allocates an arena of its own, up to 8 per core, and an arena keeps what is freed in it (it gives
 /// back only what lies at its top). A worker's blocking threads come and go, so over a 7.99M-tx backfill
 /// its arenas grew to 13–15 holding ~510 MiB, of which RocksDB was using ~80 (memtables, table readers,
-/// block cache), and that peak grew with the chain. With two arenas the worker's peak RSS went from
-/// 1,257 to 1,077 MiB on that chain, and from 1,639 to 1,190 MiB on 16M txs (doc/performance.md).
-/// glibc reads the limit only as a process starts, so the worker runs itself again with it set, same
-/// process id and arguments; a `MALLOC_ARENA_MAX` already set, by anyone, is left as it is.
+/// block cache), and that peak grew with the chain. One arena for all threads: the worker's peak RSS on
+/// 32M txs 1,276 MiB, against 1,552 with two arenas; with two, 16M txs 1,190 MiB against 1,639 with
+/// glibc's default (doc/performance.md). glibc reads the limit only as a process starts, so the worker
+/// runs itself again with it set, same process id and arguments; a `MALLOC_ARENA_MAX` already set, by
+/// anyone, is left as it is.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -285,11 +286,11 @@ fn limit_malloc_arenas() {
         let error = match std::env::current_exe() {
             Ok(exe) => std::process::Command::new(exe)
                 .args(std::env::args_os().skip(1))
-                .env(ARENAS, "2")
+                .env(ARENAS, "1")
                 .exec(),
             Err(error) => error,
         };
-        tracing::warn!(%error, "could not start again with {ARENAS}=2: glibc may keep more freed memory");
+        tracing::warn!(%error, "could not start again with {ARENAS}=1: glibc may keep more freed memory");
     }
 }
 

@@ -84,7 +84,7 @@ async fn three_workers_answer_exactly_like_the_reference() {
     }
     // Workers limit glibc's malloc arenas, where RocksDB's freed memory piled up: each ran itself again
     // with the limit set (or kept the one it was given).
-    let arenas = std::env::var("MALLOC_ARENA_MAX").unwrap_or_else(|_| "2".into());
+    let arenas = std::env::var("MALLOC_ARENA_MAX").unwrap_or_else(|_| "1".into());
     for pid in &pids {
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
         assert!(
