@@ -413,9 +413,10 @@ async fn run() -> anyhow::Result<()> {
             resolve_batch,
             txid_filter_mib,
         } => {
+            // First: it may run the process again, and nothing set before would survive that.
+            limit_malloc_arenas();
             chainidx_node::rocks::set_block_cache_bytes((cache_mib as usize) << 20);
             chainidx_node::rocks::set_mmap_reads(mmap_reads);
-            limit_malloc_arenas();
             disable_transparent_huge_pages();
             run_worker(
                 WorkerArgs {
