@@ -283,13 +283,14 @@ fn limit_malloc_arenas() {
         if std::env::var_os(ARENAS).is_some() {
             return;
         }
-        let error = match std::env::current_exe() {
-            Ok(exe) => std::process::Command::new(exe)
-                .args(std::env::args_os().skip(1))
-                .env(ARENAS, "1")
-                .exec(),
-            Err(error) => error,
-        };
+        // `/proc/self/exe` is the running binary's inode, so this works even after the file on disk
+        // was replaced or deleted (an upgrade under a running worker); argv[0] stays as it was.
+        let mut args = std::env::args_os();
+        let mut command = std::process::Command::new("/proc/self/exe");
+        if let Some(arg0) = args.next() {
+            command.arg0(arg0);
+        }
+        let error = command.args(args).env(ARENAS, "1").exec();
         tracing::warn!(%error, "could not start again with {ARENAS}=1: glibc may keep more freed memory");
     }
 }

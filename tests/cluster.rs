@@ -93,6 +93,15 @@ async fn three_workers_answer_exactly_like_the_reference() {
                 .any(|var| var == format!("MALLOC_ARENA_MAX={arenas}").as_bytes()),
             "worker {pid} runs without MALLOC_ARENA_MAX={arenas}"
         );
+        // It ran itself again through `/proc/self/exe` (which works after an upgrade replaced the file)
+        // but kept its argv[0], which is what `ps` and the logs show.
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let arg0 = cmdline.split(|&b| b == 0).next().unwrap();
+        assert_eq!(
+            arg0,
+            env!("CARGO_BIN_EXE_chainidx").as_bytes(),
+            "worker {pid}'s argv[0]"
+        );
     }
     // Only the first worker maps its table files (`--mmap-reads`); the others read them.
     let maps_tables = |pid: &u32| {
