@@ -90,10 +90,12 @@ fn every_mainnet_block_decodes_to_its_expected_rows() {
     let blocks = raw_blocks();
     assert_eq!(blocks.len(), 31);
     let mut total = 0;
+    let mut checked_by_core = 0;
     for (height, path) in blocks {
         let block: Block = deserialize(&std::fs::read(&path).unwrap()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let shard = index_single_block(dir.path(), height, &block);
+        checked_by_core += usize::from(check_block_meta(&shard, height, &block));
         let expected =
             read_tsv(&mainnet_dir().join(format!("expected/{height:07}.outputs.tsv.gz")));
         let outputs: usize = block.txdata.iter().map(|tx| tx.output.len()).sum();
@@ -149,6 +151,46 @@ fn every_mainnet_block_decodes_to_its_expected_rows() {
         total += expected.len();
     }
     assert_eq!(total, 106_004);
+    assert_eq!(checked_by_core, 2, "blocks of corejson/ among the raw ones");
+}
+
+/// The block's `headers` row: its size and weight (summed while indexing, not asked of rust-bitcoin) equal
+/// rust-bitcoin's and, for the blocks Bitcoin Core decoded in `corejson/`, Core's own.
+/// Says whether Core's decoding was there.
+fn check_block_meta(shard: &Shard, height: u32, block: &Block) -> bool {
+    let lookup = shard
+        .block(&pb::shard_block_request::Key::Height(height), false)
+        .unwrap();
+    assert!(lookup.found, "block {height}");
+    let meta = lookup.meta.unwrap();
+    let mut expected = (
+        block.total_size() as u64,
+        block.weight().to_wu(),
+        block.txdata.len() as u64,
+    );
+    let core = mainnet_dir()
+        .join("corejson")
+        .join(format!("{}.json", block.block_hash()));
+    let in_core = core.exists();
+    if in_core {
+        let text = std::fs::read_to_string(&core).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let field = |name: &str| json[name].as_u64().unwrap();
+        assert_eq!(field("height"), height as u64);
+        let core_says = (field("size"), field("weight"), field("nTx"));
+        assert_eq!(
+            core_says, expected,
+            "rust-bitcoin and Core on block {height}"
+        );
+        expected = core_says;
+    }
+    assert_eq!(
+        (meta.size as u64, meta.weight as u64, meta.tx_count as u64),
+        expected,
+        "size, weight and tx count of block {height}"
+    );
+    assert_eq!(meta.hash, block.block_hash().to_byte_array().to_vec());
+    in_core
 }
 
 /// Indexes the block, answers its parked inputs from `prevouts/<height>.prevouts.tsv` (standing in for the
