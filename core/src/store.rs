@@ -358,8 +358,8 @@ pub trait Store: Send + Sync + 'static {
     /// first. Only for writes that carry their own checkpoint (a backfill block with the shard's
     /// `next_height`), in an engine whose flushes cover every column family at once, so what survives is
     /// always a prefix of the blocks and the checkpoint says which.
-    fn write_unlogged(&self, batch: Batch) -> Result<(), StoreError> {
-        self.write(batch, false)
+    fn write_unlogged(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.write(batch.clone(), false)
     }
 
     /// Writes puts around the memtable: each column family's rows sorted (the last of equal keys wins) into

@@ -258,7 +258,7 @@ impl RocksStore {
             .collect()
     }
 
-    fn rocks_batch(&self, batch: Batch) -> rocksdb::WriteBatch {
+    fn rocks_batch(&self, batch: &Batch) -> rocksdb::WriteBatch {
         // Each column family looked up once per batch, not once per row: `cf_handle` searches a map by
         // name, which was ~1 in 8 of a backfill's `memcmp` calls (a window's stats are a merge per address).
         // Indexed by `cf as usize`: `Cf::ALL` is in declaration order (a test in `chainidx_core::store` checks).
@@ -368,11 +368,11 @@ impl Store for RocksStore {
         let mut options = WriteOptions::default();
         options.set_sync(sync);
         self.db
-            .write_opt(self.rocks_batch(batch), &options)
+            .write_opt(self.rocks_batch(&batch), &options)
             .map_err(engine)
     }
 
-    fn write_unlogged(&self, batch: Batch) -> Result<(), StoreError> {
+    fn write_unlogged(&self, batch: &Batch) -> Result<(), StoreError> {
         let mut options = WriteOptions::default();
         options.disable_wal(true);
         self.db

@@ -318,22 +318,40 @@ impl Shard {
     /// checkpoint after the last of them, once it holds `window_txs` txs (a backfill's; the tip's
     /// windows are one block). `expected_txs`: about how many txs the shard has left to index.
     pub fn window(&self, write: Write, window_txs: usize, expected_txs: usize) -> IndexWindow<'_> {
+        self.window_from(None, write, window_txs, expected_txs)
+    }
+
+    /// [`Shard::window`] in the memory an earlier shard's windows left (`spare`), if any.
+    pub fn window_from(
+        &self,
+        spare: Option<SpareWindow>,
+        write: Write,
+        window_txs: usize,
+        expected_txs: usize,
+    ) -> IndexWindow<'_> {
         // A backfill window is sized up front (see `Batch::with_capacity`), for a full window or what is
         // left of the shard if that is less ([`WindowBuffers::with_capacity`]), and keeps its memory from
-        // one commit to the next; a block following the tip is one small batch.
+        // one commit to the next; a block following the tip is one small batch. Memory already faulted
+        // in is taken as it is, larger or smaller: it grows where it must.
         let capacity = window_txs.min(expected_txs);
-        let buffers = match write {
-            Write::Bulk => WindowBuffers::with_capacity(capacity),
-            Write::Logged => WindowBuffers::default(),
+        let (mut buffers, mut coins) = match (write, spare) {
+            (Write::Bulk, Some(spare)) => (spare.buffers, spare.coins),
+            (Write::Bulk, None) => (
+                WindowBuffers::with_capacity(capacity),
+                WindowCoins::with_capacity(capacity),
+            ),
+            (Write::Logged, _) => (WindowBuffers::default(), WindowCoins::default()),
         };
+        buffers.rows.clear();
+        buffers.deltas.clear();
+        buffers.stats.clear();
+        coins.clear();
         IndexWindow {
             shard: self,
             write,
             rows: buffers.rows,
-            coins: match write {
-                Write::Bulk => WindowCoins::with_capacity(capacity),
-                Write::Logged => WindowCoins::default(),
-            },
+            stats: buffers.stats,
+            coins,
             recent: VecDeque::new(),
             recent_share: None,
             coin_lookups: CoinLookups::default(),
@@ -350,7 +368,8 @@ impl Shard {
     /// last one's tx (a tx is never split between two calls, so [`Shard::apply_resolved`] sees all of a
     /// tx's pending inputs together and counts the tx once per address).
     pub fn next_pending(&self, limit: usize) -> Result<Vec<PendingSpend>, ShardError> {
-        let mut out: Vec<PendingSpend> = Vec::new();
+        // Sized up front: grown by doubling, its copies were a tenth of a worker's page faults.
+        let mut out: Vec<PendingSpend> = Vec::with_capacity(limit.saturating_add(64).min(1 << 20));
         let mut bad = None;
         self.store
             .scan(Cf::Pending, &[], ScanFrom::First, &mut |key, value| {
@@ -1220,6 +1239,8 @@ pub struct IndexWindow<'a> {
     shard: &'a Shard,
     write: Write,
     rows: Batch,
+    /// The stats merges of the window being written before this one: memory kept for the next.
+    stats: Batch,
     /// Sized for a whole window and kept from one window to the next: [`IndexWindow::seal`] moves what
     /// is left of it into a map sized for that.
     coins: WindowCoins,
@@ -1262,6 +1283,13 @@ impl WindowCoins {
             tx_at: FastMap::with_capacity_and_hasher(txs, Default::default()),
             sorted: Vec::new(),
         }
+    }
+
+    /// Empties the maps, keeping their memory.
+    fn clear(&mut self) {
+        self.outputs.clear();
+        self.tx_at.clear();
+        self.sorted.clear();
     }
 
     /// Moves the coins out, packed ([`SealedCoins`]), leaving these maps empty with their memory for the
@@ -1456,6 +1484,8 @@ pub struct CoinLookups {
 pub struct WindowBuffers {
     rows: Batch,
     deltas: Vec<([u8; KEY_HASH_LEN], StatsDelta)>,
+    /// The window's stats merges, one per address (the rows go around it, as a table file).
+    stats: Batch,
 }
 
 impl WindowBuffers {
@@ -1466,8 +1496,17 @@ impl WindowBuffers {
         WindowBuffers {
             rows: Batch::with_capacity(txs * WINDOW_ROWS_PER_TX, txs * WINDOW_BYTES_PER_TX),
             deltas: Vec::with_capacity(txs * 4),
+            stats: Batch::default(),
         }
     }
+}
+
+/// A shard's window memory once the shard is indexed, for the next shard its worker indexes: with the
+/// chain in many shards, each shard's windows faulted in and zeroed ~100 MB afresh (the allocator hands
+/// memory freed for a second back to the kernel), a third of one worker's page faults.
+pub struct SpareWindow {
+    buffers: WindowBuffers,
+    coins: WindowCoins,
 }
 
 /// A window's rows on their way to the database: see [`IndexWindow::seal`].
@@ -1477,6 +1516,7 @@ pub struct SealedWindow<'a> {
     rows: Batch,
     coins: Arc<SealedCoins>,
     deltas: Vec<([u8; KEY_HASH_LEN], StatsDelta)>,
+    stats: Batch,
     pending: u64,
     next_height: u32,
 }
@@ -1940,6 +1980,7 @@ impl<'a> IndexWindow<'a> {
             rows: std::mem::take(&mut self.rows),
             coins,
             deltas: std::mem::take(&mut self.deltas),
+            stats: std::mem::take(&mut self.stats),
             pending: std::mem::take(&mut self.pending),
             next_height,
         })
@@ -1950,8 +1991,23 @@ impl<'a> IndexWindow<'a> {
         debug_assert!(self.next_height.is_none(), "reuse is for an empty window");
         buffers.rows.clear();
         buffers.deltas.clear();
+        buffers.stats.clear();
         self.rows = buffers.rows;
         self.deltas = buffers.deltas;
+        self.stats = buffers.stats;
+    }
+
+    /// The window's memory, for the next shard to be indexed ([`Shard::window_from`]); `None` for a tip
+    /// window, which has little. Call it once the last window is written.
+    pub fn into_spare(mut self) -> Option<SpareWindow> {
+        (self.write == Write::Bulk).then(|| SpareWindow {
+            buffers: WindowBuffers {
+                rows: std::mem::take(&mut self.rows),
+                deltas: std::mem::take(&mut self.deltas),
+                stats: std::mem::take(&mut self.stats),
+            },
+            coins: std::mem::take(&mut self.coins),
+        })
     }
 
     /// Keeps the coins of the last sealed windows in memory, as many as fit in `share`, where later
@@ -2007,7 +2063,7 @@ impl SealedWindow<'_> {
                 shard.store.bulk_load(&self.rows)?;
                 self.rows.clear();
                 failpoint(failpoint::INDEX_AFTER_INGEST);
-                Batch::default()
+                std::mem::take(&mut self.stats)
             }
             Write::Logged => std::mem::take(&mut self.rows),
         };
@@ -2018,15 +2074,24 @@ impl SealedWindow<'_> {
         state.cross_shard_inputs += self.pending;
         state.windows_committed += 1;
         batch.put(Cf::Meta, SHARD_STATE_KEY, state.encode_to_vec());
-        match self.write {
-            Write::Bulk => shard.store.write_unlogged(batch)?,
-            Write::Logged => shard.store.write(batch, false)?,
-        }
+        // A bulk window's stats batch goes back with the window's memory, emptied.
+        let stats = match self.write {
+            Write::Bulk => {
+                shard.store.write_unlogged(&batch)?;
+                batch.clear();
+                batch
+            }
+            Write::Logged => {
+                shard.store.write(batch, false)?;
+                Batch::default()
+            }
+        };
         shard.forget_txid_filter();
         *shard.state.lock().expect("state lock") = state;
         Ok(WindowBuffers {
             rows: self.rows,
             deltas: self.deltas,
+            stats,
         })
     }
 }
@@ -2676,6 +2741,64 @@ mod cross_shard_tests {
             let spent: Vec<_> = detail.prevouts.iter().map(|p| p.value).collect();
             assert_eq!(spent, vec![7_000, 3_000]);
         }
+    }
+
+    /// A window in the memory of another shard's window writes the same rows as one in fresh memory, even
+    /// when that window was given up with blocks in it (rows, coins and stats of another chain).
+    #[test]
+    fn a_window_in_another_shards_memory_writes_the_same_rows() {
+        let (a, b, c) = (p2wpkh(1), p2wpkh(2), p2wpkh(3));
+        let funding = coinbase(0, vec![output(5_000, &a), output(7_000, &b)]);
+        let spend = tx(
+            vec![OutPoint::new(funding.compute_txid(), 1)],
+            vec![output(6_500, &c)],
+        );
+        let first = block(BlockHash::all_zeros(), vec![funding]);
+        let second = block(first.block_hash(), vec![coinbase(1, vec![]), spend]);
+        let blocks = [first, second];
+        let other = block(
+            BlockHash::all_zeros(),
+            vec![coinbase(9, vec![output(1_000, &p2wpkh(9))])],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let rows_of = |name: &str, spare: Option<SpareWindow>| {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(&path).unwrap();
+            let source = blk_source(&path, &blocks.iter().collect::<Vec<_>>());
+            let store = Arc::new(RocksStore::open(&path.join("shard-0")).unwrap());
+            let shard = Shard::open(store.clone(), source, 0, 0, 2).unwrap();
+            let mut window = shard.window_from(spare, Write::Bulk, 1, 2);
+            for (height, block) in blocks.iter().enumerate() {
+                window.add(height as u32, block, None).unwrap();
+                window.commit().unwrap();
+            }
+            let mut rows = Vec::new();
+            for cf in Cf::ALL {
+                store
+                    .scan(cf, &[], ScanFrom::First, &mut |key, value| {
+                        rows.push((cf, key.to_vec(), value.to_vec()));
+                        true
+                    })
+                    .unwrap();
+            }
+            rows
+        };
+        let fresh = rows_of("fresh", None);
+        assert!(fresh.iter().any(|(cf, _, _)| *cf == Cf::History));
+        // Another shard's window, given up after a block of another chain, not written.
+        let spare = {
+            let path = dir.path().join("other");
+            std::fs::create_dir_all(&path).unwrap();
+            let source = blk_source(&path, &[&other]);
+            let store = RocksStore::open(&path.join("shard-0")).unwrap();
+            let shard = Shard::open(Arc::new(store), source, 0, 0, 1).unwrap();
+            let mut window = shard.window(Write::Bulk, 1, 1);
+            window.add(0, &other, None).unwrap();
+            window
+                .into_spare()
+                .expect("a backfill window has memory to spare")
+        };
+        assert_eq!(rows_of("reused", Some(spare)), fresh);
     }
 
     /// A shard keeps the newest windows whose coins fit in its share of the worker's budget, and its

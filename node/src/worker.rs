@@ -8,7 +8,8 @@
 use crate::failpoint::{self, failpoint};
 use crate::rocks::RocksStore;
 use crate::shard::{
-    IndexWindow, PendingSpend, SealedWindow, Shard, ShardError, WindowBuffers, Write, request_txid,
+    IndexWindow, PendingSpend, SealedWindow, Shard, ShardError, SpareWindow, WindowBuffers, Write,
+    request_txid,
 };
 use crate::txid_filter::{TxidFilter, next_candidate};
 use bitcoin::Block;
@@ -138,6 +139,9 @@ pub struct WorkerNode {
     data_dir: PathBuf,
     shards: RwLock<HashMap<u32, Arc<ShardSlot>>>,
     index_permits: Semaphore,
+    /// Shards indexed at once.
+    index_threads: usize,
+    spare_windows: Mutex<SpareWindows>,
     /// Resolution batches in flight at once (as many as indexing threads): each holds ~60k inputs and
     /// their answers, and with every shard of a worker resolving together, memory grew with shard size.
     resolve_permits: Semaphore,
@@ -198,6 +202,8 @@ impl WorkerNode {
             data_dir,
             shards: RwLock::new(HashMap::new()),
             index_permits: Semaphore::new(index_threads.max(1)),
+            index_threads: index_threads.max(1),
+            spare_windows: Mutex::new(SpareWindows::default()),
             resolve_permits: Semaphore::new(index_threads.max(1)),
             peers: Mutex::new(HashMap::new()),
             lease: Mutex::new(Lease::default()),
@@ -217,6 +223,33 @@ impl WorkerNode {
             txid_filter_budget: std::sync::atomic::AtomicUsize::new(TXID_FILTER_BUDGET_BYTES),
             resolve_counts: ResolveCounts::default(),
         })
+    }
+
+    /// Keeps a finished shard's window memory for the next shard to be indexed, up to what the indexing
+    /// threads use at once (a window being filled and one being written each).
+    fn keep_spare_windows(&self, window: Option<SpareWindow>, buffers: Option<WindowBuffers>) {
+        let mut spares = self.spare_windows.lock().expect("spare windows");
+        if spares.windows.len() < self.index_threads {
+            spares.windows.extend(window);
+        }
+        if spares.buffers.len() < self.index_threads {
+            spares.buffers.extend(buffers);
+        }
+    }
+
+    /// Gives the spare window memory back once no shard of this worker is left to index: phase 2 and
+    /// queries have no use for it.
+    fn drop_spare_windows_if_done(&self) {
+        let indexing = self
+            .shards
+            .read()
+            .expect("shards lock")
+            .values()
+            .any(|slot| slot.shard.state().phase == pb::ShardPhase::Indexing as i32);
+        if !indexing {
+            let spares = std::mem::take(&mut *self.spare_windows.lock().expect("spare windows"));
+            drop(spares);
+        }
     }
 
     fn shard_dir(&self, shard_id: u32) -> PathBuf {
@@ -586,6 +619,7 @@ impl WorkerNode {
         }
         indexed?;
         slot.shard.set_phase(pb::ShardPhase::Indexed)?;
+        self.drop_spare_windows_if_done();
         tracing::info!(
             shard = slot.shard.id,
             pending = slot.shard.state().pending_inputs,
@@ -1106,15 +1140,20 @@ const FETCH_ATTEMPTS: u32 = 5;
 /// A block and, if the source has undo data, the coins its inputs spend.
 type Fetched = (u32, Block, Option<Vec<Vec<SpentCoin>>>);
 
-fn fetch(source: &dyn BlockSource, height: u32) -> Result<Fetched, WorkerError> {
+/// `bytes`: the fetcher's buffer, kept from one block to the next.
+fn fetch(
+    source: &dyn BlockSource,
+    height: u32,
+    bytes: &mut Vec<u8>,
+) -> Result<Fetched, WorkerError> {
     let mut attempt = 1;
     loop {
         let result = source
-            .block_bytes(height)
-            .and_then(|bytes| Ok((bytes, source.spent_coins(height)?)));
+            .block_bytes_into(height, bytes)
+            .and_then(|()| source.spent_coins(height));
         match result {
-            Ok((bytes, spent)) => {
-                let block = deserialize::<Block>(&bytes).map_err(|e| WorkerError::Decode {
+            Ok(spent) => {
+                let block = deserialize::<Block>(bytes).map_err(|e| WorkerError::Decode {
                     height,
                     detail: e.to_string(),
                 })?;
@@ -1166,8 +1205,9 @@ fn index_range(
         // 20–27%), one worker the same.
         let (sender, receiver) = std::sync::mpsc::sync_channel::<Result<Fetched, WorkerError>>(2);
         scope.spawn(move || {
+            let mut bytes = Vec::new();
             for height in from..end {
-                let fetched = fetch(source, height);
+                let fetched = fetch(source, height, &mut bytes);
                 let failed = fetched.is_err();
                 if sender.send(fetched).is_err() || failed {
                     return;
@@ -1194,8 +1234,17 @@ fn index_range(
             node.wait_write(shard.id)?;
             let window = window.get_or_insert_with(|| {
                 let expected = expected_txs(end - height, block.txdata.len(), node.window_txs());
+                let spare = (write == Write::Bulk)
+                    .then(|| {
+                        node.spare_windows
+                            .lock()
+                            .expect("spare windows")
+                            .windows
+                            .pop()
+                    })
+                    .flatten();
                 shard
-                    .window(write, node.window_txs(), expected)
+                    .window_from(spare, write, node.window_txs(), expected)
                     .keep_recent_coins(node.recent_coins.share())
             });
             window.add(height, &block, spent.as_deref())?;
@@ -1218,6 +1267,10 @@ fn index_range(
             match beside {
                 Some(permit) => {
                     let sealed = window.seal(true);
+                    let spare = spare.or_else(|| {
+                        let mut spares = node.spare_windows.lock().expect("spare windows");
+                        spares.buffers.pop()
+                    });
                     window.reuse(spare.unwrap_or_else(|| window.fresh_buffers()));
                     writing = Some(scope.spawn(move || {
                         let _permit = permit;
@@ -1233,13 +1286,16 @@ fn index_range(
                 }
             }
         }
-        written(&mut writing)?;
-        let Some(window) = window.as_mut() else {
+        let spare = written(&mut writing)?;
+        let Some(mut window) = window.take() else {
             return Ok(());
         };
         let (kept_windows, kept_bytes) = window.recent_coins();
-        write_window(node, shard, window.seal(false), blocks)?;
+        if let Some(buffers) = write_window(node, shard, window.seal(false), blocks)? {
+            window.reuse(buffers);
+        }
         let lookups = window.coin_lookups();
+        node.keep_spare_windows(window.into_spare(), spare);
         tracing::info!(
             in_window = lookups.in_window,
             in_recent_windows = lookups.in_recent,
@@ -1250,6 +1306,15 @@ fn index_range(
         );
         Ok(())
     })
+}
+
+/// Window memory of shards indexed before, for the next shards ([`crate::shard::SpareWindow`]): at most
+/// what the indexing threads use at once, and none once no shard is left to index.
+#[derive(Default)]
+struct SpareWindows {
+    windows: Vec<SpareWindow>,
+    /// Buffers of windows written beside the one being filled.
+    buffers: Vec<WindowBuffers>,
 }
 
 /// What a window's write gives back: its memory, for the next window (`None`: it was empty).

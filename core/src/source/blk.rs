@@ -98,6 +98,18 @@ impl BlkDirSource {
         offset: u64,
         len: usize,
     ) -> Result<Vec<u8>, SourceError> {
+        let mut bytes = Vec::new();
+        self.read_location_into(location, offset, len, &mut bytes)?;
+        Ok(bytes)
+    }
+
+    fn read_location_into(
+        &self,
+        location: Location,
+        offset: u64,
+        len: usize,
+        bytes: &mut Vec<u8>,
+    ) -> Result<(), SourceError> {
         let path = &self.files[location.file];
         let slot = &self.open_files[location.file];
         let file = match slot.get() {
@@ -110,7 +122,7 @@ impl BlkDirSource {
                 slot.get_or_init(|| file)
             }
         };
-        read_at(file, path, location.offset + offset, len, &self.xor)
+        read_at_into(file, path, location.offset + offset, len, &self.xor, bytes)
     }
 
     fn location(&self, height: u32) -> Result<Location, SourceError> {
@@ -132,9 +144,24 @@ pub(super) fn read_at(
     len: usize,
     xor: &[u8; 8],
 ) -> Result<Vec<u8>, SourceError> {
+    let mut bytes = Vec::new();
+    read_at_into(file, path, offset, len, xor, &mut bytes)?;
+    Ok(bytes)
+}
+
+/// [`read_at`] into `bytes`, replacing what it held.
+fn read_at_into(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    len: usize,
+    xor: &[u8; 8],
+    bytes: &mut Vec<u8>,
+) -> Result<(), SourceError> {
     use std::os::unix::fs::FileExt;
-    let mut bytes = vec![0u8; len];
-    file.read_exact_at(&mut bytes, offset)
+    bytes.clear();
+    bytes.resize(len, 0);
+    file.read_exact_at(bytes, offset)
         .map_err(|source| SourceError::Io {
             path: path.to_path_buf(),
             source,
@@ -144,7 +171,7 @@ pub(super) fn read_at(
             *byte ^= xor[((offset + i as u64) % 8) as usize];
         }
     }
-    Ok(bytes)
+    Ok(())
 }
 
 /// The records (`magic ‖ LE32 length ‖ payload`) of a blk or rev file: (payload offset, length).
@@ -292,8 +319,14 @@ impl BlockSource for BlkDirSource {
     }
 
     fn block_bytes(&self, height: u32) -> Result<Vec<u8>, SourceError> {
+        let mut bytes = Vec::new();
+        self.block_bytes_into(height, &mut bytes)?;
+        Ok(bytes)
+    }
+
+    fn block_bytes_into(&self, height: u32, bytes: &mut Vec<u8>) -> Result<(), SourceError> {
         let location = self.location(height)?;
-        let bytes = self.read_location(location, 0, location.len as usize)?;
+        self.read_location_into(location, 0, location.len as usize, bytes)?;
         let hash = BlockHash::hash(&bytes[..80]);
         if hash != self.chain[height as usize].0 {
             return Err(SourceError::BadBlock {
@@ -304,7 +337,7 @@ impl BlockSource for BlkDirSource {
                 ),
             });
         }
-        Ok(bytes)
+        Ok(())
     }
 
     fn block_by_hash(&self, hash: &BlockHash) -> Result<Vec<u8>, SourceError> {

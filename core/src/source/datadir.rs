@@ -163,6 +163,10 @@ impl BlockSource for DatadirSource {
         self.blocks.block_bytes(height)
     }
 
+    fn block_bytes_into(&self, height: u32, bytes: &mut Vec<u8>) -> Result<(), SourceError> {
+        self.blocks.block_bytes_into(height, bytes)
+    }
+
     fn block_by_hash(&self, hash: &BlockHash) -> Result<Vec<u8>, SourceError> {
         self.blocks.block_by_hash(hash)
     }

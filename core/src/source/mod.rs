@@ -46,6 +46,12 @@ pub trait BlockSource: Send + Sync {
     fn block_hash(&self, height: u32) -> Result<BlockHash, SourceError>;
     /// The consensus-serialized block at `height` of the source's best chain.
     fn block_bytes(&self, height: u32) -> Result<Vec<u8>, SourceError>;
+    /// [`BlockSource::block_bytes`] into `bytes`, whose memory a reader of many blocks keeps: a fresh
+    /// buffer per block was a tenth of a backfilling worker's page faults.
+    fn block_bytes_into(&self, height: u32, bytes: &mut Vec<u8>) -> Result<(), SourceError> {
+        *bytes = self.block_bytes(height)?;
+        Ok(())
+    }
     /// The block with this hash, on the best chain or not: rolling a reorged block back needs the old branch.
     fn block_by_hash(&self, hash: &BlockHash) -> Result<Vec<u8>, SourceError>;
     /// Bytes `[offset, offset + len)` of block `hash`: one transaction. Shards keep only where each tx is,
