@@ -368,7 +368,7 @@ impl Shard {
     /// last one's tx (a tx is never split between two calls, so [`Shard::apply_resolved`] sees all of a
     /// tx's pending inputs together and counts the tx once per address).
     pub fn next_pending(&self, limit: usize) -> Result<Vec<PendingSpend>, ShardError> {
-        // Sized up front: grown by doubling, its copies were a tenth of a worker's page faults.
+        // Sized up front: grown by doubling, its copies were about a tenth of a worker's page faults.
         let mut out: Vec<PendingSpend> = Vec::with_capacity(limit.saturating_add(64).min(1 << 20));
         let mut bad = None;
         self.store
@@ -1239,7 +1239,8 @@ pub struct IndexWindow<'a> {
     shard: &'a Shard,
     write: Write,
     rows: Batch,
-    /// The stats merges of the window being written before this one: memory kept for the next.
+    /// Memory for the window's stats merges when it is written ([`SealedWindow::write`]), kept from one
+    /// window to the next.
     stats: Batch,
     /// Sized for a whole window and kept from one window to the next: [`IndexWindow::seal`] moves what
     /// is left of it into a map sized for that.
@@ -1501,9 +1502,10 @@ impl WindowBuffers {
     }
 }
 
-/// A shard's window memory once the shard is indexed, for the next shard its worker indexes: with the
-/// chain in many shards, each shard's windows faulted in and zeroed ~100 MB afresh (the allocator hands
-/// memory freed for a second back to the kernel), a third of one worker's page faults.
+/// A shard's window memory once the shard is indexed, for the next shard its worker indexes: each shard's
+/// windows faulted in and zeroed ~100 MB afresh (the allocator hands memory free for about a second back
+/// to the kernel); with the other reuses of that change, 16% fewer page faults with 16 shards in one
+/// worker (doc/performance.md).
 pub struct SpareWindow {
     buffers: WindowBuffers,
     coins: WindowCoins,
