@@ -615,6 +615,7 @@ impl WorkerNode {
         if let Err(WorkerError::Moved(id)) = indexed {
             tracing::warn!(shard = id, "shard given to another worker: closing it here");
             self.shards.write().expect("shards lock").remove(&id);
+            self.drop_spare_windows_if_done();
             return Ok(());
         }
         indexed?;
