@@ -189,6 +189,9 @@ fn main() -> anyhow::Result<()> {
                 .wait_for_compactions(Duration::from_secs(3600))
                 .await?;
             let compaction_cpu = all_cpu() - cpu_at_backfill;
+            // The high-water mark again: the compaction after the backfill holds memory of its own.
+            let peak_rss_with_compaction =
+                pids.iter().map(|p| peak_rss_bytes(*p)).max().unwrap_or(0);
             sandbox.shutdown().await;
             let cross: u64 = status.shards.iter().map(|s| s.cross_shard_inputs).sum();
             anyhow::Ok(Backfill {
@@ -199,6 +202,7 @@ fn main() -> anyhow::Result<()> {
                 system_cpu: system_at_backfill - own_system_before,
                 compaction_cpu,
                 peak_rss,
+                peak_rss_with_compaction,
                 worker_faults,
                 windows,
                 batches,
@@ -215,6 +219,7 @@ fn main() -> anyhow::Result<()> {
             system_cpu,
             compaction_cpu,
             peak_rss,
+            peak_rss_with_compaction,
             worker_faults,
             windows,
             batches,
@@ -256,7 +261,8 @@ fn main() -> anyhow::Result<()> {
         );
         println!(
             "  then compacting every shard (what workers do by default, --compact-after-backfill): \
-             {compaction_cpu_per_million:.1} CPU-s per million tx"
+             {compaction_cpu_per_million:.1} CPU-s per million tx, worker peak RSS through it {:.0} MiB",
+            peak_rss_with_compaction as f64 / (1 << 20) as f64
         );
         let breakdown: Vec<String> = per_cf
             .iter()
@@ -280,13 +286,12 @@ fn main() -> anyhow::Result<()> {
             "workers": workers, "binary": binary, "shard_blocks": shard_blocks, "seconds": elapsed, "tx_per_s": tx_s,
             "cross_shard_inputs_routed": routing.routed, "cross_shard_inputs_walked": routing.walked,
             "peer_lookups_per_cross_shard_input": lookups_per_input,
-            "cross_shard_inputs_routed": routing.routed, "cross_shard_inputs_walked": routing.walked,
-            "peer_lookups_per_cross_shard_input": lookups_per_input,
             "tx_per_s_per_worker": per_worker, "ratio_to_decode_only": per_worker / decode_tx_s,
             "cross_shard_inputs": cross, "bytes_between_workers_per_tx": per_tx(peer_bytes),
             "disk_bytes_per_tx": per_tx(disk), "disk_bytes_per_tx_compacted": per_tx(compacted),
             "disk_bytes_per_tx_by_cf": per_cf.iter().map(|(cf, b)| (cf.clone(), per_tx(*b))).collect::<std::collections::BTreeMap<_, _>>(),
             "cpu_seconds_per_million_tx": cpu_per_million, "kernel_share_of_cpu": system_cpu / cpu, "worker_peak_rss_bytes": peak_rss,
+            "worker_peak_rss_bytes_with_compaction": peak_rss_with_compaction,
             "worker_page_faults_per_tx": per_tx(worker_faults),
             "windows": windows, "resolution_batches": batches,
             "compaction_cpu_seconds_per_million_tx": compaction_cpu_per_million,
@@ -391,7 +396,9 @@ struct Backfill {
     /// The kernel's part of `cpu`.
     system_cpu: f64,
     compaction_cpu: f64,
+    /// Workers' high-water mark of RSS up to the backfill's end, and up to the end of the compaction.
     peak_rss: u64,
+    peak_rss_with_compaction: u64,
     /// Minor page faults of the workers up to the backfill's end.
     worker_faults: u64,
     /// Backfill windows and resolution batches written, over all shards.

@@ -138,10 +138,11 @@ enum Command {
         #[arg(long, default_value_t = chainidx_node::worker::DEFAULT_RESOLVE_BATCH as u64,
               value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
         resolve_batch: u64,
-        /// Memory for earlier shards' txid filters, in MiB (1.5 bytes per tx: the default holds ~90M
-        /// txs). Each cross-shard input goes straight to the shard whose filter may hold its coin; a shard
-        /// whose filter does not fit is asked about every input, which costs bytes between workers and
-        /// lookups instead of memory.
+        /// Memory for other workers' shards' txid filters, in MiB (1.5 bytes per tx: the default holds
+        /// ~90M txs). Each cross-shard input goes straight to the shard whose filter may hold its coin; a
+        /// shard whose filter does not fit is asked about every input, which costs bytes between workers
+        /// and lookups instead of memory. This worker's own shards use the filters they keep for their
+        /// peers, outside this budget.
         #[arg(long, default_value_t = (chainidx_node::worker::TXID_FILTER_BUDGET_BYTES >> 20) as u64,
               value_parser = clap::value_parser!(u64).range(0..=1 << 20))]
         txid_filter_mib: u64,
