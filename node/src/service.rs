@@ -1,9 +1,8 @@
 //! The worker's gRPC service: backfill control from the coordinator, spent-output lookups from peers, and
 //! per-shard queries fanned out by the coordinator.
 
-use crate::failpoint::{self, failpoint_on};
 use crate::shard::ShardError;
-use crate::txid_filter::{BITS_PER_TX, TxidFilter};
+
 use crate::worker::{MAX_MESSAGE_BYTES, WorkerError, WorkerNode};
 use chainidx_core::chain::ScriptHash;
 use chainidx_core::schema::Hash32;
@@ -139,11 +138,7 @@ impl Worker for WorkerService {
     ) -> Result<Response<pb::TxidFilterReply>, Status> {
         let shard_id = request.into_inner().shard_id;
         let shard = self.indexed_shard(shard_id)?;
-        let filter = blocking(move || Ok(shard.txid_filter()?)).await?;
-        if failpoint_on(failpoint::TXID_FILTER_RULES_OUT_ALL) {
-            let empty = TxidFilter::with_capacity(filter.size_bytes() * 8 / BITS_PER_TX);
-            return Ok(Response::new(empty.to_proto(shard_id)));
-        }
+        let filter = blocking(move || Ok(shard.served_txid_filter()?)).await?;
         Ok(Response::new(filter.to_proto(shard_id)))
     }
 

@@ -216,6 +216,18 @@ impl Shard {
         Ok(filter)
     }
 
+    /// The filter this shard gives whoever resolves against it, peers and its own worker alike: its
+    /// [`Shard::txid_filter`], or one that rules out every txid while the `txid-filter:rule-out-all`
+    /// failpoint is on (an out-of-date filter, as tests need; same size).
+    pub fn served_txid_filter(&self) -> Result<Arc<TxidFilter>, ShardError> {
+        let filter = self.txid_filter()?;
+        if failpoint::failpoint_on(failpoint::TXID_FILTER_RULES_OUT_ALL) {
+            let txs = filter.size_bytes() * 8 / crate::txid_filter::BITS_PER_TX;
+            return Ok(Arc::new(TxidFilter::with_capacity(txs)));
+        }
+        Ok(filter)
+    }
+
     /// After `txs` rows were written or removed.
     fn forget_txid_filter(&self) {
         let mut cached = self.txid_filter.lock().expect("txid filter lock");

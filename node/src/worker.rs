@@ -1050,20 +1050,18 @@ impl WorkerNode {
         filters
     }
 
-    /// The filter of an earlier shard this worker holds itself (same id and range, indexed), which it
-    /// keeps anyway to serve its peers: taken as it is rather than fetched from itself and decoded into
-    /// a second copy (with one worker, the peers' filters had doubled what filters took: 1.5 bytes per
-    /// tx held). Not while a failpoint makes this worker serve false filters: those go over the wire.
+    /// The filter of an earlier shard this worker holds itself (same id and range, indexed): the one it
+    /// serves its peers, taken as it is rather than fetched from itself and decoded into a second copy
+    /// (with one worker, that copy had doubled what filters took: 1.5 bytes per tx held).
     async fn own_txid_filter(&self, peer: &pb::ShardPeer) -> Option<Arc<TxidFilter>> {
         let shard = self.slot(peer.shard_id).ok()?.shard.clone();
         let state = shard.state();
         if (state.start_height, state.end_height) != (peer.start_height, peer.end_height)
             || state.phase == pb::ShardPhase::Indexing as i32
-            || failpoint::failpoint_on(failpoint::TXID_FILTER_RULES_OUT_ALL)
         {
             return None;
         }
-        tokio::task::spawn_blocking(move || shard.txid_filter())
+        tokio::task::spawn_blocking(move || shard.served_txid_filter())
             .await
             .ok()?
             .ok()
