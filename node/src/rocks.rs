@@ -360,7 +360,9 @@ impl Store for RocksStore {
         // Each answer pins the block it lies in until it is copied out, and blocks pinned go past the
         // cache's capacity: one call for a peer's whole `SpendOutputs` (thousands of coins spread over a
         // shard's blocks) held up to one 32 KiB block per key at once, and the freed blocks stayed in
-        // glibc's heap as holes (446 MiB of heap on 32M txs, ~75 of it RocksDB's accounting).
+        // glibc's heap as holes (446 MiB of heap on 32M txs, ~75 of it RocksDB's accounting). Each chunk
+        // is a read of its own, so a write landing between two may show in the later one only; no caller
+        // needs one view of many keys (a coin's `txs` and `outputs` reads were never one view either).
         for chunk in sorted.chunks(MULTI_GET_CHUNK) {
             let answers = self.db.batched_multi_get_cf(
                 self.handle(cf),
