@@ -363,12 +363,11 @@ impl Store for RocksStore {
         // glibc's heap as holes (446 MiB of heap on 32M txs, ~75 of it RocksDB's accounting). Each chunk
         // is a read of its own, so a write landing between two may show in the later one only; no caller
         // needs one view of many keys (a coin's `txs` and `outputs` reads were never one view either).
+        let handle = self.handle(cf);
         for chunk in sorted.chunks(MULTI_GET_CHUNK) {
-            let answers = self.db.batched_multi_get_cf(
-                self.handle(cf),
-                chunk.iter().map(|&(_, key, _)| key),
-                true,
-            );
+            let answers =
+                self.db
+                    .batched_multi_get_cf(handle, chunk.iter().map(|&(_, key, _)| key), true);
             for (&(_, _, i), value) in chunk.iter().zip(answers) {
                 values[i] = value.map_err(engine)?.map(|v| v.to_vec());
             }
