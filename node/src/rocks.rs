@@ -135,7 +135,7 @@ fn cf_options(cf: Cf, writer: TableWriter, mode: WriteMode) -> Options {
     // where they grew with the data; L0's, read by every lookup, stay pinned. Not those of the column
     // families a backfill leaves to the full compaction: their L0 files pile up unread, and their pinned
     // blocks had pushed the cache past its size (86 MiB of 64 after 7.99M txs), so that the filters of
-    // `outputs`, which every lookup reads, were read in again and again (RocksDB's statistics, 7.99M
+    // `outputs` (it had one before format 10), which every lookup read, were read in again and again (RocksDB's statistics, 7.99M
     // txs: 114 GB of filter blocks brought into the cache during the backfill, 35 GB unpinned).
     table.set_cache_index_and_filter_blocks(true);
     table.set_cache_index_and_filter_blocks_with_high_priority(true);
@@ -190,6 +190,47 @@ fn cf_options(cf: Cf, writer: TableWriter, mode: WriteMode) -> Options {
 }
 
 impl RocksStore {
+    /// [`Store::multi_get`], calling `between_chunks` after every chunk but the last (a test writes there).
+    fn multi_get_chunked(
+        &self,
+        cf: Cf,
+        keys: &[&[u8]],
+        mut between_chunks: impl FnMut(),
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        // RocksDB sorts the keys itself unless told they are sorted, with a comparator that goes through a
+        // virtual call and `memcmp` per comparison (~3% of a backfill's CPU); sorted here by prefix first.
+        let sorted = sort_by_key(keys.iter().copied().zip(0..));
+        let mut values: Vec<Option<Vec<u8>>> = vec![None; keys.len()];
+        // Each answer pins the block it lies in until it is copied out, and blocks pinned go past the
+        // cache's capacity: one call for a peer's whole `SpendOutputs` (thousands of coins spread over a
+        // shard's blocks) held up to one 32 KiB block per key at once, and the freed blocks stayed in
+        // glibc's heap as holes (446 MiB of heap on 32M txs, ~75 of it RocksDB's accounting). So a call
+        // reads 256 keys at a time, all of them at one snapshot, so that it stays one view of the
+        // database, as one `MultiGet` is (a write landing between two chunks is in neither).
+        let handle = self.handle(cf);
+        let snapshot = (sorted.len() > MULTI_GET_CHUNK).then(|| self.db.snapshot());
+        let mut read = rocksdb::ReadOptions::default();
+        if let Some(snapshot) = &snapshot {
+            read.set_snapshot(snapshot);
+        }
+        let mut chunks = sorted.chunks(MULTI_GET_CHUNK).peekable();
+        while let Some(chunk) = chunks.next() {
+            let answers = self.db.batched_multi_get_cf_opt(
+                handle,
+                chunk.iter().map(|&(_, key, _)| key),
+                true,
+                &read,
+            );
+            for (&(_, _, i), value) in chunk.iter().zip(answers) {
+                values[i] = value.map_err(engine)?.map(|v| v.to_vec());
+            }
+            if chunks.peek().is_some() {
+                between_chunks();
+            }
+        }
+        Ok(values)
+    }
+
     pub fn open(path: &Path) -> Result<RocksStore, StoreError> {
         RocksStore::open_with(path, WriteMode::Settled)
     }
@@ -353,26 +394,7 @@ impl Store for RocksStore {
     }
 
     fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        // RocksDB sorts the keys itself unless told they are sorted, with a comparator that goes through a
-        // virtual call and `memcmp` per comparison (~3% of a backfill's CPU); sorted here by prefix first.
-        let sorted = sort_by_key(keys.iter().copied().zip(0..));
-        let mut values: Vec<Option<Vec<u8>>> = vec![None; keys.len()];
-        // Each answer pins the block it lies in until it is copied out, and blocks pinned go past the
-        // cache's capacity: one call for a peer's whole `SpendOutputs` (thousands of coins spread over a
-        // shard's blocks) held up to one 32 KiB block per key at once, and the freed blocks stayed in
-        // glibc's heap as holes (446 MiB of heap on 32M txs, ~75 of it RocksDB's accounting). Each chunk
-        // is a read of its own, so a write landing between two may show in the later one only; no caller
-        // needs one view of many keys (a coin's `txs` and `outputs` reads were never one view either).
-        let handle = self.handle(cf);
-        for chunk in sorted.chunks(MULTI_GET_CHUNK) {
-            let answers =
-                self.db
-                    .batched_multi_get_cf(handle, chunk.iter().map(|&(_, key, _)| key), true);
-            for (&(_, _, i), value) in chunk.iter().zip(answers) {
-                values[i] = value.map_err(engine)?.map(|v| v.to_vec());
-            }
-        }
-        Ok(values)
+        self.multi_get_chunked(cf, keys, || {})
     }
 
     fn write(&self, batch: Batch, sync: bool) -> Result<(), StoreError> {
@@ -631,6 +653,38 @@ mod tests {
             let expected = (n % 3 == 0).then(|| n.to_string().into_bytes());
             assert_eq!(value, &expected, "key {n}");
         }
+    }
+
+    #[test]
+    fn multi_get_is_one_view_across_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path()).unwrap();
+        let keys: Vec<[u8; 4]> = (0..2 * MULTI_GET_CHUNK as u32)
+            .map(u32::to_be_bytes)
+            .collect();
+        let mut batch = Batch::default();
+        for key in &keys {
+            batch.put(Cf::Outputs, key, b"before");
+        }
+        store.write(batch, false).unwrap();
+        let refs: Vec<&[u8]> = keys.iter().map(|key| key.as_slice()).collect();
+        // Between the two chunks, a write to the last key and a delete of the one before it.
+        let got = store
+            .multi_get_chunked(Cf::Outputs, &refs, || {
+                let mut batch = Batch::default();
+                batch.put(Cf::Outputs, keys[keys.len() - 1], b"after");
+                batch.delete(Cf::Outputs, keys[keys.len() - 2]);
+                store.write(batch, false).unwrap();
+            })
+            .unwrap();
+        assert!(
+            got.iter()
+                .all(|value| value.as_deref() == Some(&b"before"[..]))
+        );
+        // The write did land.
+        let now = store.multi_get(Cf::Outputs, &refs).unwrap();
+        assert_eq!(now[keys.len() - 1].as_deref(), Some(&b"after"[..]));
+        assert_eq!(now[keys.len() - 2], None);
     }
 
     #[test]
