@@ -174,7 +174,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct UpArgs {
-    /// Block source: blk:DIR or rpc:http://user:pass@host:port. Default: a chain generated into DATA/chain.
+    /// Block source: blk:DIR, datadir:DIR or rpc:http://user:pass@host:port. Default: a chain generated
+    /// into DATA/chain.
     #[arg(long)]
     source: Option<String>,
     /// Worker processes to start.

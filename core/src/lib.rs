@@ -1,4 +1,5 @@
-//! chainidx-core: what every process agrees on, with no RocksDB and no networking of its own.
+//! chainidx-core: what every process agrees on, with no RocksDB; its only networking is the `rpc:` block
+//! source's HTTP client.
 //!
 //! # Layout
 //! - [`chain`]: script classification, script hashes and address encoding (rust-bitcoin underneath).

@@ -17,7 +17,8 @@ pub enum Cf {
     Headers,
     /// block hash → height.
     BlockHashes,
-    /// height → per tx in block order: txid check (4) ‖ length (3): where each tx's bytes are in its block.
+    /// height ‖ position of a row's first tx (a multiple of 64) → that tx's offset, then per tx in block
+    /// order: txid check (4) ‖ length (3): where each tx's bytes are in its block.
     TxPositions,
     /// txid key → height ‖ position.
     Txs,
