@@ -346,8 +346,8 @@ pub enum ScanFrom<'a> {
 pub trait Store: Send + Sync + 'static {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
-    /// [`Store::get`] of many keys at once (the engine can share the work of finding them). RocksDB's
-    /// answers them from one snapshot, so a write landing meanwhile is in all of them or in none; this
+    /// [`Store::get`] of many keys at once (the engine can share the work of finding them). The RocksDB
+    /// engine answers them from one snapshot, so a write landing meanwhile is in all of them or in none; this
     /// default, one `get` per key, does not.
     fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         keys.iter().map(|key| self.get(cf, key)).collect()

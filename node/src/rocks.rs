@@ -135,8 +135,9 @@ fn cf_options(cf: Cf, writer: TableWriter, mode: WriteMode) -> Options {
     // where they grew with the data; L0's, read by every lookup, stay pinned. Not those of the column
     // families a backfill leaves to the full compaction: their L0 files pile up unread, and their pinned
     // blocks had pushed the cache past its size (86 MiB of 64 after 7.99M txs), so that the filters of
-    // `outputs` (it had one before format 10), which every lookup read, were read in again and again (RocksDB's statistics, 7.99M
-    // txs: 114 GB of filter blocks brought into the cache during the backfill, 35 GB unpinned).
+    // `outputs` (it had one before format 10), which every lookup read, were read in again and again
+    // (RocksDB's statistics, 7.99M txs: 114 GB of filter blocks brought into the cache during the
+    // backfill, 35 GB unpinned).
     table.set_cache_index_and_filter_blocks(true);
     table.set_cache_index_and_filter_blocks_with_high_priority(true);
     table.set_pin_l0_filter_and_index_blocks_in_cache(
