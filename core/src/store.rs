@@ -413,6 +413,19 @@ pub trait Store: Send + Sync + 'static {
         from: ScanFrom<'_>,
         visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StoreError>;
+
+    /// [`Store::scan`] for a pass that reads its rows once (a whole column family: `pending`, a txid
+    /// filter's keys, the drop of spent coins' rows). The engine need not keep what it reads in its
+    /// cache, where it would push out the blocks that lookups come back to.
+    fn scan_once(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        from: ScanFrom<'_>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        self.scan(cf, prefix, from, visit)
+    }
 }
 
 #[cfg(test)]

@@ -191,6 +191,53 @@ fn cf_options(cf: Cf, writer: TableWriter, mode: WriteMode) -> Options {
 }
 
 impl RocksStore {
+    /// [`Store::scan`]; `fill_cache: false` reads blocks around the block cache (RocksDB still caches the
+    /// index and filter blocks it needs to find them).
+    fn scan_with(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        from: ScanFrom<'_>,
+        fill_cache: bool,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut read = rocksdb::ReadOptions::default();
+        read.fill_cache(fill_cache);
+        let mut iter = self.db.raw_iterator_cf_opt(self.handle(cf), read);
+        let reverse = match from {
+            ScanFrom::First => {
+                iter.seek(prefix);
+                false
+            }
+            ScanFrom::Last => {
+                // Larger than every key with this prefix (our keys are at most 45 bytes).
+                let mut upper = prefix.to_vec();
+                upper.extend_from_slice(&[0xff; 64]);
+                iter.seek_for_prev(&upper);
+                true
+            }
+            ScanFrom::AtOrBefore(key) => {
+                iter.seek_for_prev(key);
+                true
+            }
+            ScanFrom::AtOrAfter(key) => {
+                iter.seek(key);
+                false
+            }
+        };
+        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
+            if !key.starts_with(prefix) || !visit(key, value) {
+                break;
+            }
+            if reverse {
+                iter.prev();
+            } else {
+                iter.next();
+            }
+        }
+        iter.status().map_err(engine)
+    }
+
     /// [`Store::multi_get`], calling `between_chunks` after every chunk but the last (a test writes there).
     fn multi_get_chunked(
         &self,
@@ -497,39 +544,17 @@ impl Store for RocksStore {
         from: ScanFrom<'_>,
         visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StoreError> {
-        let mut iter = self.db.raw_iterator_cf(self.handle(cf));
-        let reverse = match from {
-            ScanFrom::First => {
-                iter.seek(prefix);
-                false
-            }
-            ScanFrom::Last => {
-                // Larger than every key with this prefix (our keys are at most 45 bytes).
-                let mut upper = prefix.to_vec();
-                upper.extend_from_slice(&[0xff; 64]);
-                iter.seek_for_prev(&upper);
-                true
-            }
-            ScanFrom::AtOrBefore(key) => {
-                iter.seek_for_prev(key);
-                true
-            }
-            ScanFrom::AtOrAfter(key) => {
-                iter.seek(key);
-                false
-            }
-        };
-        while let (Some(key), Some(value)) = (iter.key(), iter.value()) {
-            if !key.starts_with(prefix) || !visit(key, value) {
-                break;
-            }
-            if reverse {
-                iter.prev();
-            } else {
-                iter.next();
-            }
-        }
-        iter.status().map_err(engine)
+        self.scan_with(cf, prefix, from, true, visit)
+    }
+
+    fn scan_once(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        from: ScanFrom<'_>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        self.scan_with(cf, prefix, from, false, visit)
     }
 }
 
@@ -801,5 +826,45 @@ mod tests {
         batch.delete(Cf::Txs, b"a");
         assert!(store.bulk_load(&batch).is_err());
         assert!(store.get(Cf::Txs, b"a").unwrap().is_some());
+    }
+
+    #[test]
+    fn scan_once_reads_around_the_block_cache_and_scan_fills_it() {
+        use rocksdb::perf::{PerfContext, PerfMetric, PerfStatsLevel, set_perf_stats};
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path()).unwrap();
+        // ~2 MB of rows in one table file: some 60 blocks of 32 KiB.
+        let mut batch = Batch::default();
+        for i in 0u32..20_000 {
+            batch.put(Cf::Pending, i.to_be_bytes(), [i as u8; 100]);
+        }
+        store.bulk_load(&batch).unwrap();
+        // The perf context is per thread, so other tests' reads do not count here.
+        set_perf_stats(PerfStatsLevel::EnableCount);
+        let mut perf = PerfContext::default();
+        let mut blocks_read = |once: bool| {
+            perf.reset();
+            let mut rows = 0;
+            let visit = &mut |_: &[u8], _: &[u8]| {
+                rows += 1;
+                true
+            };
+            if once {
+                store.scan_once(Cf::Pending, &[], ScanFrom::First, visit)
+            } else {
+                store.scan(Cf::Pending, &[], ScanFrom::First, visit)
+            }
+            .unwrap();
+            assert_eq!(rows, 20_000);
+            perf.metric(PerfMetric::BlockReadCount)
+        };
+        let first = blocks_read(true);
+        assert!(first > 50, "{first} blocks read");
+        // Nothing the first pass read was kept: the second reads every data block again.
+        assert!(blocks_read(true) + 5 >= first);
+        assert!(blocks_read(false) + 5 >= first);
+        // A cached scan kept them.
+        assert_eq!(blocks_read(false), 0);
+        set_perf_stats(PerfStatsLevel::Disable);
     }
 }

@@ -200,7 +200,7 @@ impl Shard {
         };
         let mut keys: Vec<[u8; KEY_HASH_LEN]> = Vec::new();
         self.store
-            .scan(Cf::Txs, &[], ScanFrom::First, &mut |key, _| {
+            .scan_once(Cf::Txs, &[], ScanFrom::First, &mut |key, _| {
                 if let Ok(key) = key.try_into() {
                     keys.push(key);
                 }
@@ -384,7 +384,7 @@ impl Shard {
         let mut out: Vec<PendingSpend> = Vec::with_capacity(limit.saturating_add(64).min(1 << 20));
         let mut bad = None;
         self.store
-            .scan(Cf::Pending, &[], ScanFrom::First, &mut |key, value| {
+            .scan_once(Cf::Pending, &[], ScanFrom::First, &mut |key, value| {
                 match (key.len() == 12, decode_pending(value)) {
                     (true, Some(row)) => {
                         let (height, position) =
@@ -420,7 +420,7 @@ impl Shard {
         let mut out = Vec::new();
         let mut bad = None;
         self.store
-            .scan(Cf::Notices, &[], ScanFrom::First, &mut |key, value| {
+            .scan_once(Cf::Notices, &[], ScanFrom::First, &mut |key, value| {
                 match (
                     key.len() == 12 && value.len() == 72,
                     PendingInput::decode(value.get(..68).unwrap_or_default()),
@@ -1206,7 +1206,7 @@ pub fn drop_spent_outputs(store: &dyn Store, coin_rows: &Mutex<()>) -> Result<u6
             Some(key) => ScanFrom::AtOrAfter(key),
             None => ScanFrom::First,
         };
-        store.scan(Cf::Outspends, &[], from, &mut |key, _| {
+        store.scan_once(Cf::Outspends, &[], from, &mut |key, _| {
             if after.as_deref() != Some(key) {
                 spent.push(key.to_vec());
             }
@@ -1219,7 +1219,7 @@ pub fn drop_spent_outputs(store: &dyn Store, coin_rows: &Mutex<()>) -> Result<u6
         // coin is), matched against it in key order: two sorted scans instead of a lookup per coin.
         let mut batch = Batch::default();
         let mut next_spent = spent.iter().peekable();
-        store.scan(
+        store.scan_once(
             Cf::Outputs,
             &[],
             ScanFrom::AtOrAfter(&first),
