@@ -8,7 +8,7 @@
 
 use anyhow::Context;
 use chainidx_core::schema::Cf;
-use chainidx_core::store::{ScanFrom, Store};
+use chainidx_core::store::{Reads, ScanFrom};
 use chainidx_node::rocks::RocksStore;
 use std::io::Write;
 use std::path::PathBuf;

@@ -9,7 +9,7 @@ use bitcoin::{Block, Network, ScriptBuf, Txid};
 use chainidx::sandbox::SandboxBuilder;
 use chainidx_core::chain::{ScriptType, address_of, script_for_address, scripthash};
 use chainidx_core::schema::{Cf, Hash32, SpentScript, decode_prevout};
-use chainidx_core::store::{ScanFrom, Store};
+use chainidx_core::store::{Reads, ScanFrom};
 use chainidx_node::rocks::RocksStore;
 use chainidx_node::shard::{Shard, Write};
 use chainidx_proto as pb;
@@ -121,6 +121,7 @@ fn every_mainnet_block_decodes_to_its_expected_rows() {
             // The stored transaction carries exactly this output.
             let tx = stored_txs.entry(txid).or_insert_with(|| {
                 let detail = shard
+                    .view()
                     .tx(&txid_bytes(&txid))
                     .unwrap()
                     .unwrap_or_else(|| panic!("tx {txid} not stored"));
@@ -128,7 +129,10 @@ fn every_mainnet_block_decodes_to_its_expected_rows() {
                 // Keys hold a 12-byte txid prefix: a txid sharing it but not the rest is not this tx.
                 let mut twin = txid_bytes(&txid);
                 twin[31] ^= 1;
-                assert!(shard.tx(&twin).unwrap().is_none(), "{txid}'s prefix twin");
+                assert!(
+                    shard.view().tx(&twin).unwrap().is_none(),
+                    "{txid}'s prefix twin"
+                );
                 deserialize(&detail.raw).unwrap()
             });
             assert_eq!(tx.output[vout].value.to_sat(), value, "{txid}:{vout}");
@@ -141,7 +145,7 @@ fn every_mainnet_block_decodes_to_its_expected_rows() {
         }
         // Per-address funding rows equal the expected outputs, script by script.
         for (sh, (count, sum)) in &funded {
-            let stats = shard.address_stats(sh).unwrap();
+            let stats = shard.view().address_stats(sh).unwrap();
             assert_eq!(
                 (stats.funded_txo_count, stats.funded_sum),
                 (*count, *sum),
@@ -159,6 +163,7 @@ fn every_mainnet_block_decodes_to_its_expected_rows() {
 /// decoding was there.
 fn check_block_meta(shard: &Shard, height: u32, block: &Block) -> bool {
     let lookup = shard
+        .view()
         .block(&pb::shard_block_request::Key::Height(height), false)
         .unwrap();
     assert!(lookup.found, "block {height}");
@@ -263,7 +268,7 @@ fn check_prevouts(height: u32) {
 
     for tx in block.txdata.iter().skip(1) {
         let txid = tx.compute_txid();
-        let detail = shard.tx(&txid_bytes(&txid)).unwrap().unwrap();
+        let detail = shard.view().tx(&txid_bytes(&txid)).unwrap().unwrap();
         for (vin, prevout) in detail.prevouts.iter().enumerate() {
             let (value, script) = &recorded[&(txid, vin as u32)];
             assert_eq!(prevout.value, *value, "value spent by {txid}:{vin}");
@@ -279,7 +284,7 @@ fn check_prevouts(height: u32) {
     assert!(activity.len() > 900);
     for row in activity {
         let script = script_for_address(&row[0], Network::Bitcoin).unwrap();
-        let stats = shard.address_stats(&scripthash(&script)).unwrap();
+        let stats = shard.view().address_stats(&scripthash(&script)).unwrap();
         let want: Vec<u64> = row[1..5].iter().map(|v| v.parse().unwrap()).collect();
         assert_eq!(
             vec![
@@ -343,6 +348,7 @@ fn a_spent_coin_is_answered_from_its_tx_body_once_its_row_is_dropped() {
     let sh = scripthash(&output.script_pubkey);
     let unspent = |shard: &Shard| -> Vec<(Vec<u8>, u32, u64)> {
         let mut utxos: Vec<_> = shard
+            .view()
             .utxos(&sh)
             .unwrap()
             .into_iter()
@@ -370,7 +376,6 @@ fn a_spent_coin_is_answered_from_its_tx_body_once_its_row_is_dropped() {
 
     let key = chainidx_core::schema::coin_key(height, position, vout);
     let outputs = chainidx_core::schema::Cf::Outputs;
-    use chainidx_core::store::Store;
     assert!(store.get(outputs, &key).unwrap().is_some());
     // Until the drop, the shard knows every coin of its own has its row, so a miss needs no second look.
     let all_coin_rows = || {

@@ -584,6 +584,7 @@ async fn a_failing_source_names_the_height_and_leaves_whole_blocks() {
     let shard = worker.slot(0).unwrap().shard.clone();
     let tip_hash = node.rpc("getblockhash", json!([30])).await;
     let block = shard
+        .view()
         .block(&chainidx_proto::shard_block_request::Key::Height(30), false)
         .unwrap();
     assert!(block.found);
@@ -592,6 +593,7 @@ async fn a_failing_source_names_the_height_and_leaves_whole_blocks() {
     assert_eq!(hex::encode(stored), tip_hash.as_str().unwrap());
     assert!(
         !shard
+            .view()
             .block(&chainidx_proto::shard_block_request::Key::Height(31), false)
             .unwrap()
             .found

@@ -343,15 +343,53 @@ pub enum ScanFrom<'a> {
     AtOrAfter(&'a [u8]),
 }
 
-pub trait Store: Send + Sync + 'static {
+/// Reading rows, from the live database or from one [`Store::snapshot`] of it: query code takes this, so
+/// that a query reading several times can read one state throughout.
+pub trait Reads {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
-    /// [`Store::get`] of many keys at once (the engine can share the work of finding them). The RocksDB
+    /// [`Reads::get`] of many keys at once (the engine can share the work of finding them). The RocksDB
     /// engine answers them from one snapshot, so a write landing meanwhile is in all of them or in none; this
     /// default, one `get` per key, does not.
     fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         keys.iter().map(|key| self.get(cf, key)).collect()
     }
+
+    /// Calls `visit(key, value)` for keys starting with `prefix`, in the order `from` says, until it returns false.
+    fn scan(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        from: ScanFrom<'_>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError>;
+}
+
+impl<R: Reads + ?Sized> Reads for &R {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        (**self).get(cf, key)
+    }
+
+    fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        (**self).multi_get(cf, keys)
+    }
+
+    fn scan(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        from: ScanFrom<'_>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        (**self).scan(cf, prefix, from, visit)
+    }
+}
+
+pub trait Store: Reads + Send + Sync + 'static {
+    /// The rows as they are now, unchanged by later writes, for as long as the view lives: a query that
+    /// reads several rows (a page of history, then each tx's place, header and inputs' coins) answers
+    /// from one state even while the tip moves or a block is rolled back beside it.
+    fn snapshot(&self) -> Box<dyn Reads + '_>;
 
     /// Atomically applies `batch`. `sync` forces it to stable storage before returning.
     fn write(&self, batch: Batch, sync: bool) -> Result<(), StoreError>;
@@ -405,16 +443,7 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Calls `visit(key, value)` for keys starting with `prefix`, in the order `from` says, until it returns false.
-    fn scan(
-        &self,
-        cf: Cf,
-        prefix: &[u8],
-        from: ScanFrom<'_>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), StoreError>;
-
-    /// [`Store::scan`] for a pass that reads its rows once (a whole column family: `pending`, a txid
+    /// [`Reads::scan`] for a pass that reads its rows once (a whole column family: `pending`, a txid
     /// filter's keys, the drop of spent coins' rows). The engine need not keep what it reads in its
     /// cache, where it would push out the blocks that lookups come back to.
     fn scan_once(

@@ -3,7 +3,8 @@
 
 use chainidx_core::schema::{Cf, KEY_HASH_LEN, RETIRED_CFS};
 use chainidx_core::store::{
-    Batch, EngineMemory, GatheredRows, Op, ScanFrom, SortScratch, Store, StoreError, key_prefix,
+    Batch, EngineMemory, GatheredRows, Op, Reads, ScanFrom, SortScratch, Store, StoreError,
+    key_prefix,
 };
 use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DB, Options, WriteOptions};
 use std::path::Path;
@@ -191,18 +192,38 @@ fn cf_options(cf: Cf, writer: TableWriter, mode: WriteMode) -> Options {
 }
 
 impl RocksStore {
-    /// [`Store::scan`]; `fill_cache: false` reads blocks around the block cache (RocksDB still caches the
-    /// index and filter blocks it needs to find them).
+    /// [`Reads::get`], at `snapshot` if given.
+    fn get_at(
+        &self,
+        cf: Cf,
+        key: &[u8],
+        snapshot: Option<&rocksdb::Snapshot<'_>>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut read = rocksdb::ReadOptions::default();
+        if let Some(snapshot) = snapshot {
+            read.set_snapshot(snapshot);
+        }
+        self.db
+            .get_cf_opt(self.handle(cf), key, &read)
+            .map_err(engine)
+    }
+
+    /// [`Reads::scan`], at `snapshot` if given; `fill_cache: false` reads blocks around the block cache
+    /// (RocksDB still caches the index and filter blocks it needs to find them).
     fn scan_with(
         &self,
         cf: Cf,
         prefix: &[u8],
         from: ScanFrom<'_>,
         fill_cache: bool,
+        snapshot: Option<&rocksdb::Snapshot<'_>>,
         visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StoreError> {
         let mut read = rocksdb::ReadOptions::default();
         read.fill_cache(fill_cache);
+        if let Some(snapshot) = snapshot {
+            read.set_snapshot(snapshot);
+        }
         let mut iter = self.db.raw_iterator_cf_opt(self.handle(cf), read);
         let reverse = match from {
             ScanFrom::First => {
@@ -238,11 +259,13 @@ impl RocksStore {
         iter.status().map_err(engine)
     }
 
-    /// [`Store::multi_get`], calling `between_chunks` after every chunk but the last (a test writes there).
+    /// [`Reads::multi_get`], at `snapshot` if given, calling `between_chunks` after every chunk but the
+    /// last (a test writes there).
     fn multi_get_chunked(
         &self,
         cf: Cf,
         keys: &[&[u8]],
+        snapshot: Option<&rocksdb::Snapshot<'_>>,
         mut between_chunks: impl FnMut(),
     ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         // RocksDB sorts the keys itself unless told they are sorted, with a comparator that goes through a
@@ -256,9 +279,10 @@ impl RocksStore {
         // reads 256 keys at a time, all of them at one snapshot, so that it stays one view of the
         // database, as one `MultiGet` is (a write landing between two chunks is in neither).
         let handle = self.handle(cf);
-        let snapshot = (sorted.len() > MULTI_GET_CHUNK).then(|| self.db.snapshot());
+        let own_snapshot =
+            (snapshot.is_none() && sorted.len() > MULTI_GET_CHUNK).then(|| self.db.snapshot());
         let mut read = rocksdb::ReadOptions::default();
-        if let Some(snapshot) = &snapshot {
+        if let Some(snapshot) = snapshot.or(own_snapshot.as_ref()) {
             read.set_snapshot(snapshot);
         }
         let mut chunks = sorted.chunks(MULTI_GET_CHUNK).peekable();
@@ -436,13 +460,60 @@ fn sort_by_key<'a, T>(items: impl Iterator<Item = (&'a [u8], T)>) -> Vec<(u128, 
         .collect()
 }
 
-impl Store for RocksStore {
+impl Reads for RocksStore {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.db.get_cf(self.handle(cf), key).map_err(engine)
+        self.get_at(cf, key, None)
     }
 
     fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        self.multi_get_chunked(cf, keys, || {})
+        self.multi_get_chunked(cf, keys, None, || {})
+    }
+
+    fn scan(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        from: ScanFrom<'_>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        self.scan_with(cf, prefix, from, true, None, visit)
+    }
+}
+
+/// A RocksDB snapshot of a shard's database: what [`Store::snapshot`] hands a query.
+struct RocksSnapshot<'a> {
+    store: &'a RocksStore,
+    snapshot: rocksdb::Snapshot<'a>,
+}
+
+impl Reads for RocksSnapshot<'_> {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.store.get_at(cf, key, Some(&self.snapshot))
+    }
+
+    fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        self.store
+            .multi_get_chunked(cf, keys, Some(&self.snapshot), || {})
+    }
+
+    fn scan(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        from: ScanFrom<'_>,
+        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        self.store
+            .scan_with(cf, prefix, from, true, Some(&self.snapshot), visit)
+    }
+}
+
+impl Store for RocksStore {
+    fn snapshot(&self) -> Box<dyn Reads + '_> {
+        Box::new(RocksSnapshot {
+            store: self,
+            snapshot: self.db.snapshot(),
+        })
     }
 
     fn write(&self, batch: Batch, sync: bool) -> Result<(), StoreError> {
@@ -537,16 +608,6 @@ impl Store for RocksStore {
         Ok(())
     }
 
-    fn scan(
-        &self,
-        cf: Cf,
-        prefix: &[u8],
-        from: ScanFrom<'_>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), StoreError> {
-        self.scan_with(cf, prefix, from, true, visit)
-    }
-
     fn scan_once(
         &self,
         cf: Cf,
@@ -554,7 +615,7 @@ impl Store for RocksStore {
         from: ScanFrom<'_>,
         visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StoreError> {
-        self.scan_with(cf, prefix, from, false, visit)
+        self.scan_with(cf, prefix, from, false, None, visit)
     }
 }
 
@@ -696,7 +757,7 @@ mod tests {
         let refs: Vec<&[u8]> = keys.iter().map(|key| key.as_slice()).collect();
         // Between the two chunks, a write to the last key and a delete of the one before it.
         let got = store
-            .multi_get_chunked(Cf::Outputs, &refs, || {
+            .multi_get_chunked(Cf::Outputs, &refs, None, || {
                 let mut batch = Batch::default();
                 batch.put(Cf::Outputs, keys[keys.len() - 1], b"after");
                 batch.delete(Cf::Outputs, keys[keys.len() - 2]);
@@ -711,6 +772,67 @@ mod tests {
         let now = store.multi_get(Cf::Outputs, &refs).unwrap();
         assert_eq!(now[keys.len() - 1].as_deref(), Some(&b"after"[..]));
         assert_eq!(now[keys.len() - 2], None);
+    }
+
+    #[test]
+    fn a_snapshot_reads_the_rows_as_they_were_when_it_was_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RocksStore::open(dir.path()).unwrap();
+        let mut batch = Batch::default();
+        for key in [b"a1", b"a2", b"a3"] {
+            batch.put(Cf::History, key, b"before");
+        }
+        store.write(batch, false).unwrap();
+        let snapshot = store.snapshot();
+        let mut batch = Batch::default();
+        batch.put(Cf::History, b"a1", b"after");
+        batch.delete(Cf::History, b"a2");
+        batch.put(Cf::History, b"a4", b"new");
+        store.write(batch, false).unwrap();
+        // A flush moves the rows into a table file: the snapshot must still hold the old ones.
+        store.flush().unwrap();
+
+        let rows = |reads: &dyn Reads| {
+            let mut rows = Vec::new();
+            reads
+                .scan(Cf::History, b"a", ScanFrom::First, &mut |key, value| {
+                    rows.push((key.to_vec(), value.to_vec()));
+                    true
+                })
+                .unwrap();
+            rows
+        };
+        let row = |key: &[u8], value: &[u8]| (key.to_vec(), value.to_vec());
+        assert_eq!(
+            rows(&*snapshot),
+            [
+                row(b"a1", b"before"),
+                row(b"a2", b"before"),
+                row(b"a3", b"before")
+            ]
+        );
+        assert_eq!(
+            rows(&store),
+            [
+                row(b"a1", b"after"),
+                row(b"a3", b"before"),
+                row(b"a4", b"new")
+            ]
+        );
+        let keys: [&[u8]; 3] = [b"a1", b"a2", b"a4"];
+        assert_eq!(
+            snapshot.multi_get(Cf::History, &keys).unwrap(),
+            [Some(b"before".to_vec()), Some(b"before".to_vec()), None]
+        );
+        assert_eq!(
+            store.multi_get(Cf::History, &keys).unwrap(),
+            [Some(b"after".to_vec()), None, Some(b"new".to_vec())]
+        );
+        assert_eq!(
+            snapshot.get(Cf::History, b"a2").unwrap().as_deref(),
+            Some(&b"before"[..])
+        );
+        assert_eq!(store.get(Cf::History, b"a2").unwrap(), None);
     }
 
     #[test]

@@ -222,7 +222,7 @@ impl Worker for WorkerService {
         let total = blocking(move || {
             let mut total = pb::AddressStats::default();
             for shard in shards {
-                add_to(&mut total, &shard.address_stats(&sh)?);
+                add_to(&mut total, &shard.view().address_stats(&sh)?);
             }
             Ok(total)
         })
@@ -249,11 +249,14 @@ impl Worker for WorkerService {
                 if room == 0 {
                     break;
                 }
-                if shard.address_stats(&sh)?.tx_count == 0 {
+                // One snapshot for the shard's stats row, history rows and txs: a block rolled back
+                // meanwhile is missing from all of them, not only from some.
+                let view = shard.view();
+                if view.address_stats(&sh)?.tx_count == 0 {
                     continue;
                 }
                 page.shards_scanned += 1;
-                page.txs.extend(shard.history(&sh, before, room)?);
+                page.txs.extend(view.history(&sh, before, room)?);
             }
             Ok(page)
         })
@@ -271,11 +274,12 @@ impl Worker for WorkerService {
         let list = blocking(move || {
             let mut list = pb::ShardUtxoList::default();
             for shard in shards {
-                if shard.address_stats(&sh)?.funded_txo_count == 0 {
+                let view = shard.view();
+                if view.address_stats(&sh)?.funded_txo_count == 0 {
                     continue;
                 }
                 list.shards_scanned += 1;
-                list.utxos.extend(shard.utxos(&sh)?);
+                list.utxos.extend(view.utxos(&sh)?);
             }
             Ok(list)
         })
@@ -293,7 +297,7 @@ impl Worker for WorkerService {
         // Newest first: of two BIP30 duplicates, the later one is the tx.
         let tx = blocking(move || {
             for shard in shards {
-                if let Some(tx) = shard.tx(&txid)? {
+                if let Some(tx) = shard.view().tx(&txid)? {
                     return Ok(Some(tx));
                 }
             }
@@ -317,7 +321,7 @@ impl Worker for WorkerService {
             .ok_or_else(|| Status::invalid_argument("block key missing"))?;
         let with_txids = r.with_txids;
         Ok(Response::new(
-            blocking(move || Ok(shard.block(&key, with_txids)?)).await?,
+            blocking(move || Ok(shard.view().block(&key, with_txids)?)).await?,
         ))
     }
 
@@ -330,7 +334,7 @@ impl Worker for WorkerService {
         let txid = hash32(&r.txid, "txid")?;
         let outspends = blocking(move || {
             for shard in shards {
-                if let Some(outspends) = shard.outspends(&txid)? {
+                if let Some(outspends) = shard.view().outspends(&txid)? {
                     return Ok(Some(outspends));
                 }
             }
@@ -355,7 +359,7 @@ impl Worker for WorkerService {
         let txids = blocking(move || {
             let mut txids = vec![Vec::new(); spends.len()];
             for shard in shards {
-                for (slot, txid) in txids.iter_mut().zip(shard.spender_txids(&spends)?) {
+                for (slot, txid) in txids.iter_mut().zip(shard.view().spender_txids(&spends)?) {
                     if let Some(txid) = txid {
                         *slot = txid.to_vec();
                     }

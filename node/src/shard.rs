@@ -18,7 +18,7 @@ use chainidx_core::schema::{
 };
 use chainidx_core::source::{BlockSource, SourceError, SpentCoin};
 use chainidx_core::spent_script::{self, Commitment};
-use chainidx_core::store::{Batch, ScanFrom, Store, StoreError};
+use chainidx_core::store::{Batch, Reads, ScanFrom, Store, StoreError};
 use chainidx_proto as pb;
 use prost::Message;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -268,6 +268,23 @@ impl Shard {
         self.store.memory_usage()
     }
 
+    /// One snapshot of this shard's rows for a whole query ([`ShardView`]).
+    pub fn view(&self) -> ShardView<'_> {
+        ShardView {
+            shard: self,
+            rows: self.store.snapshot(),
+        }
+    }
+
+    /// This shard's live rows, read through the same code as queries' views.
+    fn live(&self) -> ShardView<'_> {
+        let rows: &dyn Reads = &*self.store;
+        ShardView {
+            shard: self,
+            rows: Box::new(rows),
+        }
+    }
+
     pub fn state(&self) -> pb::ShardState {
         *self.state.lock().expect("state lock")
     }
@@ -284,15 +301,6 @@ impl Shard {
         let mut state = self.state();
         state.phase = phase as i32;
         self.save_state(state)
-    }
-
-    fn load_stats(&self, sh: &ScriptHash) -> Result<pb::AddressStats, ShardError> {
-        match self.store.get(Cf::History, &schema::stats_key(sh))? {
-            Some(bytes) => {
-                pb::AddressStats::decode(bytes.as_slice()).map_err(|e| corrupt("address stats", e))
-            }
-            None => Ok(pb::AddressStats::default()),
-        }
     }
 
     /// Adds this batch's per-address deltas to the stored totals (a merge: no read). In key order: the
@@ -562,7 +570,12 @@ impl Shard {
         // most outpoints of other shards), then the rows of those coins (one `MultiGet` of `outputs`).
         let txid_refs: Vec<&Hash32> = prev_txids.iter().collect();
         let mut ours = Vec::new();
-        for (index, at) in self.key_positions(&txid_refs)?.into_iter().enumerate() {
+        for (index, at) in self
+            .live()
+            .key_positions(&txid_refs)?
+            .into_iter()
+            .enumerate()
+        {
             if let Some((height, position)) = at {
                 ours.push((index, coin_key(height, position, spends[index].prev_vout)));
             }
@@ -610,7 +623,7 @@ impl Shard {
             for (key, index) in from_bodies {
                 let (height, position) = (schema::be_u32(&key[..4]), schema::be_u32(&key[4..8]));
                 let (txid, vout) = (&prev_txids[index], spends[index].prev_vout);
-                if let Some(out) = self.coin_in_body(height, position, txid, vout)? {
+                if let Some(out) = self.live().coin_in_body(height, position, txid, vout)? {
                     found.push(pb::SpentOutput {
                         index: index as u32,
                         value: out.value,
@@ -634,52 +647,17 @@ impl Shard {
         Ok(found)
     }
 
-    /// Output `vout` of the tx at (height, position), read from the source, if that tx is `txid`.
-    fn coin_in_body(
-        &self,
-        height: u32,
-        position: u32,
-        txid: &Hash32,
-        vout: u32,
-    ) -> Result<Option<pb::TxOut>, ShardError> {
-        let body = self.tx_body(height, position)?;
-        if body.txid != *txid {
-            return Ok(None);
-        }
-        Ok(body
-            .tx
-            .output
-            .get(vout as usize)
-            .map(|out| tx_out(out.value.to_sat(), out.script_pubkey.as_bytes())))
-    }
-
-    /// The txs of block `height`, in block order, read back from the source by the hash this shard indexed
-    /// (so a block a reorg took off the best chain is still found).
-    fn block_txs(&self, height: u32) -> Result<Vec<(u32, Hash32, Transaction)>, ShardError> {
-        let meta = self
-            .block_meta(height)?
-            .ok_or_else(|| corrupt("block", format!("no header at height {height}")))?;
-        let hash = block_hash(&meta.hash)?;
-        let block: Block =
-            deserialize(&self.source.block_by_hash(&hash)?).map_err(|e| corrupt("block", e))?;
-        Ok(block
-            .txdata
-            .into_iter()
-            .enumerate()
-            .map(|(position, tx)| (position as u32, tx.compute_txid().to_byte_array(), tx))
-            .collect())
-    }
-
     /// Spends by block `height` of coins other shards hold: their owners must forget them on rollback.
     pub fn remote_spends_of_block(&self, height: u32) -> Result<Vec<pb::SpendRef>, ShardError> {
         let mut remote = Vec::new();
-        for (position, _, tx) in self.block_txs(height)? {
+        let live = self.live();
+        for (position, _, tx) in live.block_txs(height)? {
             if tx.is_coinbase() {
                 continue;
             }
             for (vin, input) in tx.input.iter().enumerate() {
                 let prev_txid = input.previous_output.txid.to_byte_array();
-                if !self.holds_tx(&prev_txid)? {
+                if !live.holds_tx(&prev_txid)? {
                     remote.push(pb::SpendRef {
                         prev_txid: prev_txid.to_vec(),
                         prev_vout: input.previous_output.vout,
@@ -710,7 +688,8 @@ impl Shard {
         let _coin_rows = self.coin_rows.lock().expect("coin rows lock");
         let mut batch = Batch::default();
         let mut minus: HashMap<ScriptHash, pb::AddressStats> = HashMap::new();
-        for (position, txid, tx) in self.block_txs(height)?.into_iter().rev() {
+        let live = self.live();
+        for (position, txid, tx) in live.block_txs(height)?.into_iter().rev() {
             let mut touched: Vec<ScriptHash> = Vec::new();
             if !tx.is_coinbase() {
                 for (vin, input) in tx.input.iter().enumerate() {
@@ -730,7 +709,7 @@ impl Shard {
                         batch.delete(Cf::Prevouts, input_key);
                     }
                     let prev_txid = input.previous_output.txid.to_byte_array();
-                    if let Some((coin_height, coin_position)) = self.key_position(&prev_txid)? {
+                    if let Some((coin_height, coin_position)) = live.key_position(&prev_txid)? {
                         // The coin is unspent again. A coin spent in the window that created it never
                         // had an `outputs` row: it gets one now (a rollback of its creator removes it).
                         let coin = coin_key(coin_height, coin_position, input.previous_output.vout);
@@ -772,12 +751,12 @@ impl Shard {
             position_key(height, 0),
             position_key(height + 1, 0),
         );
-        if let Some(meta) = self.block_meta(height)? {
+        if let Some(meta) = live.block_meta(height)? {
             batch.delete(Cf::BlockHashes, meta.hash);
         }
         batch.delete(Cf::Headers, schema::height_key(height));
         for (sh, m) in minus {
-            let mut stats = self.load_stats(&sh)?;
+            let mut stats = live.load_stats(&sh)?;
             let sub = |a: u64, b: u64| {
                 a.checked_sub(b)
                     .ok_or_else(|| corrupt("address stats", "rollback below zero"))
@@ -807,9 +786,10 @@ impl Shard {
         let _coin_rows = self.coin_rows.lock().expect("coin rows lock");
         let mut held = Vec::new();
         let mut batch = Batch::default();
+        let live = self.live();
         for (index, spend) in spends.iter().enumerate() {
             let prev_txid = request_txid(&spend.prev_txid, "unspend request")?;
-            let Some((coin_height, coin_position)) = self.key_position(&prev_txid)? else {
+            let Some((coin_height, coin_position)) = live.key_position(&prev_txid)? else {
                 continue; // not this shard's coin
             };
             let key = coin_key(coin_height, coin_position, spend.prev_vout);
@@ -825,7 +805,7 @@ impl Shard {
             if !has_row {
                 // A later shard's spend removed the coin's row: it is unspent again, so it gets it back.
                 let body =
-                    self.coin_in_body(coin_height, coin_position, &prev_txid, spend.prev_vout);
+                    live.coin_in_body(coin_height, coin_position, &prev_txid, spend.prev_vout);
                 let Some(out) = body? else {
                     continue;
                 };
@@ -847,13 +827,69 @@ impl Shard {
     }
 
     // ------------------------------------------------------------------ queries
+}
+
+/// A shard's rows as one query reads them: [`Shard::view`] holds one snapshot for the whole query, so that a
+/// block written or rolled back beside it is in all of its reads or in none (a history page's rows, then
+/// each tx's place, header and spent coins; a UTXO's `outspends` then `outputs` row). [`Shard::live`]
+/// reads the live rows, for indexing work that must see what was just written.
+pub struct ShardView<'a> {
+    shard: &'a Shard,
+    rows: Box<dyn Reads + 'a>,
+}
+
+impl ShardView<'_> {
+    fn load_stats(&self, sh: &ScriptHash) -> Result<pb::AddressStats, ShardError> {
+        match self.rows.get(Cf::History, &schema::stats_key(sh))? {
+            Some(bytes) => {
+                pb::AddressStats::decode(bytes.as_slice()).map_err(|e| corrupt("address stats", e))
+            }
+            None => Ok(pb::AddressStats::default()),
+        }
+    }
+
+    /// Output `vout` of the tx at (height, position), read from the source, if that tx is `txid`.
+    fn coin_in_body(
+        &self,
+        height: u32,
+        position: u32,
+        txid: &Hash32,
+        vout: u32,
+    ) -> Result<Option<pb::TxOut>, ShardError> {
+        let body = self.tx_body(height, position)?;
+        if body.txid != *txid {
+            return Ok(None);
+        }
+        Ok(body
+            .tx
+            .output
+            .get(vout as usize)
+            .map(|out| tx_out(out.value.to_sat(), out.script_pubkey.as_bytes())))
+    }
+
+    /// The txs of block `height`, in block order, read back from the source by the hash this shard indexed
+    /// (so a block a reorg took off the best chain is still found).
+    fn block_txs(&self, height: u32) -> Result<Vec<(u32, Hash32, Transaction)>, ShardError> {
+        let meta = self
+            .block_meta(height)?
+            .ok_or_else(|| corrupt("block", format!("no header at height {height}")))?;
+        let hash = block_hash(&meta.hash)?;
+        let block: Block = deserialize(&self.shard.source.block_by_hash(&hash)?)
+            .map_err(|e| corrupt("block", e))?;
+        Ok(block
+            .txdata
+            .into_iter()
+            .enumerate()
+            .map(|(position, tx)| (position as u32, tx.compute_txid().to_byte_array(), tx))
+            .collect())
+    }
 
     pub fn address_stats(&self, sh: &ScriptHash) -> Result<pb::AddressStats, ShardError> {
         self.load_stats(sh)
     }
 
     fn block_meta(&self, height: u32) -> Result<Option<pb::BlockMeta>, ShardError> {
-        self.store
+        self.rows
             .get(Cf::Headers, &schema::height_key(height))?
             .map(|bytes| {
                 pb::BlockMeta::decode(bytes.as_slice()).map_err(|e| corrupt("block meta", e))
@@ -876,7 +912,7 @@ impl Shard {
     fn slot_at(&self, height: u32, position: u32) -> Result<TxSlot, ShardError> {
         let no_tx = || corrupt("tx position", format!("no tx at {height}:{position}"));
         let bytes = self
-            .store
+            .rows
             .get(Cf::TxPositions, &schema::tx_slots_key(height, position))?
             .ok_or_else(no_tx)?;
         schema::tx_slot(&bytes, position).ok_or_else(no_tx)
@@ -891,7 +927,7 @@ impl Shard {
 
     /// Where the tx with `txid`'s 12-byte key is in this shard, if any.
     fn key_position(&self, txid: &Hash32) -> Result<Option<(u32, u32)>, ShardError> {
-        self.store
+        self.rows
             .get(Cf::Txs, &txid_key(txid))?
             .map(|bytes| tx_position(&bytes))
             .transpose()
@@ -901,7 +937,7 @@ impl Shard {
     fn key_positions(&self, txids: &[&Hash32]) -> Result<Vec<Option<(u32, u32)>>, ShardError> {
         let keys: Vec<_> = txids.iter().map(|txid| txid_key(txid)).collect();
         let refs: Vec<&[u8]> = keys.iter().map(|key| key.as_slice()).collect();
-        self.store
+        self.rows
             .multi_get(Cf::Txs, &refs)?
             .into_iter()
             .map(|row| row.map(|bytes| tx_position(&bytes)).transpose())
@@ -923,7 +959,10 @@ impl Shard {
         let slot = self.slot_at(height, position)?;
         let status = self.tx_status(height, position)?;
         let hash = block_hash(&status.block_hash)?;
-        let raw = self.source.block_slice(&hash, slot.offset, slot.len)?;
+        let raw = self
+            .shard
+            .source
+            .block_slice(&hash, slot.offset, slot.len)?;
         let tx: Transaction =
             deserialize(&raw).map_err(|e| corrupt("tx body from the source", e))?;
         let txid = tx.compute_txid().to_byte_array();
@@ -971,7 +1010,7 @@ impl Shard {
                 .map(|vin| pending_key(height, position, vin))
                 .collect();
             let key_refs: Vec<&[u8]> = keys.iter().map(|key| key.as_slice()).collect();
-            let values = self.store.multi_get(Cf::Prevouts, &key_refs)?;
+            let values = self.rows.multi_get(Cf::Prevouts, &key_refs)?;
             for (((slot, key), value), input) in
                 prevouts.iter_mut().zip(&keys).zip(values).zip(&tx.input)
             {
@@ -1000,7 +1039,7 @@ impl Shard {
             Some(key) => ScanFrom::AtOrBefore(key),
             None => ScanFrom::Last,
         };
-        self.store
+        self.rows
             .scan(Cf::History, &addr_key(sh), from, &mut |key, _| {
                 // One row per tx; the scan starts at the cursor's own row if the address has one.
                 if let Some(at) = parse_history_key(key)
@@ -1026,7 +1065,7 @@ impl Shard {
         // (height, position, vout) of every output paying `sh`, in key order.
         let mut funding: Vec<(u32, u32, u32)> = Vec::new();
         let mut malformed = None;
-        self.store.scan(
+        self.rows.scan(
             Cf::History,
             &addr_key(sh),
             ScanFrom::First,
@@ -1051,7 +1090,7 @@ impl Shard {
         let mut utxos = Vec::new();
         for (height, position, vout) in funding {
             let key = coin_key(height, position, vout);
-            if self.store.get(Cf::Outspends, &key)?.is_some() {
+            if self.rows.get(Cf::Outspends, &key)?.is_some() {
                 continue;
             }
             let missing = || {
@@ -1060,7 +1099,7 @@ impl Shard {
                     format!("no outputs row paying this address at {height}:{position}:{vout}"),
                 )
             };
-            let bytes = self.store.get(Cf::Outputs, &key)?.ok_or_else(missing)?;
+            let bytes = self.rows.get(Cf::Outputs, &key)?.ok_or_else(missing)?;
             let (txid, value, script) =
                 decode_output(&bytes).ok_or_else(|| corrupt("output", hex::encode(key)))?;
             // A ground txid pair sharing a 12-byte key can have one's coin row written where the other's
@@ -1085,14 +1124,14 @@ impl Shard {
         &self,
         spends: &[pb::SpendRef],
     ) -> Result<Vec<Option<Hash32>>, ShardError> {
-        let next_height = self.state().next_height;
+        let next_height = self.shard.state().next_height;
         let mut order: Vec<usize> = (0..spends.len()).collect();
         order.sort_unstable_by_key(|&i| (spends[i].spender_height, spends[i].spender_position));
         let mut txids = vec![None; spends.len()];
         for i in order {
             let spend = &spends[i];
             let height = spend.spender_height;
-            if height >= self.start && height < next_height {
+            if height >= self.shard.start && height < next_height {
                 let body = self.tx_body(height, spend.spender_position)?;
                 check_spender(&body.tx, spend)?;
                 txids[i] = Some(body.txid);
@@ -1109,7 +1148,7 @@ impl Shard {
         let height = match key {
             pb::shard_block_request::Key::Height(h) => Some(*h),
             pb::shard_block_request::Key::Hash(hash) => self
-                .store
+                .rows
                 .get(Cf::BlockHashes, hash)?
                 .map(|v| schema::be_u32(&v)),
         };
@@ -1150,7 +1189,7 @@ impl Shard {
         let mut outspends = Vec::with_capacity(tx.output.len());
         for vout in 0..tx.output.len() as u32 {
             let spend = match self
-                .store
+                .rows
                 .get(Cf::Outspends, &coin_key(height, position, vout))?
             {
                 Some(value) => {
@@ -1787,7 +1826,7 @@ impl<'a> IndexWindow<'a> {
                                 Some(key) => Some(key),
                                 None => match recent.iter().find_map(|w| w.place(&prev_txid)) {
                                     Some(place) => Some(place),
-                                    None => shard.key_position(&prev_txid)?,
+                                    None => shard.live().key_position(&prev_txid)?,
                                 }
                                 .map(|(h, p)| coin_key(h, p, prev_vout)),
                             };
@@ -2215,7 +2254,7 @@ fn locate_input_coins(
     let mut txs: Vec<&Hash32> = stored.iter().map(|(txid, _)| txid).collect();
     txs.dedup();
     let mut places = FastMap::default();
-    for (txid, at) in txs.iter().zip(shard.key_positions(&txs)?) {
+    for (txid, at) in txs.iter().zip(shard.live().key_positions(&txs)?) {
         if let Some(at) = at {
             places.insert(**txid, at);
         }
@@ -2559,6 +2598,14 @@ mod cross_shard_tests {
         cb
     }
 
+    /// The txids of `script`'s first history page, newest first.
+    fn history_txids(view: &ShardView, script: &ScriptBuf) -> Vec<Txid> {
+        let page = view.history(&scripthash(script), None, 10).unwrap();
+        page.iter()
+            .map(|d| deserialize::<Transaction>(&d.raw).unwrap().compute_txid())
+            .collect()
+    }
+
     fn p2wpkh(byte: u8) -> ScriptBuf {
         ScriptBuf::from_bytes([&[0x00, 0x14][..], &[byte; 20]].concat())
     }
@@ -2610,14 +2657,9 @@ mod cross_shard_tests {
         assert_eq!(state.windows_committed, 3);
         assert_eq!(state.pending_inputs, 0, "every coin spent is this shard's");
         let sh = |script: &ScriptBuf| scripthash(script);
-        let txids = |script: &ScriptBuf| -> Vec<Txid> {
-            let page = shard.history(&sh(script), None, 10).unwrap();
-            page.iter()
-                .map(|d| deserialize::<Transaction>(&d.raw).unwrap().compute_txid())
-                .collect()
-        };
+        let txids = |script: &ScriptBuf| history_txids(&shard.view(), script);
         let stats = |script: &ScriptBuf| {
-            let s = shard.address_stats(&sh(script)).unwrap();
+            let s = shard.view().address_stats(&sh(script)).unwrap();
             (s.funded_sum, s.spent_sum, s.tx_count)
         };
         assert_eq!(txids(&a), vec![spend_a_txid, funding_txid]);
@@ -2626,9 +2668,10 @@ mod cross_shard_tests {
         assert_eq!(txids(&c), vec![spend_b_c_txid, spend_a_txid]);
         assert_eq!(stats(&c), (4_000, 4_000, 2));
         for spent in [&a, &b, &c] {
-            assert!(shard.utxos(&sh(spent)).unwrap().is_empty());
+            assert!(shard.view().utxos(&sh(spent)).unwrap().is_empty());
         }
         let utxos: Vec<_> = shard
+            .view()
             .utxos(&sh(&d))
             .unwrap()
             .into_iter()
@@ -2639,7 +2682,11 @@ mod cross_shard_tests {
             vec![(spend_b_c_txid.to_byte_array().to_vec(), 0, 10_500)]
         );
         let spenders = |txid: Txid| -> Vec<_> {
-            let (_, outspends) = shard.outspends(&txid.to_byte_array()).unwrap().unwrap();
+            let (_, outspends) = shard
+                .view()
+                .outspends(&txid.to_byte_array())
+                .unwrap()
+                .unwrap();
             outspends
                 .iter()
                 .map(|o| (o.spent, o.height, o.position, o.vin))
@@ -2650,6 +2697,66 @@ mod cross_shard_tests {
             vec![(true, 1, 1, 0), (true, 2, 1, 0)]
         );
         assert_eq!(spenders(spend_a_txid), vec![(true, 2, 1, 1)]);
+    }
+
+    /// A query reads several rows in turn (stats, history rows, each tx's place and header, a coin's
+    /// `outspends` then `outputs` row). A view taken before a rollback answers every one of them as the
+    /// two blocks were, although the rollback removes block 1's rows meanwhile; a view taken after it,
+    /// as block 0 alone. Checked against the blocks.
+    #[test]
+    fn a_view_answers_from_one_state_while_a_block_is_rolled_back_beside_it() {
+        let (a, b, c) = (p2wpkh(1), p2wpkh(2), p2wpkh(3));
+        let funding = coinbase(0, vec![output(5_000, &a), output(7_000, &b)]);
+        let funding_txid = funding.compute_txid();
+        let spend_a = tx(
+            vec![OutPoint::new(funding_txid, 0)],
+            vec![output(4_000, &c)],
+        );
+        let spend_a_txid = spend_a.compute_txid();
+        let block0 = block(BlockHash::all_zeros(), vec![funding]);
+        let block1 = block(block0.block_hash(), vec![coinbase(1, vec![]), spend_a]);
+        let dir = tempfile::tempdir().unwrap();
+        let source = blk_source(dir.path(), &[&block0, &block1]);
+        let store = RocksStore::open(&dir.path().join("shard-0")).unwrap();
+        let shard = Shard::open(Arc::new(store), source, 0, 0, 2).unwrap();
+        // As the tip is followed: one block per write.
+        let mut window = shard.window(Write::Logged, 1, 2);
+        for (height, block) in [&block0, &block1].into_iter().enumerate() {
+            window.add(height as u32, block, None).unwrap();
+            window.commit().unwrap();
+        }
+
+        let sh = |script: &ScriptBuf| scripthash(script);
+        let txids = history_txids;
+        let stats = |view: &ShardView, script: &ScriptBuf| {
+            let s = view.address_stats(&sh(script)).unwrap();
+            (s.funded_sum, s.spent_sum, s.tx_count)
+        };
+        let utxos = |view: &ShardView, script: &ScriptBuf| -> Vec<(Txid, u32, u64)> {
+            view.utxos(&sh(script))
+                .unwrap()
+                .into_iter()
+                .map(|u| (Txid::from_slice(&u.txid).unwrap(), u.vout, u.value))
+                .collect()
+        };
+
+        let before = shard.view();
+        shard.rollback_block(1).unwrap();
+        assert_eq!(shard.state().next_height, 1);
+        assert_eq!(txids(&before, &a), vec![spend_a_txid, funding_txid]);
+        assert_eq!(stats(&before, &a), (5_000, 5_000, 2));
+        assert_eq!(utxos(&before, &a), vec![]);
+        assert_eq!(utxos(&before, &c), vec![(spend_a_txid, 0, 4_000)]);
+        let detail = before.tx(&spend_a_txid.to_byte_array()).unwrap().unwrap();
+        assert_eq!(detail.prevouts[0].value, 5_000);
+        assert_eq!(detail.status.unwrap().height, 1);
+
+        let after = shard.view();
+        assert_eq!(txids(&after, &a), vec![funding_txid]);
+        assert_eq!(stats(&after, &a), (5_000, 0, 1));
+        assert_eq!(utxos(&after, &a), vec![(funding_txid, 0, 5_000)]);
+        assert_eq!(utxos(&after, &c), vec![]);
+        assert!(after.tx(&spend_a_txid.to_byte_array()).unwrap().is_none());
     }
 
     /// Five one-block windows written in turn; block 4 spends a coin of block 0 (four windows back)
@@ -2716,7 +2823,7 @@ mod cross_shard_tests {
                 "every coin spent is this shard's"
             );
             let stats = |script: &ScriptBuf| {
-                let s = shard.address_stats(&sh(script)).unwrap();
+                let s = shard.view().address_stats(&sh(script)).unwrap();
                 (s.funded_sum, s.spent_sum, s.tx_count)
             };
             assert_eq!(stats(&a), (5_000, 0, 1));
@@ -2724,7 +2831,7 @@ mod cross_shard_tests {
             assert_eq!(stats(&c), (3_000, 3_000, 2));
             assert_eq!(stats(&d), (9_500, 0, 1));
             let utxos = |script: &ScriptBuf| -> Vec<_> {
-                let utxos = shard.utxos(&sh(script)).unwrap();
+                let utxos = shard.view().utxos(&sh(script)).unwrap();
                 utxos
                     .into_iter()
                     .map(|u| (u.txid, u.vout, u.value))
@@ -2740,7 +2847,11 @@ mod cross_shard_tests {
                 vec![(spend_txid.to_byte_array().to_vec(), 0, 9_500)]
             );
             let spenders = |txid: Txid| -> Vec<_> {
-                let (_, outspends) = shard.outspends(&txid.to_byte_array()).unwrap().unwrap();
+                let (_, outspends) = shard
+                    .view()
+                    .outspends(&txid.to_byte_array())
+                    .unwrap()
+                    .unwrap();
                 outspends
                     .iter()
                     .map(|o| (o.spent, o.height, o.position, o.vin))
@@ -2751,7 +2862,11 @@ mod cross_shard_tests {
                 vec![(false, 0, 0, 0), (true, 4, 1, 0)]
             );
             assert_eq!(spenders(pay_c_txid), vec![(true, 4, 1, 1)]);
-            let detail = shard.tx(&spend_txid.to_byte_array()).unwrap().unwrap();
+            let detail = shard
+                .view()
+                .tx(&spend_txid.to_byte_array())
+                .unwrap()
+                .unwrap();
             let spent: Vec<_> = detail.prevouts.iter().map(|p| p.value).collect();
             assert_eq!(spent, vec![7_000, 3_000]);
         }
@@ -2917,14 +3032,9 @@ mod cross_shard_tests {
         spending.apply_resolved(&resolved, Write::Logged).unwrap();
 
         let sh = |script: &ScriptBuf| scripthash(script);
-        let txids = |shard: &Shard, script: &ScriptBuf| -> Vec<Txid> {
-            let page = shard.history(&sh(script), None, 10).unwrap();
-            page.iter()
-                .map(|d| deserialize::<Transaction>(&d.raw).unwrap().compute_txid())
-                .collect()
-        };
+        let txids = |shard: &Shard, script: &ScriptBuf| history_txids(&shard.view(), script);
         let stats = |shard: &Shard, script: &ScriptBuf| {
-            let s = shard.address_stats(&sh(script)).unwrap();
+            let s = shard.view().address_stats(&sh(script)).unwrap();
             (
                 s.funded_txo_count,
                 s.funded_sum,
@@ -2937,6 +3047,7 @@ mod cross_shard_tests {
         // still listed as unspent.
         assert_eq!(txids(&spending, &paid_back), vec![spender_txid]);
         let utxos: Vec<_> = spending
+            .view()
             .utxos(&sh(&paid_back))
             .unwrap()
             .into_iter()
@@ -2949,12 +3060,13 @@ mod cross_shard_tests {
         assert_eq!(stats(&spending, &paid_back), (1, 7_500, 1, 5_000, 1));
         // Touched only by the cross-shard input vin 1: its row comes from phase 2.
         assert_eq!(txids(&spending, &only_spent), vec![spender_txid]);
-        assert!(spending.utxos(&sh(&only_spent)).unwrap().is_empty());
+        assert!(spending.view().utxos(&sh(&only_spent)).unwrap().is_empty());
         assert_eq!(stats(&spending, &only_spent), (0, 0, 1, 7_000, 1));
         // The owner recorded both spends: nothing of its coins is unspent.
-        assert!(owner.utxos(&sh(&paid_back)).unwrap().is_empty());
-        assert!(owner.utxos(&sh(&only_spent)).unwrap().is_empty());
+        assert!(owner.view().utxos(&sh(&paid_back)).unwrap().is_empty());
+        assert!(owner.view().utxos(&sh(&only_spent)).unwrap().is_empty());
         let (_, outspends) = owner
+            .view()
             .outspends(&funding_txid.to_byte_array())
             .unwrap()
             .unwrap();
