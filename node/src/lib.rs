@@ -4,7 +4,8 @@
 //! # Layout
 //! - [`failpoint`]: named points where crash tests abort the process.
 //! - [`rocks`]: the RocksDB engine behind `chainidx_core::store::Store`.
-//! - [`shard`]: one shard's rows: phase-1 indexing, phase-2 attribution, lookups for peers, queries.
+//! - [`shard`]: one shard's rows: phase-1 indexing (`shard::window`), phase-2 attribution, lookups for peers,
+//!   queries through one snapshot (`shard::view`).
 //! - [`txid_filter`]: the Bloom filter of a shard's txids that routes a resolving shard's inputs.
 //! - [`worker`]: the shards a worker holds and the background tasks that backfill them.
 //! - [`service`]: the gRPC `Worker` service and `run(listener, shutdown)`.
