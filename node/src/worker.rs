@@ -423,7 +423,7 @@ impl WorkerNode {
     }
 
     /// Blocks (a blocking thread) until `shard_id` may be written; gives up once a valid lease has left the
-    /// shard out for [`MOVED_AFTER`].
+    /// shard out for `MOVED_AFTER`.
     pub fn wait_write(&self, shard_id: u32) -> Result<(), WorkerError> {
         let mut moved_since: Option<Instant> = None;
         let mut logged = false;

@@ -321,7 +321,7 @@ impl ShardView<'_> {
 
     /// The txid of each spender this shard holds; `None` for heights outside it. Each is hashed from the
     /// tx's body, read in block order so that a source fetching whole blocks (`rpc:`, 16 kept) fetches
-    /// each block once, and the body's input must spend the outpoint named with it ([`check_spender`]).
+    /// each block once, and the body's input must spend the outpoint named with it (`check_spender`).
     pub fn spender_txids(
         &self,
         spends: &[pb::SpendRef],
