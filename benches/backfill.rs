@@ -255,7 +255,8 @@ fn main() -> anyhow::Result<()> {
         let lookups_per_input =
             routing.lookups as f64 / (routing.routed + routing.walked).max(1) as f64;
         println!(
-            "  cross-shard inputs: {} sent by the earlier shards' txid filters, {} walked back (every filter ruled \
+            "  cross-shard inputs: {} routed by the earlier shards' txid filters (a shard without one, past \
+             --txid-filter-mib, is asked about every input on the way), {} walked back (every filter ruled \
              their coin out); {lookups_per_input:.2} lookups sent to peers per input",
             routing.routed, routing.walked
         );
