@@ -365,26 +365,6 @@ pub trait Reads {
     ) -> Result<(), StoreError>;
 }
 
-impl<R: Reads + ?Sized> Reads for &R {
-    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        (**self).get(cf, key)
-    }
-
-    fn multi_get(&self, cf: Cf, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        (**self).multi_get(cf, keys)
-    }
-
-    fn scan(
-        &self,
-        cf: Cf,
-        prefix: &[u8],
-        from: ScanFrom<'_>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), StoreError> {
-        (**self).scan(cf, prefix, from, visit)
-    }
-}
-
 pub trait Store: Reads + Send + Sync + 'static {
     /// The rows as they are now, unchanged by later writes, for as long as the view lives: a query that
     /// reads several rows (a page of history, then each tx's place, header and inputs' coins) answers

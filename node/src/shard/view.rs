@@ -8,7 +8,12 @@ use super::*;
 /// reads the live rows, for indexing work that must see what was just written.
 pub struct ShardView<'a> {
     shard: &'a Shard,
-    rows: Box<dyn Reads + 'a>,
+    rows: Rows<'a>,
+}
+
+enum Rows<'a> {
+    Snapshot(Box<dyn Reads + 'a>),
+    Live(&'a dyn Store),
 }
 
 impl Shard {
@@ -16,23 +21,29 @@ impl Shard {
     pub fn view(&self) -> ShardView<'_> {
         ShardView {
             shard: self,
-            rows: self.store.snapshot(),
+            rows: Rows::Snapshot(self.store.snapshot()),
         }
     }
 
     /// This shard's live rows, read through the same code as queries' views.
     pub(super) fn live(&self) -> ShardView<'_> {
-        let rows: &dyn Reads = &*self.store;
         ShardView {
             shard: self,
-            rows: Box::new(rows),
+            rows: Rows::Live(&*self.store),
         }
     }
 }
 
 impl ShardView<'_> {
+    fn rows(&self) -> &dyn Reads {
+        match &self.rows {
+            Rows::Snapshot(snapshot) => &**snapshot,
+            Rows::Live(store) => *store,
+        }
+    }
+
     pub(super) fn load_stats(&self, sh: &ScriptHash) -> Result<pb::AddressStats, ShardError> {
-        match self.rows.get(Cf::History, &schema::stats_key(sh))? {
+        match self.rows().get(Cf::History, &schema::stats_key(sh))? {
             Some(bytes) => {
                 pb::AddressStats::decode(bytes.as_slice()).map_err(|e| corrupt("address stats", e))
             }
@@ -84,7 +95,7 @@ impl ShardView<'_> {
     }
 
     pub(super) fn block_meta(&self, height: u32) -> Result<Option<pb::BlockMeta>, ShardError> {
-        self.rows
+        self.rows()
             .get(Cf::Headers, &schema::height_key(height))?
             .map(|bytes| {
                 pb::BlockMeta::decode(bytes.as_slice()).map_err(|e| corrupt("block meta", e))
@@ -107,7 +118,7 @@ impl ShardView<'_> {
     pub(super) fn slot_at(&self, height: u32, position: u32) -> Result<TxSlot, ShardError> {
         let no_tx = || corrupt("tx position", format!("no tx at {height}:{position}"));
         let bytes = self
-            .rows
+            .rows()
             .get(Cf::TxPositions, &schema::tx_slots_key(height, position))?
             .ok_or_else(no_tx)?;
         schema::tx_slot(&bytes, position).ok_or_else(no_tx)
@@ -122,7 +133,7 @@ impl ShardView<'_> {
 
     /// Where the tx with `txid`'s 12-byte key is in this shard, if any.
     pub(super) fn key_position(&self, txid: &Hash32) -> Result<Option<(u32, u32)>, ShardError> {
-        self.rows
+        self.rows()
             .get(Cf::Txs, &txid_key(txid))?
             .map(|bytes| tx_position(&bytes))
             .transpose()
@@ -135,7 +146,7 @@ impl ShardView<'_> {
     ) -> Result<Vec<Option<(u32, u32)>>, ShardError> {
         let keys: Vec<_> = txids.iter().map(|txid| txid_key(txid)).collect();
         let refs: Vec<&[u8]> = keys.iter().map(|key| key.as_slice()).collect();
-        self.rows
+        self.rows()
             .multi_get(Cf::Txs, &refs)?
             .into_iter()
             .map(|row| row.map(|bytes| tx_position(&bytes)).transpose())
@@ -212,7 +223,7 @@ impl ShardView<'_> {
                 .map(|vin| pending_key(height, position, vin))
                 .collect();
             let key_refs: Vec<&[u8]> = keys.iter().map(|key| key.as_slice()).collect();
-            let values = self.rows.multi_get(Cf::Prevouts, &key_refs)?;
+            let values = self.rows().multi_get(Cf::Prevouts, &key_refs)?;
             for (((slot, key), value), input) in
                 prevouts.iter_mut().zip(&keys).zip(values).zip(&tx.input)
             {
@@ -241,7 +252,7 @@ impl ShardView<'_> {
             Some(key) => ScanFrom::AtOrBefore(key),
             None => ScanFrom::Last,
         };
-        self.rows
+        self.rows()
             .scan(Cf::History, &addr_key(sh), from, &mut |key, _| {
                 // One row per tx; the scan starts at the cursor's own row if the address has one.
                 if let Some(at) = parse_history_key(key)
@@ -267,7 +278,7 @@ impl ShardView<'_> {
         // (height, position, vout) of every output paying `sh`, in key order.
         let mut funding: Vec<(u32, u32, u32)> = Vec::new();
         let mut malformed = None;
-        self.rows.scan(
+        self.rows().scan(
             Cf::History,
             &addr_key(sh),
             ScanFrom::First,
@@ -292,7 +303,7 @@ impl ShardView<'_> {
         let mut utxos = Vec::new();
         for (height, position, vout) in funding {
             let key = coin_key(height, position, vout);
-            if self.rows.get(Cf::Outspends, &key)?.is_some() {
+            if self.rows().get(Cf::Outspends, &key)?.is_some() {
                 continue;
             }
             let missing = || {
@@ -301,7 +312,7 @@ impl ShardView<'_> {
                     format!("no outputs row paying this address at {height}:{position}:{vout}"),
                 )
             };
-            let bytes = self.rows.get(Cf::Outputs, &key)?.ok_or_else(missing)?;
+            let bytes = self.rows().get(Cf::Outputs, &key)?.ok_or_else(missing)?;
             let (txid, value, script) =
                 decode_output(&bytes).ok_or_else(|| corrupt("output", hex::encode(key)))?;
             // A ground txid pair sharing a 12-byte key can have one's coin row written where the other's
@@ -350,7 +361,7 @@ impl ShardView<'_> {
         let height = match key {
             pb::shard_block_request::Key::Height(h) => Some(*h),
             pb::shard_block_request::Key::Hash(hash) => self
-                .rows
+                .rows()
                 .get(Cf::BlockHashes, hash)?
                 .map(|v| schema::be_u32(&v)),
         };
@@ -391,7 +402,7 @@ impl ShardView<'_> {
         let mut outspends = Vec::with_capacity(tx.output.len());
         for vout in 0..tx.output.len() as u32 {
             let spend = match self
-                .rows
+                .rows()
                 .get(Cf::Outspends, &coin_key(height, position, vout))?
             {
                 Some(value) => {
