@@ -191,6 +191,15 @@ fn cf_options(cf: Cf, writer: TableWriter, mode: WriteMode) -> Options {
     options
 }
 
+/// Reads at `snapshot`, or at the latest state without one.
+fn read_options(snapshot: Option<&rocksdb::Snapshot<'_>>) -> rocksdb::ReadOptions {
+    let mut read = rocksdb::ReadOptions::default();
+    if let Some(snapshot) = snapshot {
+        read.set_snapshot(snapshot);
+    }
+    read
+}
+
 impl RocksStore {
     /// [`Reads::get`], at `snapshot` if given.
     fn get_at(
@@ -199,12 +208,8 @@ impl RocksStore {
         key: &[u8],
         snapshot: Option<&rocksdb::Snapshot<'_>>,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut read = rocksdb::ReadOptions::default();
-        if let Some(snapshot) = snapshot {
-            read.set_snapshot(snapshot);
-        }
         self.db
-            .get_cf_opt(self.handle(cf), key, &read)
+            .get_cf_opt(self.handle(cf), key, &read_options(snapshot))
             .map_err(engine)
     }
 
@@ -219,11 +224,8 @@ impl RocksStore {
         snapshot: Option<&rocksdb::Snapshot<'_>>,
         visit: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StoreError> {
-        let mut read = rocksdb::ReadOptions::default();
+        let mut read = read_options(snapshot);
         read.fill_cache(fill_cache);
-        if let Some(snapshot) = snapshot {
-            read.set_snapshot(snapshot);
-        }
         let mut iter = self.db.raw_iterator_cf_opt(self.handle(cf), read);
         let reverse = match from {
             ScanFrom::First => {
@@ -281,10 +283,7 @@ impl RocksStore {
         let handle = self.handle(cf);
         let own_snapshot =
             (snapshot.is_none() && sorted.len() > MULTI_GET_CHUNK).then(|| self.db.snapshot());
-        let mut read = rocksdb::ReadOptions::default();
-        if let Some(snapshot) = snapshot.or(own_snapshot.as_ref()) {
-            read.set_snapshot(snapshot);
-        }
+        let read = read_options(snapshot.or(own_snapshot.as_ref()));
         let mut chunks = sorted.chunks(MULTI_GET_CHUNK).peekable();
         while let Some(chunk) = chunks.next() {
             let answers = self.db.batched_multi_get_cf_opt(
