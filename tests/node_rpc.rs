@@ -313,12 +313,7 @@ async fn check_cluster(source: String, answers: &NodeAnswers, tip: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rpc_and_datadir_backfills_equal_the_nodes_own_answers() {
     let mut node = Bitcoind::start().await;
-    let miner = node
-        .rpc("getnewaddress", json!([]))
-        .await
-        .as_str()
-        .unwrap()
-        .to_string();
+    let miner = new_address(&node).await;
     node.rpc("generatetoaddress", json!([110, miner])).await;
     make_wallet_activity(&node, &miner, 25).await;
     let tip = node.rpc("getblockcount", json!([])).await.as_u64().unwrap() as u32;
@@ -348,6 +343,11 @@ async fn rpc_and_datadir_backfills_equal_the_nodes_own_answers() {
 }
 
 /// Polls the cluster until its tip is the node's best block; returns how long that took.
+async fn new_address(node: &Bitcoind) -> String {
+    let address = node.rpc("getnewaddress", json!([])).await;
+    address.as_str().unwrap().to_string()
+}
+
 async fn wait_for_tip(api: &Api, node: &Bitcoind, timeout: Duration) -> Duration {
     let best = node.rpc("getbestblockhash", json!([])).await;
     let started = std::time::Instant::now();
@@ -369,12 +369,7 @@ async fn wait_for_tip(api: &Api, node: &Bitcoind, timeout: Duration) -> Duration
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follows_the_tip_through_reorgs() {
     let node = Bitcoind::start().await;
-    let miner = node
-        .rpc("getnewaddress", json!([]))
-        .await
-        .as_str()
-        .unwrap()
-        .to_string();
+    let miner = new_address(&node).await;
     // Enough mature coins that the wallet can still pay after 30 blocks are orphaned.
     node.rpc("generatetoaddress", json!([180, miner])).await;
     make_wallet_activity(&node, &miner, 8).await;
@@ -488,16 +483,105 @@ async fn follows_the_tip_through_reorgs() {
     sandbox.shutdown().await;
 }
 
+/// A block is in no answer until the served tip reaches it. Each worker waits 2 s after indexing a block
+/// it catches up (a failpoint), before its inputs are resolved and the coordinator's tip moves. The worker
+/// says it holds the block meanwhile (`Worker.Status`), and every query in that window answers as of the
+/// tip before it: the new tx is unconfirmed (from the mempool), its payee has no confirmed tx. Once the tip
+/// moves, the tx is confirmed in that block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_being_caught_up_is_in_no_answer_until_the_tip_moves() {
+    let node = Bitcoind::start().await;
+    let miner = new_address(&node).await;
+    node.rpc("generatetoaddress", json!([110, miner])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut builder = SandboxBuilder::new(
+        env!("CARGO_BIN_EXE_chainidx"),
+        node.source_spec(),
+        dir.path(),
+    )
+    .workers(2)
+    .shard_blocks(50);
+    for worker in 0..2 {
+        builder = builder.worker_failpoints(worker, "catch-up:after-index=sleep:2000");
+    }
+    let sandbox = builder.start().await.unwrap();
+    sandbox
+        .wait_for_backfill(Duration::from_secs(120), |_| {})
+        .await
+        .unwrap();
+    let api = Api::new(sandbox.http_url());
+    wait_for_tip(&api, &node, Duration::from_secs(30)).await;
+    let tip = api.ok("/blocks/tip/height").await.as_u64().unwrap();
+
+    let payee = new_address(&node).await;
+    let txid = node.rpc("sendtoaddress", json!([payee, 0.5])).await;
+    let txid = txid.as_str().unwrap().to_string();
+    let started = std::time::Instant::now();
+    while api.get(&format!("/tx/{txid}")).await.0 != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "tx not in the mempool view"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.rpc("generatetoaddress", json!([1, miner])).await;
+
+    // Until the served tip moves: whenever a worker already holds the new block and the tip read before
+    // and after the queries is the old one, the answers are the old tip's.
+    let mut checked_while_held = 0;
+    let started = std::time::Instant::now();
+    loop {
+        let tip_before = api.ok("/blocks/tip/height").await.as_u64().unwrap();
+        let held = sandbox
+            .worker_statuses()
+            .await
+            .unwrap()
+            .iter()
+            .flat_map(|worker| &worker.shards)
+            .any(|shard| u64::from(shard.next_height) > tip + 1);
+        let tx = api.ok(&format!("/tx/{txid}")).await;
+        let summary = api.ok(&format!("/address/{payee}")).await;
+        let history = api.ok(&format!("/address/{payee}/txs/chain")).await;
+        let (code, block) = api.get(&format!("/block-height/{}", tip + 1)).await;
+        let tip_after = api.ok("/blocks/tip/height").await.as_u64().unwrap();
+        if tip_after > tip {
+            break;
+        }
+        if held && tip_before == tip {
+            assert_eq!(tx["status"]["confirmed"], false, "{tx}");
+            assert_eq!(summary["chain_stats"]["tx_count"], 0, "{summary}");
+            assert_eq!(history, json!([]));
+            assert_eq!(code, 404, "{block}");
+            checked_while_held += 1;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the tip did not move"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        checked_while_held > 0,
+        "no query ran while a worker held the block and the tip had not moved"
+    );
+    eprintln!("{checked_while_held} rounds of queries while the block was held above the tip");
+    let tx = api.ok(&format!("/tx/{txid}")).await;
+    assert_eq!(tx["status"]["confirmed"], true, "{tx}");
+    assert_eq!(tx["status"]["block_height"], tip + 1, "{tx}");
+    let summary = api.ok(&format!("/address/{payee}")).await;
+    assert_eq!(summary["chain_stats"]["tx_count"], 1, "{summary}");
+    assert_eq!(
+        summary["chain_stats"]["funded_txo_sum"], 50_000_000u64,
+        "{summary}"
+    );
+    sandbox.shutdown().await;
+}
+
 /// A reorg deeper than the limit stops the index loudly instead of serving a mixed chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reorg_beyond_the_limit_halts_instead_of_serving_a_mixed_chain() {
     let node = Bitcoind::start().await;
-    let miner = node
-        .rpc("getnewaddress", json!([]))
-        .await
-        .as_str()
-        .unwrap()
-        .to_string();
+    let miner = new_address(&node).await;
     node.rpc("generatetoaddress", json!([40, miner])).await;
     let dir = tempfile::tempdir().unwrap();
     let sandbox = SandboxBuilder::new(

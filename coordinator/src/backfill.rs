@@ -804,7 +804,7 @@ async fn blocking_source<T: Send + 'static>(
 /// The hash of our block at `height`, as the shard holding it stored it.
 async fn stored_hash(router: &QueryRouter, height: u32) -> Result<BlockHash, String> {
     let block = router
-        .block_at(height, false)
+        .stored_block_at(height)
         .await
         .map_err(|e| e.to_string())?;
     let hash = block.meta.map(|m| m.hash).unwrap_or_default();

@@ -221,6 +221,16 @@ impl Cluster {
         self.indexed_tip()
     }
 
+    /// The height a query answers as of, which its every shard and replica is asked to hold to: the served
+    /// tip while following the source (a block being caught up, on one replica before another, or being
+    /// rolled back is left out until the tip moves). None during the backfill, whose answers hold what the
+    /// shards have indexed so far (a shard then has most of its blocks above the contiguous indexed tip,
+    /// and a summary would have to count all of them back out).
+    pub fn pinned_tip(&self) -> Option<u32> {
+        let view = self.read();
+        (view.state.following && view.state.has_tip).then_some(view.state.tip)
+    }
+
     /// The highest height below which every block is indexed (phase 1 at least), per the replicated
     /// checkpoints.
     pub fn indexed_tip(&self) -> Option<u32> {

@@ -161,10 +161,12 @@ impl QueryRouter {
 
     pub async fn address_stats(&self, sh: &ScriptHash) -> Result<pb::AddressStats, ApiError> {
         let routes = self.routes()?;
+        let tip = self.cluster.pinned_tip();
         let sums = per_worker(&routes, |shard_ids, mut client| {
             let request = pb::ShardAddressRequest {
                 shard_ids,
                 scripthash: sh.to_vec(),
+                tip,
             };
             async move { client.address_summary(request).await }
         })
@@ -188,6 +190,7 @@ impl QueryRouter {
         // older than the cursor (it skips shards whose stats rule the address out, and stops reading once
         // its page is full). The page is the newest `limit` of those answers.
         let all = self.routes()?;
+        let tip = self.cluster.pinned_tip();
         let total = all.len();
         let routes: Vec<Route> = all
             .into_iter()
@@ -201,6 +204,7 @@ impl QueryRouter {
                 before_height: before.map_or(0, |c| c.0),
                 before_position: before.map_or(0, |c| c.1),
                 limit: limit as u32,
+                tip,
             };
             async move { client.address_history(request).await }
         })
@@ -220,10 +224,12 @@ impl QueryRouter {
 
     pub async fn utxos(&self, sh: &ScriptHash) -> Result<Vec<pb::Utxo>, ApiError> {
         let routes = self.routes()?;
+        let tip = self.cluster.pinned_tip();
         let lists = per_worker(&routes, |shard_ids, mut client| {
             let request = pb::ShardAddressRequest {
                 shard_ids,
                 scripthash: sh.to_vec(),
+                tip,
             };
             async move { client.address_utxos(request).await }
         })
@@ -243,10 +249,12 @@ impl QueryRouter {
     /// newest wins). Not in any shard: the mempool, unconfirmed.
     pub async fn tx(&self, txid: &Hash32) -> Result<pb::TxDetail, ApiError> {
         let routes = self.routes()?;
+        let tip = self.cluster.pinned_tip();
         let replies = per_worker(&routes, |shard_ids, mut client| {
             let request = pb::ShardTxRequest {
                 shard_ids,
                 txid: txid.to_vec(),
+                tip,
             };
             async move { client.get_tx(request).await }
         })
@@ -268,10 +276,12 @@ impl QueryRouter {
 
     pub async fn outspends(&self, txid: &Hash32) -> Result<Vec<pb::Outspend>, ApiError> {
         let routes = self.routes()?;
+        let tip = self.cluster.pinned_tip();
         let replies = per_worker(&routes, |shard_ids, mut client| {
             let request = pb::ShardTxRequest {
                 shard_ids,
                 txid: txid.to_vec(),
+                tip,
             };
             async move { client.outspends(request).await }
         })
@@ -338,10 +348,28 @@ impl QueryRouter {
         Ok(outspends)
     }
 
+    /// The block at `height`, if the served tip has reached it.
     pub async fn block_at(
         &self,
         height: u32,
         with_txids: bool,
+    ) -> Result<pb::BlockLookup, ApiError> {
+        self.block_as_of(height, with_txids, self.cluster.pinned_tip())
+            .await
+    }
+
+    /// The block at `height` as the shards hold it, served or not: what the coordinator compares with the
+    /// source to find a fork. Pinned to the served tip, blocks indexed above it (a catch-up that failed
+    /// before the tip moved) would look missing and the comparison would never get past them.
+    pub async fn stored_block_at(&self, height: u32) -> Result<pb::BlockLookup, ApiError> {
+        self.block_as_of(height, false, None).await
+    }
+
+    async fn block_as_of(
+        &self,
+        height: u32,
+        with_txids: bool,
+        tip: Option<u32>,
     ) -> Result<pb::BlockLookup, ApiError> {
         let route = self
             .routes()?
@@ -353,6 +381,7 @@ impl QueryRouter {
             shard_id: status.shard_id,
             key: Some(pb::shard_block_request::Key::Height(height)),
             with_txids,
+            tip,
         };
         let reply = on_replica(&replicas, |mut client| {
             let request = request.clone();
@@ -372,12 +401,14 @@ impl QueryRouter {
         hash: &Hash32,
         with_txids: bool,
     ) -> Result<pb::BlockLookup, ApiError> {
+        let tip = self.cluster.pinned_tip();
         let replies = self
             .ask_every_shard(|shard_id, mut client| {
                 let request = pb::ShardBlockRequest {
                     shard_id,
                     key: Some(pb::shard_block_request::Key::Hash(hash.to_vec())),
                     with_txids,
+                    tip,
                 };
                 async move { client.get_block(request).await }
             })
@@ -395,7 +426,8 @@ impl QueryRouter {
             .cluster
             .served_tip()
             .ok_or_else(|| ApiError::Unavailable("no block indexed yet".into()))?;
-        self.block_at(height, false).await
+        // The served height itself, read once: pinning again could read a tip lowered meanwhile.
+        self.block_as_of(height, false, None).await
     }
 }
 

@@ -18,6 +18,9 @@ pub const RESOLVE_AFTER_INGEST: &str = "resolve:after-ingest";
 pub const RESOLVE_AFTER_LOOKUP: &str = "resolve:after-lookup";
 pub const RESOLVE_AFTER_APPLY: &str = "resolve:after-apply";
 pub const SPEND_AFTER_WRITE: &str = "spend:after-write";
+/// A block caught up while following the tip is indexed (phase 1); its inputs are not resolved yet and
+/// the coordinators' served tip has not reached it.
+pub const CATCH_UP_AFTER_INDEX: &str = "catch-up:after-index";
 /// With `=on`: the worker's shards answer txid filters that rule out every txid, as an out-of-date filter
 /// could, so that their coins are only found by the fallback walk.
 pub const TXID_FILTER_RULES_OUT_ALL: &str = "txid-filter:rule-out-all";

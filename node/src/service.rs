@@ -219,10 +219,11 @@ impl Worker for WorkerService {
         let r = request.into_inner();
         let shards = self.shards_newest_first(&r.shard_ids)?;
         let sh: ScriptHash = hash32(&r.scripthash, "scripthash")?;
+        let tip = r.tip;
         let total = blocking(move || {
             let mut total = pb::AddressStats::default();
             for shard in shards {
-                add_to(&mut total, &shard.view().address_stats(&sh)?);
+                add_to(&mut total, &shard.view_at(tip).address_stats(&sh)?);
             }
             Ok(total)
         })
@@ -239,6 +240,7 @@ impl Worker for WorkerService {
         let sh: ScriptHash = hash32(&r.scripthash, "scripthash")?;
         let before = r.has_cursor.then_some((r.before_height, r.before_position));
         let limit = r.limit.clamp(1, 1000) as usize;
+        let tip = r.tip;
         // Shards are disjoint height ranges: newest shard first, and stop once the page is full, so only
         // the txs on the page have their bodies read. No stats row (a filtered point lookup) means no
         // history rows: the per-shard filter that spares the scan.
@@ -251,7 +253,7 @@ impl Worker for WorkerService {
                 }
                 // One snapshot for the shard's stats row, history rows and txs: a block rolled back
                 // meanwhile is missing from all of them, not only from some.
-                let view = shard.view();
+                let view = shard.view_at(tip);
                 if view.address_stats(&sh)?.tx_count == 0 {
                     continue;
                 }
@@ -271,10 +273,11 @@ impl Worker for WorkerService {
         let r = request.into_inner();
         let shards = self.shards_newest_first(&r.shard_ids)?;
         let sh: ScriptHash = hash32(&r.scripthash, "scripthash")?;
+        let tip = r.tip;
         let list = blocking(move || {
             let mut list = pb::ShardUtxoList::default();
             for shard in shards {
-                let view = shard.view();
+                let view = shard.view_at(tip);
                 if view.address_stats(&sh)?.funded_txo_count == 0 {
                     continue;
                 }
@@ -294,10 +297,11 @@ impl Worker for WorkerService {
         let r = request.into_inner();
         let shards = self.shards_newest_first(&r.shard_ids)?;
         let txid = hash32(&r.txid, "txid")?;
+        let tip = r.tip;
         // Newest first: of two BIP30 duplicates, the later one is the tx.
         let tx = blocking(move || {
             for shard in shards {
-                if let Some(tx) = shard.view().tx(&txid)? {
+                if let Some(tx) = shard.view_at(tip).tx(&txid)? {
                     return Ok(Some(tx));
                 }
             }
@@ -319,9 +323,9 @@ impl Worker for WorkerService {
         let key = r
             .key
             .ok_or_else(|| Status::invalid_argument("block key missing"))?;
-        let with_txids = r.with_txids;
+        let (with_txids, tip) = (r.with_txids, r.tip);
         Ok(Response::new(
-            blocking(move || Ok(shard.view().block(&key, with_txids)?)).await?,
+            blocking(move || Ok(shard.view_at(tip).block(&key, with_txids)?)).await?,
         ))
     }
 
@@ -332,9 +336,10 @@ impl Worker for WorkerService {
         let r = request.into_inner();
         let shards = self.shards_newest_first(&r.shard_ids)?;
         let txid = hash32(&r.txid, "txid")?;
+        let tip = r.tip;
         let outspends = blocking(move || {
             for shard in shards {
-                if let Some(outspends) = shard.view().outspends(&txid)? {
+                if let Some(outspends) = shard.view_at(tip).outspends(&txid)? {
                     return Ok(Some(outspends));
                 }
             }

@@ -825,7 +825,9 @@ impl WorkerNode {
         let indexer = shard.clone();
         let node = self.clone();
         tokio::task::spawn_blocking(move || {
-            index_range(source.as_ref(), &indexer, &node, Write::Logged)
+            index_range(source.as_ref(), &indexer, &node, Write::Logged)?;
+            crate::failpoint::failpoint(crate::failpoint::CATCH_UP_AFTER_INDEX);
+            Ok::<_, WorkerError>(())
         })
         .await
         .map_err(|e| WorkerError::Task(e.to_string()))??;

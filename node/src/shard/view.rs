@@ -6,9 +6,14 @@ use super::*;
 /// block written or rolled back beside it is in all of its reads or in none (a history page's rows, then
 /// each tx's place, header and spent coins; a UTXO's `outspends` then `outputs` row). `Shard::live`
 /// reads the live rows, for indexing work that must see what was just written.
+///
+/// A view may also be pinned to a tip height ([`Shard::view_at`]): it then answers as if the shard held
+/// no block above it, so that every shard and replica asked by one query answers as of the same block
+/// although a new block is being written to some of them (or rolled back) meanwhile.
 pub struct ShardView<'a> {
     shard: &'a Shard,
     rows: Rows<'a>,
+    tip: Option<u32>,
 }
 
 enum Rows<'a> {
@@ -19,9 +24,15 @@ enum Rows<'a> {
 impl Shard {
     /// One snapshot of this shard's rows for a whole query ([`ShardView`]).
     pub fn view(&self) -> ShardView<'_> {
+        self.view_at(None)
+    }
+
+    /// [`Shard::view`] answering as of block `tip` where given: blocks above it are left out.
+    pub fn view_at(&self, tip: Option<u32>) -> ShardView<'_> {
         ShardView {
             shard: self,
             rows: Rows::Snapshot(self.store.snapshot()),
+            tip,
         }
     }
 
@@ -30,6 +41,7 @@ impl Shard {
         ShardView {
             shard: self,
             rows: Rows::Live(&*self.store),
+            tip: None,
         }
     }
 }
@@ -40,6 +52,18 @@ impl ShardView<'_> {
             Rows::Snapshot(snapshot) => &**snapshot,
             Rows::Live(store) => *store,
         }
+    }
+
+    /// Whether block `height` is above the tip this view answers as of.
+    fn above_tip(&self, height: u32) -> bool {
+        self.tip.is_some_and(|tip| height > tip)
+    }
+
+    /// The tip this view is pinned to, if the shard may hold blocks above it. The range's end only ever
+    /// grows, so an end read after the snapshot was taken bounds the heights the snapshot holds.
+    fn tip_below_end(&self) -> Option<u32> {
+        self.tip
+            .filter(|&tip| self.shard.state().end_height > tip.saturating_add(1))
     }
 
     pub(super) fn load_stats(&self, sh: &ScriptHash) -> Result<pb::AddressStats, ShardError> {
@@ -90,8 +114,81 @@ impl ShardView<'_> {
             .collect())
     }
 
+    /// The address's totals in this shard; in a pinned view, less what the blocks above the tip added.
     pub fn address_stats(&self, sh: &ScriptHash) -> Result<pb::AddressStats, ShardError> {
-        self.load_stats(sh)
+        let stats = self.load_stats(sh)?;
+        match self.tip_below_end() {
+            Some(tip) if stats.tx_count > 0 => subtract(stats, &self.stats_above(sh, tip)?),
+            _ => Ok(stats),
+        }
+    }
+
+    /// The address's history rows as (height, position, funding vouts), scanned from `from` while `keep`
+    /// holds for their height.
+    fn funding_rows(
+        &self,
+        sh: &ScriptHash,
+        from: ScanFrom<'_>,
+        keep: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<Vec<(u32, u32, Vec<u32>)>, ShardError> {
+        let mut rows = Vec::new();
+        let mut malformed = None;
+        self.rows()
+            .scan(Cf::History, &addr_key(sh), from, &mut |key, value| {
+                let Some((height, position)) = parse_history_key(key) else {
+                    return true; // the stats row, which sorts first
+                };
+                if !keep(height) {
+                    return false;
+                }
+                match decode_funding_vouts(value) {
+                    Some(vouts) => rows.push((height, position, vouts)),
+                    None => {
+                        malformed = Some(hex::encode(key));
+                        return false;
+                    }
+                }
+                true
+            })?;
+        match malformed {
+            Some(key) => Err(corrupt("history row", key)),
+            None => Ok(rows),
+        }
+    }
+
+    /// What the txs above `tip` added to the address's stats row, counted again from their bodies and
+    /// spent coins the way indexing counts them: each tx once, each output paying the address (its
+    /// history row's vouts), each input whose spent coin pays it (only inputs attributed so far have a
+    /// `prevouts` row, and only they are in the stats). Blocks above a pinned tip are the few being
+    /// caught up or rolled back, so this reads a handful of bodies at most, usually none.
+    fn stats_above(&self, sh: &ScriptHash, tip: u32) -> Result<pb::AddressStats, ShardError> {
+        let above = self.funding_rows(sh, ScanFrom::Last, &mut |height| height > tip)?;
+        let mut added = pb::AddressStats::default();
+        for (height, position, vouts) in above {
+            let tx = self.tx_body(height, position)?.tx;
+            added.tx_count += 1;
+            for vout in vouts {
+                let output = tx.output.get(vout as usize).ok_or_else(|| {
+                    corrupt(
+                        "history row",
+                        format!("no output {vout} at {height}:{position}"),
+                    )
+                })?;
+                added.funded_txo_count += 1;
+                added.funded_sum += output.value.to_sat();
+            }
+            for coin in self
+                .spent_coins(height, position, &tx)?
+                .into_iter()
+                .flatten()
+            {
+                if scripthash(bitcoin::Script::from_bytes(&coin.script)) == *sh {
+                    added.spent_txo_count += 1;
+                    added.spent_sum += coin.value;
+                }
+            }
+        }
+        Ok(added)
     }
 
     pub(super) fn block_meta(&self, height: u32) -> Result<Option<pb::BlockMeta>, ShardError> {
@@ -192,7 +289,10 @@ impl ShardView<'_> {
     }
 
     pub fn tx(&self, txid: &Hash32) -> Result<Option<pb::TxDetail>, ShardError> {
-        match self.find_tx(txid)? {
+        match self
+            .find_tx(txid)?
+            .filter(|body| !self.above_tip(body.height))
+        {
             Some(body) => self.tx_detail(body).map(Some),
             None => Ok(None),
         }
@@ -206,6 +306,30 @@ impl ShardView<'_> {
         self.tx_detail(self.tx_body(height, position)?)
     }
 
+    /// The coin each input of `tx` (at height, position) spends, where the input is attributed yet. Point
+    /// lookups, not a scan: they read only the files whose height range covers them (one, once the shard
+    /// is compacted).
+    fn spent_coins(
+        &self,
+        height: u32,
+        position: u32,
+        tx: &Transaction,
+    ) -> Result<Vec<Option<pb::TxOut>>, ShardError> {
+        if tx.is_coinbase() {
+            return Ok(vec![None; tx.input.len()]);
+        }
+        let keys: Vec<[u8; 12]> = (0..tx.input.len() as u32)
+            .map(|vin| pending_key(height, position, vin))
+            .collect();
+        let key_refs: Vec<&[u8]> = keys.iter().map(|key| key.as_slice()).collect();
+        let values = self.rows().multi_get(Cf::Prevouts, &key_refs)?;
+        keys.iter()
+            .zip(values)
+            .zip(&tx.input)
+            .map(|((key, value), input)| value.map(|bytes| prevout(&bytes, key, input)).transpose())
+            .collect()
+    }
+
     pub(super) fn tx_detail(&self, body: TxBody) -> Result<pb::TxDetail, ShardError> {
         let TxBody {
             height,
@@ -215,23 +339,12 @@ impl ShardView<'_> {
             status,
             ..
         } = body;
-        // Inputs not yet resolved (shard still in phase 1 or 2) stay empty. Point lookups, not a scan:
-        // they read only the files whose height range covers them (one, once the shard is compacted).
-        let mut prevouts = vec![pb::TxOut::default(); tx.input.len()];
-        if !tx.is_coinbase() {
-            let keys: Vec<[u8; 12]> = (0..tx.input.len() as u32)
-                .map(|vin| pending_key(height, position, vin))
-                .collect();
-            let key_refs: Vec<&[u8]> = keys.iter().map(|key| key.as_slice()).collect();
-            let values = self.rows().multi_get(Cf::Prevouts, &key_refs)?;
-            for (((slot, key), value), input) in
-                prevouts.iter_mut().zip(&keys).zip(values).zip(&tx.input)
-            {
-                if let Some(bytes) = value {
-                    *slot = prevout(&bytes, key, input)?;
-                }
-            }
-        }
+        // Inputs not yet resolved (shard still in phase 1 or 2) stay empty.
+        let prevouts = self
+            .spent_coins(height, position, &tx)?
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .collect();
         Ok(pb::TxDetail {
             raw,
             prevouts,
@@ -247,6 +360,14 @@ impl ShardView<'_> {
         limit: usize,
     ) -> Result<Vec<pb::TxDetail>, ShardError> {
         let mut positions: Vec<(u32, u32)> = Vec::new();
+        // A pinned view starts below the first tx after its tip.
+        let before = match self.tip_below_end() {
+            Some(tip) => {
+                let first_above = (tip + 1, 0);
+                Some(before.map_or(first_above, |cursor| cursor.min(first_above)))
+            }
+            None => before,
+        };
         let start = before.map(|(h, p)| history_key(sh, h, p));
         let from = match &start {
             Some(key) => ScanFrom::AtOrBefore(key),
@@ -276,48 +397,50 @@ impl ShardView<'_> {
     /// gives its value.
     pub fn utxos(&self, sh: &ScriptHash) -> Result<Vec<pb::Utxo>, ShardError> {
         // (height, position, vout) of every output paying `sh`, in key order.
-        let mut funding: Vec<(u32, u32, u32)> = Vec::new();
-        let mut malformed = None;
-        self.rows().scan(
-            Cf::History,
-            &addr_key(sh),
-            ScanFrom::First,
-            &mut |key, value| {
-                if let Some((height, position)) = parse_history_key(key) {
-                    match decode_funding_vouts(value) {
-                        Some(vouts) => {
-                            funding.extend(vouts.into_iter().map(|vout| (height, position, vout)))
-                        }
-                        None => {
-                            malformed = Some(hex::encode(key));
-                            return false;
-                        }
-                    }
-                }
-                true
-            },
-        )?;
-        if let Some(key) = malformed {
-            return Err(corrupt("history row", key));
-        }
+        let funding: Vec<(u32, u32, u32)> = self
+            .funding_rows(sh, ScanFrom::First, &mut |height| !self.above_tip(height))?
+            .into_iter()
+            .flat_map(|(height, position, vouts)| {
+                vouts.into_iter().map(move |vout| (height, position, vout))
+            })
+            .collect();
         let mut utxos = Vec::new();
         for (height, position, vout) in funding {
             let key = coin_key(height, position, vout);
-            if self.rows().get(Cf::Outspends, &key)?.is_some() {
-                continue;
-            }
+            let spent_above_tip = match self.rows().get(Cf::Outspends, &key)? {
+                None => false,
+                Some(value) => {
+                    let by = SpentBy::decode(&value)
+                        .ok_or_else(|| corrupt("outspend", hex::encode(key)))?;
+                    if !self.above_tip(by.height) {
+                        continue;
+                    }
+                    true
+                }
+            };
             let missing = || {
                 corrupt(
                     "unspent output",
                     format!("no outputs row paying this address at {height}:{position}:{vout}"),
                 )
             };
-            let bytes = self.rows().get(Cf::Outputs, &key)?.ok_or_else(missing)?;
-            let (txid, value, script) =
-                decode_output(&bytes).ok_or_else(|| corrupt("output", hex::encode(key)))?;
+            let (txid, value, script) = match self.rows().get(Cf::Outputs, &key)? {
+                Some(bytes) => {
+                    let (txid, value, script) =
+                        decode_output(&bytes).ok_or_else(|| corrupt("output", hex::encode(key)))?;
+                    (*txid, value, script.to_vec())
+                }
+                // Spent above the tip once spent coins' rows were dropped: the coin is in its tx's body.
+                None if spent_above_tip => {
+                    let body = self.tx_body(height, position)?;
+                    let out = body.tx.output.get(vout as usize).ok_or_else(missing)?;
+                    (body.txid, out.value.to_sat(), out.script_pubkey.to_bytes())
+                }
+                None => return Err(missing()),
+            };
             // A ground txid pair sharing a 12-byte key can have one's coin row written where the other's
             // was looked up: it must be a coin of this address, or this fails rather than answer it.
-            if scripthash(bitcoin::Script::from_bytes(script)) != *sh {
+            if scripthash(bitcoin::Script::from_bytes(&script)) != *sh {
                 return Err(missing());
             }
             utxos.push(pb::Utxo {
@@ -365,7 +488,7 @@ impl ShardView<'_> {
                 .get(Cf::BlockHashes, hash)?
                 .map(|v| schema::be_u32(&v)),
         };
-        let Some(height) = height else {
+        let Some(height) = height.filter(|&h| !self.above_tip(h)) else {
             return Ok(pb::BlockLookup::default());
         };
         let Some(meta) = self.block_meta(height)? else {
@@ -395,7 +518,9 @@ impl ShardView<'_> {
             position,
             tx,
             ..
-        }) = self.find_tx(txid)?
+        }) = self
+            .find_tx(txid)?
+            .filter(|body| !self.above_tip(body.height))
         else {
             return Ok(None);
         };
@@ -408,6 +533,10 @@ impl ShardView<'_> {
                 Some(value) => {
                     let by =
                         SpentBy::decode(&value).ok_or_else(|| corrupt("outspend", "malformed"))?;
+                    if self.above_tip(by.height) {
+                        outspends.push(pb::Outspend::default());
+                        continue;
+                    }
                     pb::Outspend {
                         spent: true,
                         txid: Vec::new(),
@@ -421,5 +550,146 @@ impl ShardView<'_> {
             outspends.push(spend);
         }
         Ok(Some((height, outspends)))
+    }
+}
+
+/// `stats` less `part`, field by field. `part` was counted from rows that `stats` sums, so it cannot be
+/// larger; if it is, the rows disagree with their stats.
+fn subtract(
+    stats: pb::AddressStats,
+    part: &pb::AddressStats,
+) -> Result<pb::AddressStats, ShardError> {
+    let less = |total: u64, part: u64| {
+        total.checked_sub(part).ok_or_else(|| {
+            corrupt(
+                "address stats",
+                "the blocks above the tip added more than the stats row holds",
+            )
+        })
+    };
+    Ok(pb::AddressStats {
+        funded_txo_count: less(stats.funded_txo_count, part.funded_txo_count)?,
+        funded_sum: less(stats.funded_sum, part.funded_sum)?,
+        spent_txo_count: less(stats.spent_txo_count, part.spent_txo_count)?,
+        spent_sum: less(stats.spent_sum, part.spent_sum)?,
+        tx_count: less(stats.tx_count, part.tx_count)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rocks::RocksStore;
+    use chainidx_core::generator::{GenConfig, generate};
+    use chainidx_core::source::BlkDirSource;
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    const BLOCKS: u32 = 40;
+    const TIP: u32 = 33;
+
+    /// A shard of every block, written one block at a time as the tip is followed, up to `last`.
+    fn indexed_to(dir: &Path, source: &Arc<dyn BlockSource>, blocks: &[Block], last: u32) -> Shard {
+        let store = RocksStore::open(&dir.join(format!("shard-to-{last}"))).unwrap();
+        let shard = Shard::open(Arc::new(store), source.clone(), 0, 0, BLOCKS).unwrap();
+        let mut window = shard.window(Write::Logged, 1, 1);
+        for height in 0..=last {
+            window.add(height, &blocks[height as usize], None).unwrap();
+            window.commit().unwrap();
+        }
+        shard
+    }
+
+    /// Every answer of the full shard pinned at `TIP`, for every address and tx of the chain, against a
+    /// shard that never indexed a block above it: stats (counted back out of the blocks above), every
+    /// history page, UTXOs (coins spent above the tip are unspent there, coins created above it absent),
+    /// txs, outspends and blocks. Then again once spent coins' `outputs` rows are dropped, as after the
+    /// backfill, so that coins spent above the tip are read from their bodies.
+    #[test]
+    fn a_view_pinned_to_a_tip_answers_like_a_shard_that_stopped_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let chain = dir.path().join("chain");
+        let config = GenConfig {
+            blocks: BLOCKS,
+            seed: 7,
+            txs_per_block: 30,
+            hot_address_share: 0.2,
+        };
+        generate(&config, &chain, &mut |_| {}).unwrap();
+        let source: Arc<dyn BlockSource> = Arc::new(BlkDirSource::open(&chain).unwrap());
+        let blocks: Vec<Block> = (0..BLOCKS)
+            .map(|height| deserialize(&source.block_bytes(height).unwrap()).unwrap())
+            .collect();
+        let full = indexed_to(dir.path(), &source, &blocks, BLOCKS - 1);
+        let stopped = indexed_to(dir.path(), &source, &blocks, TIP);
+
+        let addresses: BTreeSet<ScriptHash> = blocks
+            .iter()
+            .flat_map(|b| &b.txdata)
+            .flat_map(|tx| &tx.output)
+            .map(|out| scripthash(&out.script_pubkey))
+            .collect();
+        let txids: Vec<Hash32> = blocks
+            .iter()
+            .flat_map(|b| &b.txdata)
+            .map(|tx| tx.compute_txid().to_byte_array())
+            .collect();
+
+        let compare = |full: &Shard| {
+            let (pinned, stopped) = (full.view_at(Some(TIP)), stopped.view());
+            let mut moved = (0, 0, 0); // addresses whose stats, UTXOs, history differ unpinned
+            for sh in &addresses {
+                let stats = pinned.address_stats(sh).unwrap();
+                assert_eq!(stats, stopped.address_stats(sh).unwrap());
+                moved.0 += usize::from(full.view().address_stats(sh).unwrap() != stats);
+                let utxos = pinned.utxos(sh).unwrap();
+                assert_eq!(utxos, stopped.utxos(sh).unwrap());
+                moved.1 += usize::from(full.view().utxos(sh).unwrap() != utxos);
+                // Pages of 7, newest first, from no cursor and from a cursor above the tip.
+                let mut cursor = None;
+                loop {
+                    let page = pinned.history(sh, cursor, 7).unwrap();
+                    assert_eq!(page, stopped.history(sh, cursor, 7).unwrap());
+                    match page.last().and_then(|tx| tx.status.clone()) {
+                        Some(s) if page.len() == 7 => cursor = Some((s.height, s.position)),
+                        _ => break,
+                    }
+                }
+                let above = Some((BLOCKS, 0));
+                assert_eq!(
+                    pinned.history(sh, above, 7).unwrap(),
+                    stopped.history(sh, None, 7).unwrap()
+                );
+                moved.2 += usize::from(
+                    full.view().history(sh, None, 7).unwrap()
+                        != stopped.history(sh, None, 7).unwrap(),
+                );
+            }
+            for txid in &txids {
+                assert_eq!(pinned.tx(txid).unwrap(), stopped.tx(txid).unwrap());
+                assert_eq!(
+                    pinned.outspends(txid).unwrap(),
+                    stopped.outspends(txid).unwrap()
+                );
+            }
+            for height in 0..BLOCKS {
+                let key = pb::shard_block_request::Key::Height(height);
+                assert_eq!(
+                    pinned.block(&key, true).unwrap(),
+                    stopped.block(&key, true).unwrap()
+                );
+            }
+            moved
+        };
+        let (stats, utxos, history) = compare(&full);
+        // The blocks above the tip touch many addresses, in each kind of answer.
+        assert!(
+            stats > 20 && utxos > 20 && history > 20,
+            "{stats} {utxos} {history}"
+        );
+
+        let dropped = drop_spent_outputs(&*full.store, &full.coin_rows).unwrap();
+        assert!(dropped > 0);
+        compare(&full);
     }
 }
