@@ -705,7 +705,11 @@ impl Driver {
             }
             fork -= 1;
         }
-        if fork == ours && source_tip == ours {
+        // Blocks indexed above the served tip: a catch-up that failed after indexing them, before their
+        // inputs were resolved everywhere and the tip moved. Caught up again below (a catch-up with nothing
+        // left to index resolves what is pending), or they would stay out of every answer.
+        let unserved = state.has_tip && state.tip < ours;
+        if fork == ours && source_tip == ours && !unserved {
             return Ok(());
         }
         let peers = self.cluster.peers();
@@ -749,6 +753,8 @@ impl Driver {
             } else {
                 status.next_height < status.end_height
             };
+            let unserved_here = unserved && status.next_height > state.tip + 1;
+            let behind = behind || unserved_here;
             if status.start_height > source_tip || !behind {
                 continue;
             }

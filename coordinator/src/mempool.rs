@@ -1,6 +1,7 @@
 //! Unconfirmed transactions, kept by the coordinator (the mempool is small and belongs to no height range).
 //! Synced from the source every follow tick: new txs are fetched and their inputs attributed (from a parent
-//! in the mempool or from the shards); txs that left (mined or evicted) are dropped.
+//! in the mempool or from the shards); txs that left (mined or evicted) are dropped once the served tip has
+//! caught up with the source's.
 
 use crate::router::QueryRouter;
 use bitcoin::consensus::deserialize;
@@ -91,12 +92,22 @@ pub async fn sync(
     else {
         return Ok(());
     };
-    let current: HashSet<Txid> = txids.iter().copied().collect();
-    mempool
-        .write()
-        .expect("mempool lock")
-        .txs
-        .retain(|txid, _| current.contains(txid));
+    // A tx that left the source's mempool was mined or evicted. Mined in a block queries do not see yet
+    // (the served tip is behind the source's), it stays listed as unconfirmed until they do, so that it
+    // is never in neither place; evicted, it goes at the first sync with the tips level.
+    let lister = source.clone();
+    let source_tip = tokio::task::spawn_blocking(move || lister.tip_height())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if router.cluster().served_tip() >= Some(source_tip) {
+        let current: HashSet<Txid> = txids.iter().copied().collect();
+        mempool
+            .write()
+            .expect("mempool lock")
+            .txs
+            .retain(|txid, _| current.contains(txid));
+    }
     for txid in txids {
         if mempool
             .read()

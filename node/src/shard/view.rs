@@ -156,15 +156,32 @@ impl ShardView<'_> {
         }
     }
 
-    /// What the txs above `tip` added to the address's stats row, counted again from their bodies and
-    /// spent coins the way indexing counts them: each tx once, each output paying the address (its
-    /// history row's vouts), each input whose spent coin pays it (only inputs attributed so far have a
-    /// `prevouts` row, and only they are in the stats). Blocks above a pinned tip are the few being
-    /// caught up or rolled back, so this reads a handful of bodies at most, usually none.
+    /// What the txs above `tip` added to the address's stats row, counted again the way indexing counts
+    /// them: each tx once, each output paying the address (its history row's vouts), each input whose
+    /// spent coin pays it (read from the tx's body and its `prevouts` rows). Blocks above a pinned tip
+    /// are the few being caught up or rolled back, so this reads a handful of bodies, usually none.
+    ///
+    /// Only what the stats row holds is counted back out. A bulk write (a restarted catch-up) ingests
+    /// rows before the stats that go with them: a window's stats ride with its checkpoint, so rows of
+    /// blocks at or past the checkpoint are not in them; a resolution's stats go with the deletion of
+    /// its `pending` rows, so an input whose `pending` row is still there is not in them, nor is a tx's
+    /// row for an address only such inputs touch (the address is not among those its `pending` rows
+    /// say phase 1 counted).
     fn stats_above(&self, sh: &ScriptHash, tip: u32) -> Result<pb::AddressStats, ShardError> {
+        let checkpoint = self.checkpoint()?;
+        let address = addr_key(sh);
         let above = self.funding_rows(sh, ScanFrom::Last, &mut |height| height > tip)?;
         let mut added = pb::AddressStats::default();
         for (height, position, vouts) in above {
+            if height >= checkpoint {
+                continue;
+            }
+            let pending = self.pending_of(height, position)?;
+            if let Some((_, row)) = pending.first()
+                && !row.counted.contains(&address)
+            {
+                continue;
+            }
             let tx = self.tx_body(height, position)?.tx;
             added.tx_count += 1;
             for vout in vouts {
@@ -177,18 +194,61 @@ impl ShardView<'_> {
                 added.funded_txo_count += 1;
                 added.funded_sum += output.value.to_sat();
             }
-            for coin in self
-                .spent_coins(height, position, &tx)?
-                .into_iter()
-                .flatten()
-            {
-                if scripthash(bitcoin::Script::from_bytes(&coin.script)) == *sh {
+            let coins = self.spent_coins(height, position, &tx)?;
+            for (vin, coin) in (0u32..).zip(coins) {
+                let Some(coin) = coin else { continue };
+                let attributed = !pending.iter().any(|(pending_vin, _)| *pending_vin == vin);
+                // By address key, as the stats row is.
+                if attributed
+                    && addr_key(&scripthash(bitcoin::Script::from_bytes(&coin.script))) == address
+                {
                     added.spent_txo_count += 1;
                     added.spent_sum += coin.value;
                 }
             }
         }
         Ok(added)
+    }
+
+    /// The first height past the checkpoint this view's state holds.
+    fn checkpoint(&self) -> Result<u32, ShardError> {
+        let bytes = self
+            .rows()
+            .get(Cf::Meta, SHARD_STATE_KEY)?
+            .ok_or_else(|| corrupt("shard state", "missing"))?;
+        let state =
+            pb::ShardState::decode(bytes.as_slice()).map_err(|e| corrupt("shard state", e))?;
+        Ok(state.next_height)
+    }
+
+    /// The `pending` rows (inputs not attributed yet) of the tx at (height, position), by vin.
+    fn pending_of(
+        &self,
+        height: u32,
+        position: u32,
+    ) -> Result<Vec<(u32, schema::PendingRow)>, ShardError> {
+        let mut rows = Vec::new();
+        let mut malformed = None;
+        let tx_key = schema::position_key(height, position);
+        self.rows().scan(
+            Cf::Pending,
+            &tx_key,
+            ScanFrom::First,
+            &mut |key, value| match (key.get(8..12), schema::decode_pending(value)) {
+                (Some(vin), Some(row)) => {
+                    rows.push((schema::be_u32(vin), row));
+                    true
+                }
+                _ => {
+                    malformed = Some(hex::encode(key));
+                    false
+                }
+            },
+        )?;
+        match malformed {
+            Some(key) => Err(corrupt("pending", key)),
+            None => Ok(rows),
+        }
     }
 
     pub(super) fn block_meta(&self, height: u32) -> Result<Option<pb::BlockMeta>, ShardError> {

@@ -1437,6 +1437,46 @@ mod cross_shard_tests {
         assert_eq!(commit_next(&mut window), (0, 0));
     }
 
+    /// Phase 2 of `pending` (inputs of `spending`) against `owner`, as a resolution batch does it: the
+    /// owner records the spends and answers the coins, which `spending` applies. Returns how many the
+    /// owner held.
+    fn resolve_from(owner: &Shard, spending: &Shard, pending: &[PendingSpend]) -> usize {
+        let refs: Vec<pb::SpendRef> = pending.iter().map(PendingSpend::to_ref).collect();
+        let resolved: Vec<(PendingSpend, pb::TxOut)> = owner
+            .spend_outputs(&refs)
+            .unwrap()
+            .into_iter()
+            .map(|f| {
+                let out = pb::TxOut {
+                    value: f.value,
+                    script: f.script,
+                };
+                (pending[f.index as usize].clone(), out)
+            })
+            .collect();
+        spending.apply_resolved(&resolved, Write::Logged).unwrap();
+        resolved.len()
+    }
+
+    /// A coinbase paying 5,000 to `paid_back` and 7,000 to `only_spent`, and a tx spending both that pays
+    /// 4,000 to `other` and 7,500 back to `paid_back`.
+    fn funding_and_spender(
+        paid_back: &ScriptBuf,
+        only_spent: &ScriptBuf,
+        other: &ScriptBuf,
+    ) -> (Transaction, Transaction) {
+        let funding = coinbase(0, vec![output(5_000, paid_back), output(7_000, only_spent)]);
+        let funding_txid = funding.compute_txid();
+        let spender = tx(
+            vec![
+                OutPoint::new(funding_txid, 0),
+                OutPoint::new(funding_txid, 1),
+            ],
+            vec![output(4_000, other), output(7_500, paid_back)],
+        );
+        (funding, spender)
+    }
+
     /// A tx of shard 1 spends two coins of shard 0 (resolved in phase 2) and pays back to one of their
     /// scripts. Phase 2 must not overwrite that script's phase 1 row (its funding vout, which the UTXO
     /// answer reads) and must write a row for the other script, which the tx touches only through its
@@ -1444,18 +1484,8 @@ mod cross_shard_tests {
     #[test]
     fn phase_2_adds_a_history_row_only_where_phase_1_wrote_none() {
         let (paid_back, only_spent, other) = (p2wpkh(1), p2wpkh(2), p2wpkh(3));
-        let funding = coinbase(
-            0,
-            vec![output(5_000, &paid_back), output(7_000, &only_spent)],
-        );
+        let (funding, spender) = funding_and_spender(&paid_back, &only_spent, &other);
         let funding_txid = funding.compute_txid();
-        let spender = tx(
-            vec![
-                OutPoint::new(funding_txid, 0),
-                OutPoint::new(funding_txid, 1),
-            ],
-            vec![output(4_000, &other), output(7_500, &paid_back)],
-        );
         let spender_txid = spender.compute_txid();
         let block0 = block(BlockHash::all_zeros(), vec![funding]);
         let block1 = block(
@@ -1477,20 +1507,7 @@ mod cross_shard_tests {
 
         let pending = spending.next_pending(100).unwrap();
         assert_eq!(pending.len(), 2, "both inputs wait for shard 0");
-        let refs: Vec<pb::SpendRef> = pending.iter().map(PendingSpend::to_ref).collect();
-        let found = owner.spend_outputs(&refs).unwrap();
-        assert_eq!(found.len(), 2);
-        let resolved: Vec<(PendingSpend, pb::TxOut)> = found
-            .into_iter()
-            .map(|f| {
-                let out = pb::TxOut {
-                    value: f.value,
-                    script: f.script,
-                };
-                (pending[f.index as usize].clone(), out)
-            })
-            .collect();
-        spending.apply_resolved(&resolved, Write::Logged).unwrap();
+        assert_eq!(resolve_from(&owner, &spending, &pending), 2);
 
         let sh = |script: &ScriptBuf| scripthash(script);
         let txids = |shard: &Shard, script: &ScriptBuf| history_txids(&shard.view(), script);
@@ -1529,5 +1546,108 @@ mod cross_shard_tests {
             .map(|o| (o.spent, o.height, o.position, o.vin))
             .collect();
         assert_eq!(spent_by, vec![(true, 1, 1, 0), (true, 1, 1, 1)]);
+    }
+
+    /// A summary pinned below a block counts back out only what the stats row holds of it, whatever
+    /// state the block's rows are in: phase 1 written with inputs pending (another shard's coins); the
+    /// rows of their resolution ingested ahead of its stats, as a bulk write leaves them for a moment
+    /// (the inputs' `prevouts` rows and a row for an address only they touch, their `pending` rows
+    /// still there); resolved; and a row ingested past the checkpoint, as a bulk window leaves it before
+    /// its stats and checkpoint. Checked against the blocks: at the tip, the spending shard holds only
+    /// block 1's coinbase outputs.
+    #[test]
+    fn a_pinned_summary_counts_out_only_what_the_stats_row_holds() {
+        let (paid_back, only_spent, other) = (p2wpkh(1), p2wpkh(2), p2wpkh(3));
+        let (funding, spender) = funding_and_spender(&paid_back, &only_spent, &other);
+        let block0 = block(BlockHash::all_zeros(), vec![funding]);
+        // Block 1 pays `only_spent` too, so that it has a stats row for block 2 to be counted out of.
+        let block1 = block(
+            block0.block_hash(),
+            vec![coinbase(1, vec![output(1, &other), output(2, &only_spent)])],
+        );
+        let block2 = block(
+            block1.block_hash(),
+            vec![coinbase(2, vec![]), spender.clone()],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let source = blk_source(dir.path(), &[&block0, &block1, &block2]);
+        let open = |id: u32, start: u32, end: u32| {
+            let store = RocksStore::open(&dir.path().join(format!("shard-{id}"))).unwrap();
+            Shard::open(Arc::new(store), source.clone(), id, start, end).unwrap()
+        };
+        let (owner, spending) = (open(0, 0, 1), open(1, 1, 4));
+        owner.index_block(0, &block0, None, Write::Logged).unwrap();
+        spending
+            .index_block(1, &block1, None, Write::Logged)
+            .unwrap();
+        spending
+            .index_block(2, &block2, None, Write::Logged)
+            .unwrap();
+
+        let summary = |script: &ScriptBuf, tip: Option<u32>| {
+            let s = spending
+                .view_at(tip)
+                .address_stats(&scripthash(script))
+                .unwrap();
+            (
+                s.funded_txo_count,
+                s.funded_sum,
+                s.spent_txo_count,
+                s.spent_sum,
+                s.tx_count,
+            )
+        };
+        let at_tip = |label: &str| {
+            assert_eq!(summary(&paid_back, Some(1)), (0, 0, 0, 0, 0), "{label}");
+            assert_eq!(summary(&only_spent, Some(1)), (1, 2, 0, 0, 1), "{label}");
+            assert_eq!(summary(&other, Some(1)), (1, 1, 0, 0, 1), "{label}");
+        };
+        // Phase 1: the spender's output to `paid_back` is counted, its two inputs wait.
+        assert_eq!(summary(&paid_back, None), (1, 7_500, 0, 0, 1));
+        at_tip("inputs pending");
+
+        // Their resolution's rows, ingested ahead of its stats.
+        let pending = spending.next_pending(100).unwrap();
+        assert_eq!(pending.len(), 2);
+        let mut rows = Batch::default();
+        for (vin, (value, script)) in [(5_000, &paid_back), (7_000, &only_spent)]
+            .into_iter()
+            .enumerate()
+        {
+            let input = &spender.input[vin];
+            rows.put(
+                Cf::Prevouts,
+                schema::pending_key(2, 1, vin as u32),
+                encode_prevout(
+                    value,
+                    spent_script::template_for(script.as_bytes(), input),
+                    script.as_bytes(),
+                ),
+            );
+        }
+        rows.put(
+            Cf::History,
+            schema::history_key(&scripthash(&only_spent), 2, 1),
+            [],
+        );
+        spending.store.write(rows, false).unwrap();
+        assert_eq!(summary(&paid_back, None), (1, 7_500, 0, 0, 1));
+        at_tip("resolution ingested, its stats not written");
+
+        // Resolved.
+        assert_eq!(resolve_from(&owner, &spending, &pending), 2);
+        assert_eq!(summary(&paid_back, None), (1, 7_500, 1, 5_000, 1));
+        assert_eq!(summary(&only_spent, None), (1, 2, 1, 7_000, 2));
+        at_tip("resolved");
+
+        // A row of block 3 ingested before the window's stats and checkpoint (next height 3).
+        let mut rows = Batch::default();
+        rows.put(
+            Cf::History,
+            schema::history_key(&scripthash(&other), 3, 0),
+            [0],
+        );
+        spending.store.write(rows, false).unwrap();
+        at_tip("a row past the checkpoint");
     }
 }
