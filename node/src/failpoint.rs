@@ -1,8 +1,8 @@
 //! Failpoints for crash tests: `CHAINIDX_FAILPOINTS="name=N[,name=N]"` makes the process abort — like
 //! kill -9, nothing flushed, no goodbye — the N-th time it reaches `failpoint(name)`; `name=sleep:MS`
 //! delays every pass instead (a slow disk, so fault tests can act in the middle of a backfill); `name=on`
-//! switches on a misbehaviour that [`failpoint_on`] asks about. Unset, a failpoint costs one relaxed
-//! atomic load.
+//! switches on a misbehaviour that [`failpoint_on`] asks about; `name=fail:N` makes [`failpoint_fails`]
+//! say yes the N-th time (an error where the code asks). Unset, a failpoint costs one relaxed atomic load.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -21,6 +21,9 @@ pub const SPEND_AFTER_WRITE: &str = "spend:after-write";
 /// A block caught up while following the tip is indexed (phase 1); its inputs are not resolved yet and
 /// the coordinators' served tip has not reached it.
 pub const CATCH_UP_AFTER_INDEX: &str = "catch-up:after-index";
+/// With `=fail:N`: the N-th catch-up fails there (after [`CATCH_UP_AFTER_INDEX`]), its block indexed and
+/// its inputs not resolved.
+pub const CATCH_UP_FAILS_AFTER_INDEX: &str = "catch-up:fails-after-index";
 /// With `=on`: the worker's shards answer txid filters that rule out every txid, as an out-of-date filter
 /// could, so that their coins are only found by the fallback walk.
 pub const TXID_FILTER_RULES_OUT_ALL: &str = "txid-filter:rule-out-all";
@@ -35,6 +38,8 @@ enum Action {
     Sleep(u64),
     /// Only [`failpoint_on`] looks at it.
     On,
+    /// [`failpoint_fails`] on the n-th pass.
+    FailAt(usize, AtomicUsize),
 }
 
 fn armed() -> &'static HashMap<String, Action> {
@@ -47,9 +52,10 @@ fn armed() -> &'static HashMap<String, Action> {
             .filter_map(|(name, action)| {
                 let action = match action.trim() {
                     "on" => Action::On,
-                    action => match action.strip_prefix("sleep:") {
-                        Some(ms) => Action::Sleep(ms.parse().ok()?),
-                        None => Action::AbortAt(action.parse().ok()?, AtomicUsize::new(0)),
+                    action => match (action.strip_prefix("sleep:"), action.strip_prefix("fail:")) {
+                        (Some(ms), _) => Action::Sleep(ms.parse().ok()?),
+                        (_, Some(at)) => Action::FailAt(at.parse().ok()?, AtomicUsize::new(0)),
+                        _ => Action::AbortAt(action.parse().ok()?, AtomicUsize::new(0)),
                     },
                 };
                 Some((name.trim().to_string(), action))
@@ -76,4 +82,12 @@ pub fn failpoint(name: &str) {
 /// Whether `name=on` was given.
 pub fn failpoint_on(name: &str) -> bool {
     matches!(armed().get(name), Some(Action::On))
+}
+
+/// Whether this pass is the one `name=fail:N` names.
+pub fn failpoint_fails(name: &str) -> bool {
+    match armed().get(name) {
+        Some(Action::FailAt(at, hits)) => hits.fetch_add(1, Ordering::Relaxed) + 1 == *at,
+        _ => false,
+    }
 }

@@ -827,6 +827,11 @@ impl WorkerNode {
         tokio::task::spawn_blocking(move || {
             index_range(source.as_ref(), &indexer, &node, Write::Logged)?;
             crate::failpoint::failpoint(crate::failpoint::CATCH_UP_AFTER_INDEX);
+            if crate::failpoint::failpoint_fails(crate::failpoint::CATCH_UP_FAILS_AFTER_INDEX) {
+                return Err(WorkerError::Task(
+                    "failpoint: catch-up fails after indexing".into(),
+                ));
+            }
             Ok::<_, WorkerError>(())
         })
         .await
