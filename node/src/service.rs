@@ -25,7 +25,9 @@ impl From<WorkerError> for Status {
                 Status::invalid_argument(error.to_string())
             }
             // Tx bodies are read from the source: a node that is down or restarting is worth a retry.
-            WorkerError::Shard(ShardError::Source(_)) => Status::unavailable(error.to_string()),
+            WorkerError::Shard(ShardError::Source(_) | ShardError::BehindPinnedTip { .. }) => {
+                Status::unavailable(error.to_string())
+            }
             _ => Status::internal(error.to_string()),
         }
     }
@@ -223,7 +225,7 @@ impl Worker for WorkerService {
         let total = blocking(move || {
             let mut total = pb::AddressStats::default();
             for shard in shards {
-                add_to(&mut total, &shard.view_at(tip).address_stats(&sh)?);
+                add_to(&mut total, &shard.view_at(tip)?.address_stats(&sh)?);
             }
             Ok(total)
         })
@@ -253,7 +255,7 @@ impl Worker for WorkerService {
                 }
                 // One snapshot for the shard's stats row, history rows and txs: a block rolled back
                 // meanwhile is missing from all of them, not only from some.
-                let view = shard.view_at(tip);
+                let view = shard.view_at(tip)?;
                 if view.address_stats(&sh)?.tx_count == 0 {
                     continue;
                 }
@@ -277,7 +279,7 @@ impl Worker for WorkerService {
         let list = blocking(move || {
             let mut list = pb::ShardUtxoList::default();
             for shard in shards {
-                let view = shard.view_at(tip);
+                let view = shard.view_at(tip)?;
                 if view.address_stats(&sh)?.funded_txo_count == 0 {
                     continue;
                 }
@@ -301,7 +303,7 @@ impl Worker for WorkerService {
         // Newest first: of two BIP30 duplicates, the later one is the tx.
         let tx = blocking(move || {
             for shard in shards {
-                if let Some(tx) = shard.view_at(tip).tx(&txid)? {
+                if let Some(tx) = shard.view_at(tip)?.tx(&txid)? {
                     return Ok(Some(tx));
                 }
             }
@@ -325,7 +327,7 @@ impl Worker for WorkerService {
             .ok_or_else(|| Status::invalid_argument("block key missing"))?;
         let (with_txids, tip) = (r.with_txids, r.tip);
         Ok(Response::new(
-            blocking(move || Ok(shard.view_at(tip).block(&key, with_txids)?)).await?,
+            blocking(move || Ok(shard.view_at(tip)?.block(&key, with_txids)?)).await?,
         ))
     }
 
@@ -339,7 +341,7 @@ impl Worker for WorkerService {
         let tip = r.tip;
         let outspends = blocking(move || {
             for shard in shards {
-                if let Some(outspends) = shard.view_at(tip).outspends(&txid)? {
+                if let Some(outspends) = shard.view_at(tip)?.outspends(&txid)? {
                     return Ok(Some(outspends));
                 }
             }

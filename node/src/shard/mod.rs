@@ -60,6 +60,17 @@ pub enum ShardError {
     Corrupt { what: &'static str, detail: String },
     #[error("reading tx bodies from the source: {0}")]
     Source(#[from] SourceError),
+    /// The shard no longer holds every block up to the tip a query was pinned to: it is rolling them
+    /// back, and the query's coordinator has not yet applied the lowered tip its leader committed first.
+    #[error(
+        "shard {shard} holds blocks below {next_height} only, not up to the tip {tip} this query was pinned to \
+         (a rollback is under way): ask again"
+    )]
+    BehindPinnedTip {
+        shard: u32,
+        next_height: u32,
+        tip: u32,
+    },
 }
 
 fn corrupt(what: &'static str, detail: impl ToString) -> ShardError {

@@ -14,6 +14,8 @@ pub struct ShardView<'a> {
     shard: &'a Shard,
     rows: Rows<'a>,
     tip: Option<u32>,
+    /// The shard's state as the snapshot holds it, read when the view is pinned.
+    pinned_state: Option<pb::ShardState>,
 }
 
 enum Rows<'a> {
@@ -24,16 +26,40 @@ enum Rows<'a> {
 impl Shard {
     /// One snapshot of this shard's rows for a whole query ([`ShardView`]).
     pub fn view(&self) -> ShardView<'_> {
-        self.view_at(None)
-    }
-
-    /// [`Shard::view`] answering as of block `tip` where given: blocks above it are left out.
-    pub fn view_at(&self, tip: Option<u32>) -> ShardView<'_> {
         ShardView {
             shard: self,
             rows: Rows::Snapshot(self.store.snapshot()),
-            tip,
+            tip: None,
+            pinned_state: None,
         }
+    }
+
+    /// [`Shard::view`] answering as of block `tip` where given: blocks above it are left out. Refused
+    /// ([`ShardError::BehindPinnedTip`]) where the shard no longer holds every block up to the tip: a
+    /// rollback is removing them, and the tip is stale (a coordinator that has not applied the lowered
+    /// tip its leader committed before the rollback); answering would mix the two branches.
+    pub fn view_at(&self, tip: Option<u32>) -> Result<ShardView<'_>, ShardError> {
+        let mut view = self.view();
+        let Some(tip) = tip else {
+            return Ok(view);
+        };
+        let bytes = view
+            .rows()
+            .get(Cf::Meta, SHARD_STATE_KEY)?
+            .ok_or_else(|| corrupt("shard state", "missing"))?;
+        let state =
+            pb::ShardState::decode(bytes.as_slice()).map_err(|e| corrupt("shard state", e))?;
+        let last_needed = tip.min(state.end_height.saturating_sub(1));
+        if state.start_height <= tip && state.next_height <= last_needed {
+            return Err(ShardError::BehindPinnedTip {
+                shard: self.id,
+                next_height: state.next_height,
+                tip,
+            });
+        }
+        view.tip = Some(tip);
+        view.pinned_state = Some(state);
+        Ok(view)
     }
 
     /// This shard's live rows, read through the same code as queries' views.
@@ -42,6 +68,7 @@ impl Shard {
             shard: self,
             rows: Rows::Live(&*self.store),
             tip: None,
+            pinned_state: None,
         }
     }
 }
@@ -59,11 +86,11 @@ impl ShardView<'_> {
         self.tip.is_some_and(|tip| height > tip)
     }
 
-    /// The tip this view is pinned to, if the shard may hold blocks above it. The range's end only ever
-    /// grows, so an end read after the snapshot was taken bounds the heights the snapshot holds.
+    /// The tip this view is pinned to, if the snapshot's range reaches past it.
     fn tip_below_end(&self) -> Option<u32> {
+        let state = self.pinned_state.as_ref()?;
         self.tip
-            .filter(|&tip| self.shard.state().end_height > tip.saturating_add(1))
+            .filter(|&tip| state.end_height > tip.saturating_add(1))
     }
 
     pub(super) fn load_stats(&self, sh: &ScriptHash) -> Result<pb::AddressStats, ShardError> {
@@ -168,7 +195,10 @@ impl ShardView<'_> {
     /// row for an address only such inputs touch (the address is not among those its `pending` rows
     /// say phase 1 counted).
     fn stats_above(&self, sh: &ScriptHash, tip: u32) -> Result<pb::AddressStats, ShardError> {
-        let checkpoint = self.checkpoint()?;
+        let checkpoint = self
+            .pinned_state
+            .as_ref()
+            .map_or(u32::MAX, |s| s.next_height);
         let address = addr_key(sh);
         let above = self.funding_rows(sh, ScanFrom::Last, &mut |height| height > tip)?;
         let mut added = pb::AddressStats::default();
@@ -208,17 +238,6 @@ impl ShardView<'_> {
             }
         }
         Ok(added)
-    }
-
-    /// The first height past the checkpoint this view's state holds.
-    fn checkpoint(&self) -> Result<u32, ShardError> {
-        let bytes = self
-            .rows()
-            .get(Cf::Meta, SHARD_STATE_KEY)?
-            .ok_or_else(|| corrupt("shard state", "missing"))?;
-        let state =
-            pb::ShardState::decode(bytes.as_slice()).map_err(|e| corrupt("shard state", e))?;
-        Ok(state.next_height)
     }
 
     /// The `pending` rows (inputs not attributed yet) of the tx at (height, position), by vin.
@@ -696,7 +715,7 @@ mod tests {
             .collect();
 
         let compare = |full: &Shard| {
-            let (pinned, stopped) = (full.view_at(Some(TIP)), stopped.view());
+            let (pinned, stopped) = (full.view_at(Some(TIP)).unwrap(), stopped.view());
             let mut moved = (0, 0, 0); // addresses whose stats, UTXOs, history differ unpinned
             for sh in &addresses {
                 let stats = pinned.address_stats(sh).unwrap();

@@ -1184,7 +1184,7 @@ mod cross_shard_tests {
     /// A query reads several rows in turn (stats, history rows, each tx's place and header, a coin's
     /// `outspends` then `outputs` row). A view taken before a rollback answers every one of them as the
     /// two blocks were, although the rollback removes block 1's rows meanwhile; a view taken after it,
-    /// as block 0 alone. Checked against the blocks.
+    /// as block 0 alone; a view pinned to block 1 after it is refused. Checked against the blocks.
     #[test]
     fn a_view_answers_from_one_state_while_a_block_is_rolled_back_beside_it() {
         let (a, b, c) = (p2wpkh(1), p2wpkh(2), p2wpkh(3));
@@ -1218,6 +1218,7 @@ mod cross_shard_tests {
         let coin = |txid: Txid, vout, value| (txid.to_byte_array().to_vec(), vout, value);
 
         let before = shard.view();
+        assert!(shard.view_at(Some(1)).is_ok());
         shard.rollback_block(1).unwrap();
         assert_eq!(shard.state().next_height, 1);
         assert_eq!(txids(&before, &a), vec![spend_a_txid, funding_txid]);
@@ -1227,6 +1228,21 @@ mod cross_shard_tests {
         let detail = before.tx(&spend_a_txid.to_byte_array()).unwrap().unwrap();
         assert_eq!(detail.prevouts[0].value, 5_000);
         assert_eq!(detail.status.unwrap().height, 1);
+
+        // A query pinned to block 1 (a coordinator that has not applied the tip lowered before the
+        // rollback) is refused rather than answered from block 0 alone; pinned to block 0 it is answered.
+        assert!(matches!(
+            shard.view_at(Some(1)),
+            Err(ShardError::BehindPinnedTip {
+                next_height: 1,
+                tip: 1,
+                ..
+            })
+        ));
+        assert_eq!(
+            txids(&shard.view_at(Some(0)).unwrap(), &a),
+            vec![funding_txid]
+        );
 
         let after = shard.view();
         assert_eq!(txids(&after, &a), vec![funding_txid]);
@@ -1587,6 +1603,7 @@ mod cross_shard_tests {
         let summary = |script: &ScriptBuf, tip: Option<u32>| {
             let s = spending
                 .view_at(tip)
+                .unwrap()
                 .address_stats(&scripthash(script))
                 .unwrap();
             (
