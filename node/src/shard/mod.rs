@@ -73,6 +73,15 @@ pub enum ShardError {
     },
 }
 
+/// The shard's state as `rows` hold it (`meta/"shard"`), if it has been written.
+fn stored_state(rows: &(impl Reads + ?Sized)) -> Result<Option<pb::ShardState>, ShardError> {
+    rows.get(Cf::Meta, SHARD_STATE_KEY)?
+        .map(|bytes| {
+            pb::ShardState::decode(bytes.as_slice()).map_err(|e| corrupt("shard state", e))
+        })
+        .transpose()
+}
+
 fn corrupt(what: &'static str, detail: impl ToString) -> ShardError {
     ShardError::Corrupt {
         what,
@@ -153,10 +162,8 @@ impl Shard {
         start: u32,
         end: u32,
     ) -> Result<Shard, ShardError> {
-        let state = match store.get(Cf::Meta, SHARD_STATE_KEY)? {
-            Some(bytes) => {
-                let state = pb::ShardState::decode(bytes.as_slice())
-                    .map_err(|e| corrupt("shard state", e))?;
+        let state = match stored_state(&*store)? {
+            Some(state) => {
                 if state.format_version != FORMAT_VERSION {
                     return Err(ShardError::Incompatible {
                         shard: id,

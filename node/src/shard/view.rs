@@ -43,12 +43,7 @@ impl Shard {
         let Some(tip) = tip else {
             return Ok(view);
         };
-        let bytes = view
-            .rows()
-            .get(Cf::Meta, SHARD_STATE_KEY)?
-            .ok_or_else(|| corrupt("shard state", "missing"))?;
-        let state =
-            pb::ShardState::decode(bytes.as_slice()).map_err(|e| corrupt("shard state", e))?;
+        let state = stored_state(view.rows())?.ok_or_else(|| corrupt("shard state", "missing"))?;
         let last_needed = tip.min(state.end_height.saturating_sub(1));
         if state.start_height <= tip && state.next_height <= last_needed {
             return Err(ShardError::BehindPinnedTip {
